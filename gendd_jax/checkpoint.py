@@ -1,0 +1,116 @@
+"""Orbax checkpointing: resumable training state and exported weights.
+
+Everything orbax-specific lives here, so a move to another checkpoint API
+touches one file. Training checkpoints hold `{step, params, batch_stats,
+opt_state}` and a JSON `meta` item; an export holds only the weights a later
+stage or an evaluation needs, plus JSON metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint is missing, unreadable or does not fit the model."""
+
+
+def abstract_like(tree: Any, sharding: Any = None) -> Any:
+  """ShapeDtypeStructs (optionally with a sharding) mirroring `tree`."""
+  def fn(x):
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+  return jax.tree.map(fn, tree)
+
+
+class Checkpointer:
+  """A `CheckpointManager` for one run directory (async, keeps the last N)."""
+
+  def __init__(self, directory: str, max_to_keep: int = 2,
+               async_save: bool = True):
+    self.directory = os.path.abspath(directory)
+    self._mngr = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=True,
+            enable_async_checkpointing=async_save),
+        item_handlers={'state': ocp.StandardCheckpointHandler(),
+                       'meta': ocp.JsonCheckpointHandler()})
+
+  def latest_step(self) -> int | None:
+    return self._mngr.latest_step()
+
+  def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
+    self._mngr.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+                    force=True)
+
+  def restore(self, abstract_state: Any, step: int | None = None
+              ) -> tuple[Any, dict[str, Any]]:
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointError(f'no checkpoint in {self.directory}')
+    try:
+      out = self._mngr.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state),
+          meta=ocp.args.JsonRestore()))
+    except Exception as e:  # orbax raises many types; report one clearly.
+      raise CheckpointError(
+          f'checkpoint {self.directory}/{step} could not be restored '
+          f'({type(e).__name__}: {_first_line(e)})') from e
+    return out['state'], out['meta']
+
+  def wait(self) -> None:
+    self._mngr.wait_until_finished()
+
+  def close(self) -> None:
+    self._mngr.wait_until_finished()
+    self._mngr.close()
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip().splitlines()
+  return text[0][:300] if text else ''
+
+
+def save_export(directory: str, tree: Any, meta: dict[str, Any]) -> None:
+  """Writes `tree` (weights) and `meta` (JSON) under `directory`."""
+  directory = os.path.abspath(directory)
+  os.makedirs(directory, exist_ok=True)
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(os.path.join(directory, 'weights'), tree, force=True)
+  ckptr.wait_until_finished()
+  tmp = os.path.join(directory, 'meta.json.tmp')
+  with open(tmp, 'w') as f:
+    json.dump(meta, f, indent=1, sort_keys=True)
+  os.replace(tmp, os.path.join(directory, 'meta.json'))
+
+
+def load_export_meta(directory: str) -> dict[str, Any]:
+  path = os.path.join(directory, 'meta.json')
+  if not os.path.exists(path):
+    raise CheckpointError(f'no exported model at {directory} (missing '
+                          'meta.json)')
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:
+    raise CheckpointError(f'corrupt export metadata {path}: {e}') from e
+
+
+def load_export(directory: str, abstract_tree: Any
+                ) -> tuple[Any, dict[str, Any]]:
+  """Restores an export into the structure of `abstract_tree`."""
+  meta = load_export_meta(directory)
+  try:
+    tree = ocp.StandardCheckpointer().restore(
+        os.path.join(os.path.abspath(directory), 'weights'), abstract_tree)
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointError(
+        f'exported weights at {directory} could not be restored '
+        f'({type(e).__name__}: {_first_line(e)})') from e
+  return tree, meta

@@ -1,0 +1,428 @@
+"""Gaussian diffusion over feature tokens: schedules, losses and samplers.
+
+Pure array functions (numpy for the schedule tables, jax.numpy for everything
+that runs inside `jit`). No Flax: the denoiser enters as a callable.
+
+Conventions follow the DDPM / improved-DDPM line used by GenDD:
+  * epsilon prediction with a *learned-range* variance: the network returns
+    `[eps | v]` with `2 * C` channels and `log var = f * log(beta_t) +
+    (1 - f) * log(posterior_var_clipped_t)`, `f = (v + 1) / 2` (not clamped);
+  * the training loss per row is `mean_C (eps - eps_hat)^2` plus the
+    variational-bound term in bits, computed with `eps_hat` frozen;
+  * respaced schedules keep a subset of the 1000 steps and feed the *original*
+    timestep to the network through `timestep_map`.
+
+Shapes: `x: [N, C]` (any leading dims work), `t: [N]` integer indices into the
+(respaced) schedule. Schedule constants are built in float64 and cast to
+float32 once, which equals gathering in float64 and casting afterwards.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+LN2 = math.log(2.0)
+
+
+# ---------------------------------------------------------------------------
+# Schedules (numpy, float64).
+# ---------------------------------------------------------------------------
+
+
+def beta_schedule(name: str, num_steps: int) -> np.ndarray:
+  """Betas of a named noise schedule, float64 `[num_steps]`.
+
+  Args:
+    name: 'cosine' (improved DDPM, offset 0.008, betas capped at 0.999) or
+      'linear' (DDPM's 1e-4..2e-2, rescaled to `num_steps`).
+    num_steps: number of diffusion steps.
+
+  Returns:
+    The betas.
+  """
+  if name == 'cosine':
+    def alpha_bar(s):
+      return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
+    betas = [
+        min(1.0 - alpha_bar((i + 1) / num_steps) / alpha_bar(i / num_steps),
+            0.999)
+        for i in range(num_steps)
+    ]
+    return np.asarray(betas, dtype=np.float64)
+  if name == 'linear':
+    scale = 1000.0 / num_steps
+    return np.linspace(scale * 1e-4, scale * 0.02, num_steps, dtype=np.float64)
+  raise ValueError(
+      f"unknown noise schedule {name!r}; expected 'cosine' or 'linear'")
+
+
+def space_timesteps(num_steps: int, spacing: str | int | Sequence[int]
+                    ) -> list[int]:
+  """Timesteps of the base process kept by a respacing, in ascending order.
+
+  Args:
+    num_steps: length of the base process (e.g. 1000).
+    spacing: '' / None (keep all), 'N' or 'a,b,c' (steps per equal section,
+      evenly strided with Python's round-half-even, as the reference does), or
+      'ddimN' (fixed integer stride).
+
+  Returns:
+    Sorted list of kept timesteps.
+  """
+  if spacing in (None, ''):
+    return list(range(num_steps))
+  if isinstance(spacing, int):
+    counts = [spacing]
+  elif isinstance(spacing, str):
+    if spacing.startswith('ddim'):
+      want = int(spacing[4:])
+      for stride in range(1, num_steps):
+        if len(range(0, num_steps, stride)) == want:
+          return list(range(0, num_steps, stride))
+      raise ValueError(f'cannot take exactly {want} of {num_steps} steps with '
+                       'an integer stride')
+    counts = [int(p) for p in spacing.split(',')]
+  else:
+    counts = [int(p) for p in spacing]
+  base, extra = divmod(num_steps, len(counts))
+  kept, start = [], 0
+  for i, count in enumerate(counts):
+    size = base + (1 if i < extra else 0)
+    if count < 1 or size < count:
+      raise ValueError(f'cannot divide a section of {size} steps into {count}')
+    stride = 1.0 if count <= 1 else (size - 1) / (count - 1)
+    pos = 0.0
+    for _ in range(count):
+      kept.append(start + round(pos))
+      pos += stride
+    start += size
+  return sorted(set(kept))
+
+
+def schedule_tables(betas: np.ndarray, timestep_map: Sequence[int] | None = None
+                    ) -> dict[str, np.ndarray]:
+  """All float64 constants of a Gaussian diffusion with the given betas."""
+  betas = np.asarray(betas, dtype=np.float64)
+  if betas.ndim != 1 or not ((betas > 0).all() and (betas <= 1).all()):
+    raise ValueError('betas must be a 1-D array in (0, 1]')
+  n = betas.shape[0]
+  alphas = 1.0 - betas
+  ac = np.cumprod(alphas)
+  ac_prev = np.append(1.0, ac[:-1])
+  post_var = betas * (1.0 - ac_prev) / (1.0 - ac)
+  if n > 1:
+    post_logvar = np.log(np.append(post_var[1], post_var[1:]))
+  else:  # A single step has no posterior; fall back to beta.
+    post_logvar = np.log(betas)
+  return dict(
+      betas=betas,
+      log_betas=np.log(betas),
+      alphas_cumprod=ac,
+      alphas_cumprod_prev=ac_prev,
+      sqrt_alphas_cumprod=np.sqrt(ac),
+      sqrt_one_minus_alphas_cumprod=np.sqrt(1.0 - ac),
+      sqrt_recip_alphas_cumprod=np.sqrt(1.0 / ac),
+      sqrt_recipm1_alphas_cumprod=np.sqrt(1.0 / ac - 1.0),
+      posterior_variance=post_var,
+      posterior_log_variance_clipped=post_logvar,
+      posterior_mean_coef1=betas * np.sqrt(ac_prev) / (1.0 - ac),
+      posterior_mean_coef2=(1.0 - ac_prev) * np.sqrt(alphas) / (1.0 - ac),
+      timestep_map=np.asarray(
+          range(n) if timestep_map is None else timestep_map, dtype=np.int64),
+  )
+
+
+def respaced_tables(name: str = 'cosine', num_steps: int = 1000,
+                    spacing: str | int | Sequence[int] | None = ''
+                    ) -> dict[str, np.ndarray]:
+  """float64 tables of a (possibly respaced) schedule.
+
+  The kept steps' betas are re-derived as `1 - abar_k / abar_{k-1}` from the
+  base process, so the respaced chain has the same marginals at kept steps.
+  """
+  base = schedule_tables(beta_schedule(name, num_steps))
+  kept = space_timesteps(num_steps, spacing)
+  ac = base['alphas_cumprod']
+  new_betas, last = [], 1.0
+  for i in kept:
+    new_betas.append(1.0 - ac[i] / last)
+    last = ac[i]
+  return schedule_tables(np.asarray(new_betas), timestep_map=kept)
+
+
+class Schedule(NamedTuple):
+  """float32 schedule constants (a pytree, so it can pass through `jit`)."""
+  betas: jax.Array
+  log_betas: jax.Array
+  alphas_cumprod: jax.Array
+  alphas_cumprod_prev: jax.Array
+  sqrt_alphas_cumprod: jax.Array
+  sqrt_one_minus_alphas_cumprod: jax.Array
+  sqrt_recip_alphas_cumprod: jax.Array
+  sqrt_recipm1_alphas_cumprod: jax.Array
+  posterior_variance: jax.Array
+  posterior_log_variance_clipped: jax.Array
+  posterior_mean_coef1: jax.Array
+  posterior_mean_coef2: jax.Array
+  timestep_map: jax.Array  # int32 [T]: respaced index -> network timestep.
+
+  @property
+  def num_steps(self) -> int:
+    return self.betas.shape[0]
+
+
+def create_schedule(name: str = 'cosine', num_steps: int = 1000,
+                    spacing: str | int | Sequence[int] | None = ''
+                    ) -> Schedule:
+  """float32 `Schedule` for training (`spacing=''`) or sampling ('64')."""
+  tables = respaced_tables(name, num_steps, spacing)
+  fields = {k: np.asarray(v, dtype=np.float32) for k, v in tables.items()
+            if k != 'timestep_map'}
+  return Schedule(**{k: jnp.asarray(v) for k, v in fields.items()},
+                  timestep_map=jnp.asarray(tables['timestep_map'], jnp.int32))
+
+
+def _at(table: jax.Array, t: jax.Array, like: jax.Array) -> jax.Array:
+  """`table[t]` broadcast against `like` ([N] -> [N, 1, ...])."""
+  v = table[t]
+  return v.reshape(v.shape + (1,) * (like.ndim - v.ndim))
+
+
+# ---------------------------------------------------------------------------
+# Forward process and posterior.
+# ---------------------------------------------------------------------------
+
+
+def q_sample(s: Schedule, x0: jax.Array, t: jax.Array, noise: jax.Array
+             ) -> jax.Array:
+  """Draw `x_t ~ q(x_t | x_0)` with the given standard-normal `noise`."""
+  return (_at(s.sqrt_alphas_cumprod, t, x0) * x0 +
+          _at(s.sqrt_one_minus_alphas_cumprod, t, x0) * noise)
+
+
+def q_posterior(s: Schedule, x0: jax.Array, xt: jax.Array, t: jax.Array
+                ) -> tuple[jax.Array, jax.Array]:
+  """Mean and clipped log-variance of `q(x_{t-1} | x_t, x_0)`."""
+  mean = (_at(s.posterior_mean_coef1, t, xt) * x0 +
+          _at(s.posterior_mean_coef2, t, xt) * xt)
+  logvar = _at(s.posterior_log_variance_clipped, t, xt) + jnp.zeros_like(xt)
+  return mean, logvar
+
+
+def predict_x0_from_eps(s: Schedule, xt: jax.Array, t: jax.Array,
+                        eps: jax.Array) -> jax.Array:
+  return (_at(s.sqrt_recip_alphas_cumprod, t, xt) * xt -
+          _at(s.sqrt_recipm1_alphas_cumprod, t, xt) * eps)
+
+
+def predict_eps_from_x0(s: Schedule, xt: jax.Array, t: jax.Array,
+                        x0: jax.Array) -> jax.Array:
+  return ((_at(s.sqrt_recip_alphas_cumprod, t, xt) * xt - x0) /
+          _at(s.sqrt_recipm1_alphas_cumprod, t, xt))
+
+
+def learned_range_logvar(s: Schedule, v: jax.Array, t: jax.Array
+                         ) -> jax.Array:
+  """Log-variance interpolated by `v` in [-1, 1] (not clamped)."""
+  frac = (v + 1.0) / 2.0
+  return (frac * _at(s.log_betas, t, v) +
+          (1.0 - frac) * _at(s.posterior_log_variance_clipped, t, v))
+
+
+def p_mean_variance(s: Schedule, model_out: jax.Array, xt: jax.Array,
+                    t: jax.Array, clip_x0: float | None = None
+                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Model mean, log-variance and x0 estimate of `p(x_{t-1} | x_t)`.
+
+  Args:
+    s: schedule.
+    model_out: `[N, 2C]` network output `[eps | v]`.
+    xt: `[N, C]`.
+    t: `[N]` indices into `s`.
+    clip_x0: if set, clip the x0 estimate to `[-clip_x0, clip_x0]` (the
+      reference never clips; see the config's `sampler.clip_x0`).
+
+  Returns:
+    `(mean, log_var, pred_x0)`, each `[N, C]`.
+  """
+  c = xt.shape[-1]
+  eps, v = model_out[..., :c], model_out[..., c:]
+  logvar = learned_range_logvar(s, v, t)
+  pred_x0 = predict_x0_from_eps(s, xt, t, eps)
+  if clip_x0 is not None:
+    pred_x0 = jnp.clip(pred_x0, -clip_x0, clip_x0)
+  mean, _ = q_posterior(s, pred_x0, xt, t)
+  return mean, logvar, pred_x0
+
+
+# ---------------------------------------------------------------------------
+# Loss terms.
+# ---------------------------------------------------------------------------
+
+
+def normal_kl(mean1, logvar1, mean2, logvar2):
+  """Elementwise KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) in nats."""
+  return 0.5 * (-1.0 + logvar2 - logvar1 + jnp.exp(logvar1 - logvar2) +
+                jnp.square(mean1 - mean2) * jnp.exp(-logvar2))
+
+
+def approx_standard_normal_cdf(x):
+  """The tanh approximation of the standard normal CDF used by ADM."""
+  return 0.5 * (1.0 + jnp.tanh(math.sqrt(2.0 / math.pi) *
+                               (x + 0.044715 * x ** 3)))
+
+
+def discretized_gaussian_log_likelihood(x, means, log_scales):
+  """Log-likelihood (nats) of `x` under a Gaussian discretised to 1/255 bins.
+
+  Values beyond +-0.999 take the open-ended tail bin, as for 8-bit images in
+  [-1, 1]; GenDD applies it unchanged to feature tokens at t = 0.
+  """
+  centered = x - means
+  inv_std = jnp.exp(-log_scales)
+  cdf_plus = approx_standard_normal_cdf(inv_std * (centered + 1.0 / 255.0))
+  cdf_min = approx_standard_normal_cdf(inv_std * (centered - 1.0 / 255.0))
+  log_cdf_plus = jnp.log(jnp.maximum(cdf_plus, 1e-12))
+  log_one_minus_cdf_min = jnp.log(jnp.maximum(1.0 - cdf_min, 1e-12))
+  log_delta = jnp.log(jnp.maximum(cdf_plus - cdf_min, 1e-12))
+  return jnp.where(x < -0.999, log_cdf_plus,
+                   jnp.where(x > 0.999, log_one_minus_cdf_min, log_delta))
+
+
+def vb_bits(s: Schedule, x0: jax.Array, xt: jax.Array, t: jax.Array,
+            model_out: jax.Array) -> jax.Array:
+  """Variational-bound term per row, in bits: `[N]`.
+
+  KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) averaged over channels for t > 0,
+  the discretised decoder NLL at t = 0.
+  """
+  true_mean, true_logvar = q_posterior(s, x0, xt, t)
+  mean, logvar, _ = p_mean_variance(s, model_out, xt, t)
+  kl = jnp.mean(normal_kl(true_mean, true_logvar, mean, logvar), -1) / LN2
+  nll = -jnp.mean(discretized_gaussian_log_likelihood(
+      x0, mean, 0.5 * logvar), -1) / LN2
+  return jnp.where(t == 0, nll, kl)
+
+
+def training_losses(s: Schedule, model_fn: Callable[[jax.Array, jax.Array],
+                                                     jax.Array],
+                    x0: jax.Array, t: jax.Array, noise: jax.Array,
+                    use_vb: bool = True) -> dict[str, jax.Array]:
+  """Per-row training loss: eps-MSE (+ VB with the eps half frozen).
+
+  Args:
+    s: training schedule.
+    model_fn: `(x_t [N, C], network timestep [N]) -> [N, 2C]`.
+    x0: `[N, C]` clean tokens.
+    t: `[N]` schedule indices.
+    noise: `[N, C]` standard normal.
+    use_vb: add the variational-bound term (the reference does).
+
+  Returns:
+    dict with `loss`, `mse`, `vb` (each `[N]`) and `x_t`, `model_out`.
+  """
+  xt = q_sample(s, x0, t, noise)
+  out = model_fn(xt, s.timestep_map[t])
+  c = x0.shape[-1]
+  eps = out[..., :c]
+  mse = jnp.mean(jnp.square(noise - eps), -1)
+  if use_vb:
+    frozen = jnp.concatenate([jax.lax.stop_gradient(eps), out[..., c:]], -1)
+    vb = vb_bits(s, x0, xt, t, frozen)
+  else:
+    vb = jnp.zeros_like(mse)
+  return dict(loss=mse + vb, mse=mse, vb=vb, x_t=xt, model_out=out)
+
+
+# ---------------------------------------------------------------------------
+# Sampling.
+# ---------------------------------------------------------------------------
+
+
+def p_sample(s: Schedule, model_out: jax.Array, x: jax.Array, t: jax.Array,
+             noise: jax.Array, temperature: float | jax.Array = 1.0,
+             clip_x0: float | None = None) -> tuple[jax.Array, jax.Array]:
+  """One ancestral step `x_t -> x_{t-1}`; no noise is added at t == 0.
+
+  `temperature` scales only the injected noise.
+
+  Returns:
+    `(x_{t-1}, pred_x0)`.
+  """
+  mean, logvar, pred_x0 = p_mean_variance(s, model_out, x, t, clip_x0)
+  nonzero = (t != 0).astype(x.dtype).reshape(t.shape + (1,) * (x.ndim - t.ndim))
+  return mean + nonzero * jnp.exp(0.5 * logvar) * noise * temperature, pred_x0
+
+
+def p_sample_loop(s: Schedule,
+                  model_fn: Callable[[jax.Array, jax.Array], jax.Array],
+                  x_T: jax.Array,
+                  key: jax.Array | None = None,
+                  step_noise: jax.Array | None = None,
+                  temperature: float | jax.Array = 1.0,
+                  clip_x0: float | None = None,
+                  return_trajectory: bool = False):
+  """Ancestral sampling from `x_T` through every step of `s`, as one scan.
+
+  Args:
+    s: (respaced) sampling schedule with `T` steps.
+    model_fn: `(x [..., C], network timestep (scalar int)) -> [..., 2C]`. All
+      rows share the timestep, so the network can embed it once.
+    x_T: initial noise `[..., C]`.
+    key: PRNG key for the per-step noise (step k uses `fold_in(key, k)`).
+    step_noise: alternatively, the per-step noise `[T, ..., C]` (step k
+      processes schedule index `T-1-k`); used to replay recorded draws.
+    temperature: scales the injected noise.
+    clip_x0: optional x0 clipping (see `p_mean_variance`).
+    return_trajectory: also return the states `[T+1, ...]` and x0 estimates
+      `[T, ...]`.
+
+  Returns:
+    The samples `[..., C]` (and the trajectory if asked).
+  """
+  num = s.num_steps
+  steps = jnp.arange(num - 1, -1, -1, dtype=jnp.int32)
+  if step_noise is None:
+    if key is None:
+      raise ValueError('p_sample_loop needs `key` or `step_noise`')
+    xs = (steps, jnp.arange(num))
+  else:
+    xs = (steps, step_noise)
+
+  def body(x, inp):
+    i, extra = inp
+    noise = (jax.random.normal(jax.random.fold_in(key, extra), x.shape,
+                               x.dtype) if step_noise is None else extra)
+    out = model_fn(x, s.timestep_map[i])
+    t = jnp.broadcast_to(i, x.shape[:-1])
+    x_new, pred_x0 = p_sample(s, out, x, t, noise, temperature, clip_x0)
+    return x_new, ((x, pred_x0) if return_trajectory else None)
+
+  x_0, traj = jax.lax.scan(body, x_T, xs)
+  if return_trajectory:
+    states = jnp.concatenate([traj[0], x_0[None]], 0)
+    return x_0, states, traj[1]
+  return x_0
+
+
+def cfg_model_fn(cond_fn: Callable[[jax.Array, jax.Array], jax.Array],
+                 uncond_fn: Callable[[jax.Array, jax.Array], jax.Array],
+                 scale: float | jax.Array):
+  """Classifier-free guidance on the eps half; the variance half is cond's.
+
+  Both branches see the same `x`, so they also share the sampler's noise.
+  """
+  def fn(x, t):
+    cond = cond_fn(x, t)
+    c = x.shape[-1]
+    if isinstance(scale, (int, float)) and scale == 1.0:
+      return cond
+    uncond = uncond_fn(x, t)
+    eps = uncond[..., :c] + scale * (cond[..., :c] - uncond[..., :c])
+    return jnp.concatenate([eps, cond[..., c:]], -1)
+  return fn

@@ -1,0 +1,208 @@
+"""The GenDD objective and inference as pure functions.
+
+The student's normalised feature `z` conditions a diffusion head that learns
+to generate the teacher's feature token by token. `head` is any object with
+`embed_time(t)`, `embed_cond(z)`, `pos_table()` and `trunk(x, y)` (see
+`models.denoiser.DenoiserMLP`); it is passed in, so this module imports no
+model code and is testable on its own.
+
+Shapes: `B` images, `D` teacher width, `C = token_dim`, `K = D / C` tokens,
+`M = diffusion_batch_mul` copies, `S` samples per image.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from gendd_jax import diffusion
+
+
+# ---------------------------------------------------------------------------
+# Targets.
+# ---------------------------------------------------------------------------
+
+
+def split_tokens(feature: jax.Array, token_dim: int) -> jax.Array:
+  """`[B, D] -> [B, D / C, C]` contiguous chunks."""
+  d = feature.shape[-1]
+  if d % token_dim:
+    raise ValueError(f'token_dim {token_dim} does not divide the teacher '
+                     f'feature width {d}')
+  return feature.reshape(feature.shape[:-1] + (d // token_dim, token_dim))
+
+
+def merge_tokens(tokens: jax.Array) -> jax.Array:
+  """`[..., K, C] -> [..., K * C]`."""
+  return tokens.reshape(tokens.shape[:-2] + (-1,))
+
+
+def contract_target(feature: jax.Array, labels: jax.Array | None,
+                    w_cls: jax.Array, smooth: float,
+                    label_mask: jax.Array | None = None) -> jax.Array:
+  """Distribution contraction `(1 - s) f + s (y @ W)`.
+
+  Args:
+    feature: `[B, D]` teacher features.
+    labels: `[B]` class ids, `[B, N]` soft labels, or None (unsupervised: the
+      target is the teacher feature and no label is touched).
+    w_cls: `[N, D]` frozen teacher classifier rows.
+    smooth: contraction strength `s`.
+    label_mask: optional `[B]`; rows without a usable label keep `s = 0`.
+
+  Returns:
+    `[B, D]` generation targets.
+  """
+  if labels is None or smooth == 0.0:
+    return feature
+  if labels.ndim == 1:
+    centers = w_cls[labels]
+  else:
+    centers = labels.astype(w_cls.dtype) @ w_cls
+  s = jnp.asarray(smooth, feature.dtype)
+  if label_mask is not None:
+    s = s * label_mask.astype(feature.dtype)[:, None]
+  return (1.0 - s) * feature + s * centers
+
+
+def mix_features(key: jax.Array, z: jax.Array, target: jax.Array,
+                 beta: float) -> tuple[jax.Array, jax.Array]:
+  """One Beta(beta, beta) draw and one permutation mix `z` and `target`."""
+  if beta <= 0:
+    return z, target
+  k_lam, k_perm = jax.random.split(key)
+  lam = jax.random.beta(k_lam, beta, beta).astype(z.dtype)
+  perm = jax.random.permutation(k_perm, z.shape[0])
+  return (lam * z + (1 - lam) * z[perm],
+          lam * target + (1 - lam) * target[perm])
+
+
+# ---------------------------------------------------------------------------
+# Training loss.
+# ---------------------------------------------------------------------------
+
+
+class LossSettings(NamedTuple):
+  token_dim: int
+  diffusion_batch_mul: int
+  cond_drop_prob: float
+  use_vb: bool = True
+
+
+def diffusion_loss(head: Any, schedule: diffusion.Schedule, key: jax.Array,
+                   z: jax.Array, target: jax.Array, settings: LossSettings
+                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Split-token diffusion loss, averaged over every token row.
+
+  The `[B, K]` token grid is tiled `M` times as whole blocks; each row draws
+  its own timestep, noise and condition-dropout flag (dropped rows see a
+  zero `z`, whose embedding is the layer's bias). Work that depends only on
+  the image (`embed_cond`) or only on the timestep (`embed_time`, as a table
+  when there are more rows than timesteps) is done once.
+
+  Returns:
+    `(loss, aux)` with aux holding the mean `mse` and `vb`.
+  """
+  tokens = split_tokens(target, settings.token_dim)  # [B, K, C]
+  m = settings.diffusion_batch_mul
+  b, k, _ = tokens.shape
+  rows = (m, b, k)
+  x0 = jnp.broadcast_to(tokens[None], (m,) + tokens.shape)
+  k_t, k_noise, k_drop = jax.random.split(key, 3)
+  t = jax.random.randint(k_t, rows, 0, schedule.num_steps)
+  noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
+
+  c_emb = head.embed_cond(z)[None, :, None, :]  # [1, B, 1, W]
+  c_null = head.embed_cond(jnp.zeros_like(z[:1]))  # [1, W]
+  if settings.cond_drop_prob > 0:
+    drop = jax.random.bernoulli(k_drop, settings.cond_drop_prob, rows)
+    c_emb = jnp.where(drop[..., None], c_null, c_emb)
+  pos = head.pos_table()  # [K, W]
+  num_net_steps = schedule.timestep_map.shape[0]
+
+  def model_fn(xt, t_net):
+    if m * b * k > num_net_steps:  # Embed each distinct timestep once.
+      table = head.embed_time(jnp.arange(num_net_steps, dtype=jnp.int32))
+      t_emb = table[t_net]
+    else:
+      t_emb = head.embed_time(t_net)
+    return head.trunk(xt, t_emb + c_emb + pos)
+
+  terms = diffusion.training_losses(schedule, model_fn, x0, t, noise,
+                                    use_vb=settings.use_vb)
+  aux = dict(mse=jnp.mean(terms['mse']), vb=jnp.mean(terms['vb']))
+  return jnp.mean(terms['loss']), aux
+
+
+# ---------------------------------------------------------------------------
+# Inference.
+# ---------------------------------------------------------------------------
+
+
+class SampleSettings(NamedTuple):
+  token_dim: int
+  num_sampling: int = 1
+  cfg_scale: float = 2.0
+  temperature: float = 1.0
+  clip_x0: float | None = None
+
+
+def sample_features(head: Any, schedule: diffusion.Schedule, key: jax.Array,
+                    z: jax.Array, settings: SampleSettings) -> jax.Array:
+  """Samples teacher-space features `[B, D]` for conditions `z: [B, Dz]`.
+
+  All `S x B x K` tokens go through one `lax.scan` over the respaced
+  schedule; the `S` draws are averaged in feature space. With guidance the
+  unconditional branch uses the zero condition and the same tokens, so both
+  branches share the noise; its conditioning depends only on `(t, k)`.
+  """
+  pos = head.pos_table()  # [K, W]
+  num_tokens = pos.shape[0]
+  c_emb = head.embed_cond(z)[:, None, :]  # [B, 1, W]
+  c_null = head.embed_cond(jnp.zeros_like(z[:1]))  # [1, W]
+  shape = (settings.num_sampling, z.shape[0], num_tokens, settings.token_dim)
+  k_init, k_loop = jax.random.split(key)
+  x_T = jax.random.normal(k_init, shape, z.dtype)
+
+  def cond_fn(x, t_net):
+    return head.trunk(x, head.embed_time(t_net) + c_emb + pos)
+
+  def uncond_fn(x, t_net):
+    return head.trunk(x, head.embed_time(t_net) + c_null + pos)
+
+  model_fn = diffusion.cfg_model_fn(cond_fn, uncond_fn, settings.cfg_scale)
+  tokens = diffusion.p_sample_loop(
+      schedule, model_fn, x_T, key=k_loop, temperature=settings.temperature,
+      clip_x0=settings.clip_x0)
+  return jnp.mean(merge_tokens(tokens), axis=0)
+
+
+# ---------------------------------------------------------------------------
+# Classification losses shared by the baselines.
+# ---------------------------------------------------------------------------
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array,
+                  mask: jax.Array | None = None) -> jax.Array:
+  """Mean (soft-target) cross-entropy over rows with `mask` (all if None)."""
+  logp = jax.nn.log_softmax(logits)
+  if labels.ndim == 1:
+    nll = -jnp.take_along_axis(logp, labels[:, None], -1)[:, 0]
+  else:
+    nll = -jnp.sum(labels * logp, -1)
+  if mask is None:
+    return jnp.mean(nll)
+  mask = mask.astype(nll.dtype)
+  return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def distill_kl(student_logits: jax.Array, teacher_logits: jax.Array,
+               temperature: float) -> jax.Array:
+  """Hinton's `T^2 * KL(softmax(t / T) || softmax(s / T))`, batch mean."""
+  p_t = jax.nn.softmax(teacher_logits / temperature)
+  log_p_t = jax.nn.log_softmax(teacher_logits / temperature)
+  log_p_s = jax.nn.log_softmax(student_logits / temperature)
+  kl = jnp.sum(p_t * (log_p_t - log_p_s), -1)
+  return jnp.mean(kl) * temperature ** 2

@@ -1,0 +1,89 @@
+r"""Command-line entry point.
+
+  python -m gendd_jax.main --config=configs/digits.py --workdir=runs/digits \
+      [--config.key=value ...]
+
+Hands `(config, workdir)` to the pipeline (if `config.stage == 'pipeline'`) or
+to `train.train_and_evaluate`. User errors (bad settings, missing inputs)
+print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Path to a configuration file (optionally `file.py:arg`).',
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    'workdir', None, 'Directory for checkpoints, logs, exports and results.')
+_DISTRIBUTED = flags.DEFINE_bool(
+    'distributed', False,
+    'Call jax.distributed.initialize() (multi-host TPU/GPU launches).')
+
+
+def _fail(message: str) -> None:
+  print(f'error: {message}', file=sys.stderr, flush=True)
+  sys.exit(2)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl parsing that turns config typos into one clear line."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    _fail(str(e).splitlines()[0] if str(e) else repr(e))
+  except (AttributeError, KeyError) as e:
+    key = str(e).strip('"\'')
+    _fail(f'unknown config key {key!r} in a --config.* override (see the '
+          'config file for the available keys)')
+  except (TypeError, ValueError) as e:
+    _fail(f'bad configuration: {e}')
+  return argv
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    _fail(f'unexpected arguments: {" ".join(argv[1:])}')
+  try:
+    config = _CONFIG.value
+  except OSError as e:  # config_flags defers file errors to first access.
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    _fail(f'could not load the config file: {lines[-1] if lines else e}')
+  if config is None or _WORKDIR.value is None:
+    _fail('both --config and --workdir are required')
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)  # Keep library INFO logs out.
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  # Imported after flag parsing: JAX must see XLA_FLAGS etc. first.
+  import jax  # pylint: disable=g-import-not-at-top
+  if _DISTRIBUTED.value:
+    jax.distributed.initialize()
+  from gendd_jax import errors  # pylint: disable=g-import-not-at-top
+  from gendd_jax import pipeline  # pylint: disable=g-import-not-at-top
+  from gendd_jax import train  # pylint: disable=g-import-not-at-top
+
+  workdir = os.path.abspath(_WORKDIR.value)
+  print(f'JAX {jax.__version__}: {jax.device_count()} device(s) '
+        f'({jax.devices()[0].platform}), {jax.process_count()} process(es)',
+        flush=True)
+  try:
+    if config.stage == 'pipeline':
+      pipeline.run(config, workdir)
+    else:
+      res = train.train_and_evaluate(config, workdir)
+      accs = ', '.join(f'{k} {v:.2f}%' for k, v in res['accuracy'].items())
+      print(f'{config.stage}: {accs} (results in {workdir}/results.json)',
+            flush=True)
+  except errors.USER_ERRORS as e:
+    _fail(str(e))
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=_parse_flags)

@@ -1,0 +1,560 @@
+"""Training and evaluation of every stage: state, jitted steps, the loop.
+
+Stages (``config.stage``):
+  teacher      supervised training of the teacher (all labels);
+  scratch      supervised training of the student (labelled subset only);
+  kd           Hinton KD: temperature KL to the teacher + CE on labels;
+  kl           unsupervised KL to the teacher's softmax (no labels at all);
+  stage1       warm-up: student feature -> projection -> frozen teacher
+               classifier, CE on labels;
+  gendd        GenDD: diffusion head generates the (contracted) teacher feature
+               from the student feature, plus the linear probe;
+  gendd_unsup  GenDD with smooth 0 and no labels anywhere (no probe).
+
+Each stage has one jitted train step and one jitted eval step, built once per
+static setting and reused (a k-fold protocol compiles each stage once).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from gendd_jax import checkpoint as ckpt_lib
+from gendd_jax import data as data_lib
+from gendd_jax import diffusion
+from gendd_jax import gendd
+from gendd_jax import models
+from gendd_jax import optim
+from gendd_jax import sharding
+from gendd_jax.models import distill
+
+STAGES = ('teacher', 'scratch', 'kd', 'kl', 'stage1', 'gendd', 'gendd_unsup')
+# Label use per stage: every label, the student's labelled subset, or none.
+LABELS = dict(teacher='all', scratch='subset', kd='subset', kl='none',
+              stage1='subset', gendd='subset', gendd_unsup='none')
+NEEDS_TEACHER = ('kd', 'kl', 'stage1', 'gendd', 'gendd_unsup')
+
+
+class ConfigError(ValueError):
+  """The configuration is inconsistent."""
+
+
+# ---------------------------------------------------------------------------
+# Static settings of the jitted steps.
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+  """Everything the jitted steps close over; hashable so builds are cached."""
+  stage: str
+  graphdef: Any
+  teacher_graphdef: Any
+  optim: optim.OptimSpec
+  seed: int
+  mesh: Any
+  kd_temperature: float = 4.0
+  ce_weight: float = 1.0
+  kd_weight: float = 1.0
+  smooth: float = 0.0
+  beta: float = 0.0
+  loss: gendd.LossSettings | None = None
+  sample: gendd.SampleSettings | None = None
+  noise_schedule: str = 'cosine'
+  diffusion_steps: int = 1000
+  sampling_steps: str = '64'
+  # If set, evaluation also samples with x0 clipped to this bound.
+  extra_clip: float | None = None
+
+
+def _merge(graphdef, variables):
+  return nnx.merge(graphdef, variables['params'], variables['batch_stats'])
+
+
+def _teacher_forward(spec: StepSpec, teacher, image):
+  model = _merge(spec.teacher_graphdef, teacher)
+  feat, logits = model(image, train=False)
+  return jax.lax.stop_gradient(feat), jax.lax.stop_gradient(logits)
+
+
+def _classifier(teacher) -> tuple[jax.Array, jax.Array]:
+  fc = teacher['params']['fc']
+  return jnp.transpose(fc['kernel'][...]), fc['bias'][...]
+
+
+def _normalise(teacher, target):
+  stats = teacher['target_stats']
+  return (target - stats['mean']) / stats['std']
+
+
+def _losses(spec: StepSpec, schedule, params, batch_stats, teacher, batch,
+            key):
+  """Stage loss and metrics; returns `(loss, (metrics, new_batch_stats))`."""
+  model = nnx.merge(spec.graphdef, params, batch_stats)
+  image = batch['image']
+  labels = batch.get('label')  # Absent for label-free stages.
+  mask = batch.get('label_mask')
+  metrics = {}
+  if spec.stage in ('teacher', 'scratch', 'kd', 'kl'):
+    _, logits = model(image, train=True)
+    if spec.stage in ('teacher', 'scratch'):
+      loss = gendd.cross_entropy(logits, labels, mask)
+    else:
+      _, t_logits = _teacher_forward(spec, teacher, image)
+      kl = gendd.distill_kl(logits, t_logits, spec.kd_temperature)
+      metrics['kl'] = kl
+      loss = spec.kd_weight * kl
+      if spec.stage == 'kd':
+        ce = gendd.cross_entropy(logits, labels, mask)
+        metrics['ce'] = ce
+        loss = loss + spec.ce_weight * ce
+  elif spec.stage == 'stage1':
+    w, b = _classifier(teacher)
+    logits = model(image, w, b, train=True)
+    loss = gendd.cross_entropy(logits, labels, mask)
+  else:  # gendd, gendd_unsup
+    t_feat, _ = _teacher_forward(spec, teacher, image)
+    w, _ = _classifier(teacher)
+    target = gendd.contract_target(t_feat, labels, w, spec.smooth, mask)
+    if 'target_stats' in teacher:
+      target = _normalise(teacher, target)
+    z, probe_logits, _ = model.student(image, train=True)
+    k_mix, k_diff = jax.random.split(key)
+    z, target = gendd.mix_features(k_mix, z, target, spec.beta)
+    loss, aux = gendd.diffusion_loss(model.head, schedule,
+                                     k_diff, z, target, spec.loss)
+    metrics.update(diffusion=loss, mse=aux['mse'], vb=aux['vb'])
+    if labels is not None:
+      probe = gendd.cross_entropy(probe_logits, labels, mask)
+      metrics['probe_ce'] = probe
+      loss = loss + probe
+  metrics['loss'] = loss
+  return loss, (metrics, nnx.state(model, nnx.BatchStat))
+
+
+@functools.lru_cache(maxsize=None)
+def build_steps(spec: StepSpec) -> tuple[Callable, Callable]:
+  """The jitted `(train_step, eval_step)` for `spec` (cached)."""
+  tx = optim.create_optimizer(spec.optim)
+  rep = sharding.replicated(spec.mesh)
+  dat = sharding.data_sharded(spec.mesh)
+  base_key = jax.random.key(spec.seed)
+  # Built eagerly (numpy tables), then closed over as constants.
+  train_sched = diffusion.create_schedule(spec.noise_schedule,
+                                          spec.diffusion_steps, '')
+  sample_sched = diffusion.create_schedule(
+      spec.noise_schedule, spec.diffusion_steps, spec.sampling_steps)
+
+  def train_step(state, teacher, batch):
+    step = state['step']
+    key = jax.random.fold_in(base_key, step)
+    grad_fn = jax.grad(functools.partial(_losses, spec, train_sched),
+                       has_aux=True)
+    grads, (metrics, new_bs) = grad_fn(state['params'], state['batch_stats'],
+                                       teacher, batch, key)
+    updates, opt_state = tx.update(grads, state['opt_state'],
+                                   state['params'])
+    params = optax.apply_updates(state['params'], updates)
+    metrics['grad_norm'] = optax.global_norm(grads)
+    metrics['lr'] = optim.learning_rate(spec.optim)(step)
+    new_state = dict(step=step + 1, params=params, batch_stats=new_bs,
+                     opt_state=opt_state)
+    return new_state, metrics
+
+  def eval_step(state, teacher, batch, index):
+    model = nnx.merge(spec.graphdef, state['params'], state['batch_stats'])
+    image = batch['image']
+    out = {}
+    if spec.stage in ('teacher', 'scratch', 'kd', 'kl'):
+      out['acc'] = model(image)[1]
+    elif spec.stage == 'stage1':
+      w, b = _classifier(teacher)
+      out['acc'] = model(image, w, b)
+    else:
+      z, probe_logits, _ = model.student(image)
+      key = jax.random.fold_in(jax.random.fold_in(base_key, 1 << 30), index)
+      w, b = _classifier(teacher)
+      variants = {'sampled_acc': spec.sample}
+      if spec.extra_clip is not None:
+        variants['sampled_clip_acc'] = spec.sample._replace(
+            clip_x0=spec.extra_clip)
+      for name, settings in variants.items():
+        # The same key: both samplers start from the same noise.
+        feat = gendd.sample_features(model.head, sample_sched, key, z,
+                                     settings)
+        if 'target_stats' in teacher:
+          stats = teacher['target_stats']
+          feat = feat * stats['std'] + stats['mean']
+        out[name] = feat @ w.T + b
+      if spec.stage == 'gendd':
+        out['probe_acc'] = probe_logits
+    return {k: jnp.argmax(v, -1).astype(jnp.int32) for k, v in out.items()}
+
+  train_jit = jax.jit(train_step, in_shardings=(rep, rep, dat),
+                      out_shardings=(rep, rep), donate_argnums=(0,))
+  eval_jit = jax.jit(eval_step, in_shardings=(rep, rep, dat, None),
+                     out_shardings=dat)
+  return train_jit, eval_jit
+
+
+# ---------------------------------------------------------------------------
+# Building models and state.
+# ---------------------------------------------------------------------------
+
+
+def _backbone_kwargs(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+  kw = {k: v for k, v in cfg.items() if k not in ('model', 'checkpoint',
+                                                  'init_from')}
+  return kw
+
+
+def create_backbone(cfg, info, seed):
+  return models.create_backbone(
+      cfg.model, num_classes=info['num_classes'],
+      input_shape=info['input_shape'], rngs=nnx.Rngs(seed),
+      **_backbone_kwargs(cfg))
+
+
+def teacher_feature_dim(config, info) -> int:
+  m = nnx.eval_shape(lambda: create_backbone(config.teacher, info, 0))
+  return m.feature_dim
+
+
+def create_model(config, info, stage: str) -> nnx.Module:
+  """The trainable module of `stage` with freshly initialised weights."""
+  role = config.teacher if stage == 'teacher' else config.student
+  backbone = create_backbone(role, info, config.seed)
+  if stage in ('teacher', 'scratch', 'kd', 'kl'):
+    return backbone
+  t_dim = teacher_feature_dim(config, info)
+  rngs = nnx.Rngs(config.seed + 1)
+  if stage == 'stage1':
+    return distill.Stage1Model(backbone, t_dim, rngs=rngs)
+  g = config.gendd
+  if t_dim % g.token_dim:
+    raise ConfigError(f'gendd.token_dim={g.token_dim} does not divide the '
+                      f'teacher feature width {t_dim}')
+  return distill.GenDDModel(backbone, t_dim, g.token_dim, g.width, g.depth,
+                            remat=g.remat, rngs=rngs)
+
+
+def _variables(module) -> dict[str, Any]:
+  _, params, bs = nnx.split(module, nnx.Param, nnx.BatchStat)
+  return dict(params=params, batch_stats=bs)
+
+
+def load_teacher(config, info, mesh) -> dict[str, Any]:
+  """The frozen teacher's variables from `config.teacher.checkpoint`."""
+  path = config.teacher.checkpoint
+  if not path:
+    raise ConfigError(f'stage {config.stage!r} needs a teacher: set '
+                      '--config.teacher.checkpoint=<export dir of a teacher '
+                      'run>')
+  abstract = _variables(nnx.eval_shape(
+      lambda: create_backbone(config.teacher, info, 0)))
+  meta = ckpt_lib.load_export_meta(path)
+  if meta.get('num_classes') != info['num_classes']:
+    raise ConfigError(
+        f'teacher at {path} has {meta.get("num_classes")} classes, the '
+        f'dataset has {info["num_classes"]}')
+  tree, _ = ckpt_lib.load_export(
+      path, ckpt_lib.abstract_like(abstract, sharding.replicated(mesh)))
+  return tree
+
+
+def load_backbone_init(config, info, module, mesh) -> None:
+  """Initialises `module.backbone` from an earlier stage's export."""
+  path = config.student.init_from
+  meta = ckpt_lib.load_export_meta(path)
+  src_stage = meta.get('stage')
+  src = nnx.eval_shape(lambda: create_model(config, info, src_stage))
+  abstract = ckpt_lib.abstract_like(_variables(src), sharding.replicated(mesh))
+  tree, _ = ckpt_lib.load_export(path, abstract)
+  bb_params = tree['params']['backbone'] if 'backbone' in tree['params'] \
+      else tree['params']
+  nnx.update(module.backbone, bb_params)
+  if len(tree['batch_stats']):
+    bs = tree['batch_stats']
+    nnx.update(module.backbone, bs['backbone'] if 'backbone' in bs else bs)
+
+
+def optim_spec(config, stage: str, steps_per_epoch: int) -> optim.OptimSpec:
+  s = config.stages[stage]
+  total = int(s.epochs * steps_per_epoch)
+  if total <= 0:
+    raise ConfigError(f'stage {stage!r} has no training steps '
+                      f'(epochs={s.epochs})')
+  return optim.OptimSpec(
+      name=s.optimizer, lr=s.lr, weight_decay=s.weight_decay,
+      total_steps=total, warmup_steps=int(s.warmup_epochs * steps_per_epoch),
+      schedule=s.schedule,
+      boundaries=tuple(int(e * steps_per_epoch) for e in s.decay_epochs),
+      decay_rate=s.decay_rate, min_lr=s.min_lr, b1=s.b1,
+      beta2_min=s.beta2_min, beta2_max=s.beta2_max,
+      no_decay=tuple(config.no_decay))
+
+
+def make_spec(config, stage, graphdef, teacher_graphdef, ospec, mesh,
+              data_clip: float | None = None) -> StepSpec:
+  """The static step settings of `stage` (`data_clip`: see `target_stats`)."""
+  g, smp = config.gendd, config.sampler
+  kw = {}
+  if stage in ('gendd', 'gendd_unsup'):
+    if smp.clip_x0 in ('none', ''):
+      clip = None
+    elif smp.clip_x0 == 'data':
+      clip = data_clip
+    else:
+      try:
+        clip = float(smp.clip_x0)
+      except ValueError:
+        raise ConfigError(f"sampler.clip_x0 must be 'none', 'data' or a "
+                          f'number, got {smp.clip_x0!r}') from None
+    kw = dict(
+        smooth=0.0 if stage == 'gendd_unsup' else float(g.smooth),
+        beta=float(g.beta),
+        loss=gendd.LossSettings(g.token_dim, g.diffusion_batch_mul,
+                                float(g.cond_drop_prob), bool(g.use_vb)),
+        sample=gendd.SampleSettings(g.token_dim, smp.num_sampling,
+                                    float(smp.cfg_scale),
+                                    float(smp.temperature), clip),
+        noise_schedule=g.noise_schedule, diffusion_steps=g.diffusion_steps,
+        sampling_steps=str(smp.steps),
+        extra_clip=data_clip if smp.also_eval_clipped and clip is None
+        else None)
+  return StepSpec(stage=stage, graphdef=graphdef,
+                  teacher_graphdef=teacher_graphdef, optim=ospec,
+                  seed=config.seed, mesh=mesh,
+                  kd_temperature=float(config.kd.temperature),
+                  ce_weight=float(config.kd.ce_weight),
+                  kd_weight=float(config.kd.kd_weight), **kw)
+
+
+def target_stats(config, teacher, teacher_graphdef, train, mesh, batch_size
+                 ) -> tuple[dict[str, jax.Array] | None, float]:
+  """Target standardisation statistics and the data range for x0 clipping.
+
+  With `gendd.target_norm == 'standardize'` the diffusion head generates
+  `(target - mean) / std` (per dimension, over the training set's teacher
+  features) and samples are mapped back before classification. The returned
+  bound is the largest absolute value, in the head's target space, of any
+  teacher feature or classifier row, so it bounds every contracted target.
+  """
+  norm = config.gendd.target_norm
+  if norm not in ('none', 'standardize'):
+    raise ConfigError(f"unknown gendd.target_norm {norm!r}; expected 'none' "
+                      "or 'standardize'")
+  model = nnx.merge(teacher_graphdef, teacher['params'],
+                    teacher['batch_stats'])
+  fwd = jax.jit(lambda x: model(x)[0])
+  feats = []
+  for b in data_lib.eval_batches(train, batch_size):
+    f = np.asarray(fwd(jnp.asarray(b['image'])))
+    feats.append(f[b['valid'] > 0])
+  feats = np.concatenate(feats)
+  w = np.asarray(_classifier(teacher)[0])
+  if norm == 'none':
+    return None, float(max(np.abs(feats).max(), np.abs(w).max()))
+  mean = feats.mean(0)
+  std = feats.std(0) + 1e-3 * (feats.std() + 1e-6)
+  bound = max(np.abs((feats - mean) / std).max(),
+              np.abs((w - mean) / std).max())
+  rep = sharding.replicated(mesh)
+  stats = dict(mean=jax.device_put(jnp.asarray(mean), rep),
+               std=jax.device_put(jnp.asarray(std), rep))
+  return stats, float(bound)
+
+
+# ---------------------------------------------------------------------------
+# The loop.
+# ---------------------------------------------------------------------------
+
+
+def _strip_labels(stage: str, batch: dict[str, np.ndarray]
+                  ) -> dict[str, np.ndarray]:
+  use = LABELS[stage]
+  if use == 'none':
+    return {'image': batch['image']}
+  if use == 'all':
+    return {'image': batch['image'], 'label': batch['label']}
+  return batch
+
+
+def evaluate(eval_step, state, teacher, split, batch_size, mesh
+             ) -> dict[str, Any]:
+  """Runs `eval_step` over `split`; returns accuracies and predictions."""
+  preds: dict[str, list[np.ndarray]] = {}
+  for i, b in enumerate(data_lib.eval_batches(split, batch_size)):
+    valid = b['valid'] > 0
+    sb = sharding.shard_batch({'image': b['image']}, mesh)
+    out = eval_step(state, teacher, sb, jnp.int32(i))
+    for k, v in out.items():
+      preds.setdefault(k, []).append(np.asarray(v)[valid])
+  preds = {k: np.concatenate(v) for k, v in preds.items()}
+  accs = {k: float(np.mean(v == split.labels) * 100.0)
+          for k, v in preds.items()}
+  return dict(accuracy=accs, predictions=preds)
+
+
+def _writer(workdir: str, quiet: bool):
+  from clu import metric_writers  # Imports TensorFlow; only when training.
+  return metric_writers.create_default_writer(
+      workdir, just_logging=jax.process_index() > 0 or quiet,
+      asynchronous=True)
+
+
+def check_workdir(workdir: str) -> None:
+  """Fails with one clear message if `workdir` cannot be written."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, '.write_test')
+    with open(probe, 'w') as f:
+      f.write('ok')
+    os.remove(probe)
+  except OSError as e:
+    raise ConfigError(f'workdir {workdir!r} is not writable: '
+                      f'{e.strerror or e}') from e
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       quiet: bool = False) -> dict[str, Any]:
+  """Trains `config.stage`, evaluates it, exports it; returns the results.
+
+  Resumes from the latest checkpoint in `workdir/checkpoints` if present.
+  Writes `results.json` and `export/` (weights for later stages/evaluation).
+  """
+  stage = config.stage
+  if stage not in STAGES:
+    raise ConfigError(f'unknown stage {stage!r}; expected one of '
+                      f'{", ".join(STAGES)} (or "pipeline" in configs that '
+                      'define one)')
+  check_workdir(workdir)
+  mesh = sharding.create_mesh(config.num_devices or None)
+  d = config.data
+  train, test, info = data_lib.create_splits(
+      d.name, fold=d.fold, num_folds=d.num_folds,
+      label_fraction=d.label_fraction, seed=config.seed)
+  sharding.check_batch_size(d.batch_size, mesh)
+  sharding.check_batch_size(d.eval_batch_size, mesh, 'eval batch size')
+  batches = data_lib.TrainBatches(train, d.batch_size, config.seed,
+                                  jax.process_index(), jax.process_count())
+
+  teacher, teacher_graphdef = {}, None
+  if stage in NEEDS_TEACHER:
+    teacher = load_teacher(config, info, mesh)
+    teacher_graphdef = nnx.split(nnx.eval_shape(
+        lambda: create_backbone(config.teacher, info, 0)))[0]
+  module = create_model(config, info, stage)
+  if config.student.init_from and stage in ('gendd', 'gendd_unsup',
+                                            'stage1', 'kd', 'kl', 'scratch'):
+    load_backbone_init(config, info, module, mesh)
+  graphdef, params, batch_stats = nnx.split(module, nnx.Param, nnx.BatchStat)
+  ospec = optim_spec(config, stage, batches.steps_per_epoch)
+  data_clip = None
+  if stage in ('gendd', 'gendd_unsup'):
+    stats, data_clip = target_stats(config, teacher, teacher_graphdef, train,
+                                    mesh, d.eval_batch_size)
+    if stats is not None:
+      teacher['target_stats'] = stats
+  spec = make_spec(config, stage, graphdef, teacher_graphdef, ospec, mesh,
+                   data_clip)
+  train_step, eval_step = build_steps(spec)
+
+  rep = sharding.replicated(mesh)
+  tx = optim.create_optimizer(ospec)
+  state = jax.device_put(dict(
+      step=jnp.int32(0), params=params, batch_stats=batch_stats,
+      opt_state=tx.init(params)), rep)
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'),
+                               max_to_keep=config.keep_checkpoints)
+  start = 0
+  if ckpt.latest_step() is not None:
+    state, _ = ckpt.restore(ckpt_lib.abstract_like(state, rep))
+    start = int(state['step'])
+    if not quiet:
+      print(f'[{stage}] resumed from step {start} ({workdir})', flush=True)
+
+  total = ospec.total_steps
+  writer = _writer(workdir, quiet)
+  if start == 0 and jax.process_index() == 0:
+    writer.write_hparams({'stage': stage, 'total_steps': total,
+                          'batch_size': d.batch_size})
+  try:
+    t0 = time.time()
+    last_t, last_step = t0, start
+    log_every = max(1, config.log_every_steps)
+    for step in range(start, total):
+      batch = sharding.shard_batch(_strip_labels(stage, batches.batch(step)),
+                                   mesh)
+      state, metrics = train_step(state, teacher, batch)
+      done = step + 1
+      if done % log_every == 0 or done == total:
+        metrics = jax.device_get(metrics)  # The only host sync in the loop.
+        if not np.isfinite(metrics['loss']):
+          raise FloatingPointError(
+              f'non-finite loss at step {done} of {workdir}; last checkpoint: '
+              f'{ckpt.latest_step()}')
+        now = time.time()
+        rate = (done - last_step) / max(now - last_t, 1e-9)
+        last_t, last_step = now, done
+        scalars = {k: float(v) for k, v in metrics.items()}
+        scalars['steps_per_sec'] = rate
+        writer.write_scalars(done, scalars)
+        if not quiet:
+          eta = (total - done) / max(rate, 1e-9)
+          print(f'[{stage}] step {done}/{total} loss {scalars["loss"]:.4f} '
+                f'lr {scalars["lr"]:.2e} {rate:.1f} steps/s ETA {_hms(eta)}',
+                flush=True)
+      if config.checkpoint_every_steps and done % config.checkpoint_every_steps \
+          == 0 and done < total:
+        ckpt.save(done, state, {'stage': stage})
+      if (config.eval_every_steps and done % config.eval_every_steps == 0 and
+          done < total):
+        res = evaluate(eval_step, state, teacher, test, d.eval_batch_size, mesh)
+        writer.write_scalars(done, {f'eval/{k}': v
+                                    for k, v in res['accuracy'].items()})
+    train_time = time.time() - t0
+    if start < total:
+      ckpt.save(total, state, {'stage': stage})
+    t1 = time.time()
+    res = evaluate(eval_step, state, teacher, test, d.eval_batch_size, mesh)
+    eval_time = time.time() - t1
+    writer.write_scalars(total, {f'eval/{k}': v
+                                 for k, v in res['accuracy'].items()})
+    writer.flush()
+  finally:
+    ckpt.close()  # Waits for async saves, also on errors.
+
+  export_tree = dict(params=state['params'],
+                     batch_stats=state['batch_stats'])
+  meta = dict(stage=stage, num_classes=info['num_classes'],
+              config=json.loads(config.to_json()))
+  if jax.process_index() == 0:
+    ckpt_lib.save_export(os.path.join(workdir, 'export'), export_tree, meta)
+  results = dict(
+      stage=stage, steps=total, train_seconds=train_time,
+      eval_seconds=eval_time, accuracy=res['accuracy'],
+      predictions={k: v.tolist() for k, v in res['predictions'].items()},
+      labels=test.labels.tolist(), index=test.index.tolist())
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'results.json'), 'w') as f:
+      json.dump(results, f)
+  return results
+
+
+def _hms(seconds: float) -> str:
+  seconds = int(round(seconds)) if math.isfinite(seconds) else 0
+  return f'{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'
