@@ -54,11 +54,11 @@ def get_config(arg: str = ''):
   c.teacher = ml_collections.ConfigDict(dict(
       model='mlp', hidden=(256, 64), checkpoint=''))
   c.student = ml_collections.ConfigDict(dict(
-      model='mlp', hidden=(32, 16), init_from=''))
+      model='mlp', hidden=(64, 32), init_from=''))
 
   # GenDD objective and head. Teacher feature 64 = 4 tokens of 16.
   c.gendd = ml_collections.ConfigDict(dict(
-      token_dim=16, width=256, depth=3, diffusion_batch_mul=4, smooth=0.9,
+      token_dim=16, width=128, depth=3, diffusion_batch_mul=2, smooth=0.9,
       beta=0.0, cond_drop_prob=0.2, use_vb=True, noise_schedule='cosine',
       diffusion_steps=1000, target_norm='none', remat=False))
   # Evaluation sampler. clip_x0: 'none' (the reference: never clip), 'data'
@@ -79,9 +79,9 @@ def get_config(arg: str = ''):
       kd=stage(100, 2e-3, weight_decay=1e-4),
       kl=stage(100, 2e-3, weight_decay=1e-4),
       stage1=stage(20, 2e-3, weight_decay=1e-4),
-      gendd=stage(150, 1e-3, weight_decay=1e-4, warmup_epochs=5,
+      gendd=stage(80, 1e-3, weight_decay=1e-4, warmup_epochs=5,
                   beta2_min=0.95),
-      gendd_unsup=stage(150, 1e-3, weight_decay=1e-4, warmup_epochs=5,
+      gendd_unsup=stage(80, 1e-3, weight_decay=1e-4, warmup_epochs=5,
                         beta2_min=0.95),
   ))
 

@@ -47,7 +47,6 @@ def bench_head_only(repeats: int, steps: int, *, feature_dim=2048,
                     sampling_steps='64', cfg_scale=2.0) -> dict:
   """GenDD head training and sampling on random 2048-d features."""
   import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from gendd_jax import diffusion  # pylint: disable=g-import-not-at-top
@@ -129,6 +128,7 @@ def bench_digits(repeats: int, steps: int) -> dict:
   spec_.loader.exec_module(mod)
   config = mod.get_config()
   config.stage = 'gendd'
+  config.sampler.also_eval_clipped = False  # Time one sampler pass.
   d = config.data
   mesh = sharding.create_mesh(1)
   tr, te, info = data_lib.create_splits(
@@ -145,8 +145,11 @@ def bench_digits(repeats: int, steps: int) -> dict:
   spec = train.make_spec(config, 'gendd', graphdef, t_graphdef, ospec, mesh)
   train_step, eval_step = train.build_steps(spec)
   tx = optim.create_optimizer(ospec)
-  state = {'s': dict(step=jnp.int32(0), params=params, batch_stats=bs,
-                     opt_state=tx.init(params))}
+  rep = sharding.replicated(mesh)
+  teacher = jax.device_put(teacher, rep)
+  state = {'s': jax.device_put(dict(step=jnp.int32(0), params=params,
+                                    batch_stats=bs,
+                                    opt_state=tx.init(params)), rep)}
   batch = sharding.shard_batch(batches.batch(0), mesh)
   eval_batch = next(data_lib.eval_batches(te, d.eval_batch_size))
   eval_in = sharding.shard_batch({'image': eval_batch['image']}, mesh)

@@ -90,6 +90,21 @@ def save_export(directory: str, tree: Any, meta: dict[str, Any]) -> None:
   os.replace(tmp, os.path.join(directory, 'meta.json'))
 
 
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  """`{'a/b/0': shape}` for arrays, metadata or ShapeDtypeStructs."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    names = []
+    for p in path:
+      if isinstance(p, jax.tree_util.GetAttrKey):
+        continue  # NNX Variable `.value`.
+      names.append(str(getattr(p, 'key', getattr(p, 'idx', p))))
+    if names and names[-1] == 'value':  # How orbax stores a Variable.
+      names.pop()
+    out['/'.join(names)] = tuple(leaf.shape)
+  return out
+
+
 def load_export_meta(directory: str) -> dict[str, Any]:
   path = os.path.join(directory, 'meta.json')
   if not os.path.exists(path):
@@ -106,9 +121,28 @@ def load_export(directory: str, abstract_tree: Any
                 ) -> tuple[Any, dict[str, Any]]:
   """Restores an export into the structure of `abstract_tree`."""
   meta = load_export_meta(directory)
+  path = os.path.join(os.path.abspath(directory), 'weights')
+  ckptr = ocp.StandardCheckpointer()
   try:
-    tree = ocp.StandardCheckpointer().restore(
-        os.path.join(os.path.abspath(directory), 'weights'), abstract_tree)
+    stored = ckptr.metadata(path).item_metadata.tree
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointError(
+        f'exported weights at {directory} are missing or unreadable '
+        f'({type(e).__name__}: {_first_line(e)})') from e
+  # Compare shapes first: a mismatched restore fails deep inside orbax.
+  have, want = _shapes(stored), _shapes(abstract_tree)
+  for key in sorted(set(have) | set(want)):
+    if key not in have:
+      raise CheckpointError(f'export {directory} lacks parameter {key}')
+    if key not in want:
+      raise CheckpointError(f'export {directory} has unexpected parameter '
+                            f'{key}: built for another architecture?')
+    if have[key] != want[key]:
+      raise CheckpointError(
+          f'export {directory}: parameter {key} has shape {have[key]}, the '
+          f'configured model expects {want[key]}')
+  try:
+    tree = ckptr.restore(path, abstract_tree)
   except Exception as e:  # pylint: disable=broad-except
     raise CheckpointError(
         f'exported weights at {directory} could not be restored '

@@ -108,6 +108,8 @@ class TrainBatches:
 
   def __init__(self, split: ArraySplit, global_batch: int, seed: int,
                process_index: int = 0, process_count: int = 1):
+    if global_batch < 1:
+      raise DataError(f'batch size must be positive, got {global_batch}')
     if global_batch % process_count:
       raise DataError(f'batch size {global_batch} is not divisible by the '
                       f'{process_count} processes')
@@ -120,10 +122,18 @@ class TrainBatches:
     self.local = global_batch // process_count
     self.offset = process_index * self.local
     self.steps_per_epoch = len(split) // global_batch
+    self._perm_epoch, self._perm = -1, None
+
+  def _permutation(self, epoch: int) -> np.ndarray:
+    if self._perm_epoch != epoch:
+      self._perm = np.random.default_rng((self.seed, epoch)).permutation(
+          len(self.split))
+      self._perm_epoch = epoch
+    return self._perm
 
   def indices(self, step: int) -> np.ndarray:
     epoch, i = divmod(step, self.steps_per_epoch)
-    perm = np.random.default_rng((self.seed, epoch)).permutation(len(self.split))
+    perm = self._permutation(epoch)
     start = i * self.global_batch + self.offset
     return perm[start:start + self.local]
 
@@ -137,13 +147,15 @@ class TrainBatches:
 def eval_batches(split: ArraySplit, global_batch: int, process_index: int = 0,
                  process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
   """Fixed-shape batches covering every example once; padding has valid=0."""
+  if global_batch < 1:
+    raise DataError(f'eval batch size must be positive, got {global_batch}')
   n = len(split)
   local = global_batch // process_count
   for start in range(0, n, global_batch):
     idx = np.arange(start, start + global_batch)
     valid = idx < n
-    idx = np.where(valid, idx, 0)[process_index * local:(process_index + 1) *
-                                   local]
-    valid = valid[process_index * local:(process_index + 1) * local]
-    yield dict(image=split.images[idx], label=split.labels[idx],
-               valid=valid.astype(np.float32), position=idx)
+    part = slice(process_index * local, (process_index + 1) * local)
+    local_idx = np.where(valid, idx, 0)[part]
+    yield dict(image=split.images[local_idx], label=split.labels[local_idx],
+               valid=valid[part].astype(np.float32),
+               valid_global=valid.astype(np.float32))

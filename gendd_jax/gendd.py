@@ -2,7 +2,8 @@
 
 The student's normalised feature `z` conditions a diffusion head that learns
 to generate the teacher's feature token by token. `head` is any object with
-`embed_time(t)`, `embed_cond(z)`, `pos_table()` and `trunk(x, y)` (see
+`embed_time(t)`, `embed_time_table(timesteps)`, `embed_cond(z)`, `pos_table()`
+and `trunk(x, y)` (see
 `models.denoiser.DenoiserMLP`); it is passed in, so this module imports no
 model code and is testable on its own.
 
@@ -107,28 +108,34 @@ def diffusion_loss(head: Any, schedule: diffusion.Schedule, key: jax.Array,
   """
   tokens = split_tokens(target, settings.token_dim)  # [B, K, C]
   m = settings.diffusion_batch_mul
-  b, k, _ = tokens.shape
+  b, k, c = tokens.shape
   rows = (m, b, k)
-  x0 = jnp.broadcast_to(tokens[None], (m,) + tokens.shape)
+  n = m * b * k
   k_t, k_noise, k_drop = jax.random.split(key, 3)
   t = jax.random.randint(k_t, rows, 0, schedule.num_steps)
-  noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
+  noise = jax.random.normal(k_noise, rows + (c,), tokens.dtype)
 
   c_emb = head.embed_cond(z)[None, :, None, :]  # [1, B, 1, W]
   c_null = head.embed_cond(jnp.zeros_like(z[:1]))  # [1, W]
   if settings.cond_drop_prob > 0:
     drop = jax.random.bernoulli(k_drop, settings.cond_drop_prob, rows)
     c_emb = jnp.where(drop[..., None], c_null, c_emb)
-  pos = head.pos_table()  # [K, W]
-  num_net_steps = schedule.timestep_map.shape[0]
+  y = c_emb + head.pos_table()  # [M, B, K, W] (or [1, B, K, W]).
+  # Rows are flattened to 2-D: plain GEMMs are markedly faster on CPU than
+  # the same contractions over [M, B, K, ...] operands, backward included.
+  y = jnp.broadcast_to(y, rows + y.shape[-1:]).reshape(n, -1)
+  x0 = jnp.broadcast_to(tokens[None], rows + (c,)).reshape(n, c)
+  t = t.reshape(n)
+  noise = noise.reshape(n, c)
+  if n > schedule.timestep_map.shape[0]:
+    # Embed each distinct timestep once, then gather per row.
+    table = head.embed_time_table(schedule.timestep_map)
+    t_emb = table[t]
+  else:
+    t_emb = head.embed_time(schedule.timestep_map[t])
 
-  def model_fn(xt, t_net):
-    if m * b * k > num_net_steps:  # Embed each distinct timestep once.
-      table = head.embed_time(jnp.arange(num_net_steps, dtype=jnp.int32))
-      t_emb = table[t_net]
-    else:
-      t_emb = head.embed_time(t_net)
-    return head.trunk(xt, t_emb + c_emb + pos)
+  def model_fn(xt, _):
+    return head.trunk(xt, t_emb + y)
 
   terms = diffusion.training_losses(schedule, model_fn, x0, t, noise,
                                     use_vb=settings.use_vb)

@@ -53,8 +53,10 @@ def main(argv: list[str]) -> None:
     _fail(f'unexpected arguments: {" ".join(argv[1:])}')
   try:
     config = _CONFIG.value
+    if config is not None:
+      config.get('stage')  # A file that failed to load raises on access.
   except OSError as e:  # config_flags defers file errors to first access.
-    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     _fail(f'could not load the config file: {lines[-1] if lines else e}')
   if config is None or _WORKDIR.value is None:
     _fail('both --config and --workdir are required')

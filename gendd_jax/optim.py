@@ -12,6 +12,10 @@ import jax.numpy as jnp
 import optax
 
 
+SCHEDULES = ('cosine', 'step', 'constant')
+OPTIMIZERS = ('adamw', 'sgd')
+
+
 @dataclasses.dataclass(frozen=True)
 class OptimSpec:
   """Static optimizer settings (hashable, so built optimizers are reused).
@@ -49,7 +53,7 @@ class OptimSpec:
 
 def learning_rate(spec: OptimSpec) -> Callable[[jax.Array], jax.Array]:
   """`step -> lr`: linear warm-up, then the configured decay."""
-  if spec.schedule not in ('cosine', 'step', 'constant'):
+  if spec.schedule not in SCHEDULES:
     raise ValueError(f'unknown lr schedule {spec.schedule!r}; expected '
                      "'cosine', 'step' or 'constant'")
 

@@ -145,11 +145,16 @@ def summarise(per_run, seeds, folds, stages) -> dict[str, Any]:
       continue
     fold_accs = [per_run[(s, f, stage)]['accuracy'][pred]
                  for s in seeds for f in range(folds)]
+    diag_key = pred.replace('_acc', '_norm_ratio')
+    ratios = [per_run[(s, f, stage)].get('diagnostics', {}).get(diag_key)
+              for s in seeds for f in range(folds)]
     methods[key] = dict(label=label, per_seed=per_seed,
                         mean=float(np.mean(per_seed)),
                         std=float(np.std(per_seed)),
                         fold_std=float(np.std(fold_accs)),
-                        num_images=int(len(correct[(key, seeds[0])])))
+                        num_images=int(len(correct[(key, seeds[0])])),
+                        norm_ratio=(float(np.mean(ratios))
+                                    if None not in ratios else None))
   pairs = []
   for a, b in PAIRS:
     if a not in methods or b not in methods:
@@ -169,11 +174,13 @@ def markdown_table(summary: dict[str, Any]) -> str:
   m = summary['methods']
   seeds = len(next(iter(m.values()))['per_seed']) if m else 0
   lines = [f'| method | top-1 % (mean ± std over {seeds} seed(s)) | '
-           'per seed | std over folds |', '|---|---|---|---|']
+           'per seed | std over folds | ‖sample‖ / ‖teacher feature‖ |',
+           '|---|---|---|---|---|']
   for v in m.values():
     per = ', '.join(f'{x:.2f}' for x in v['per_seed'])
+    ratio = '—' if v.get('norm_ratio') is None else f"{v['norm_ratio']:.2f}"
     lines.append(f"| {v['label']} | {v['mean']:.2f} ± {v['std']:.2f} | "
-                 f"{per} | {v['fold_std']:.2f} |")
+                 f"{per} | {v['fold_std']:.2f} | {ratio} |")
   lines += ['', '| paired difference | mean ± std (points) | per seed | '
             'images only A right / only B right |', '|---|---|---|---|']
   for p in summary['pairs']:

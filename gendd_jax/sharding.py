@@ -40,6 +40,8 @@ def data_sharded(mesh: Mesh) -> NamedSharding:
 def check_batch_size(batch_size: int, mesh: Mesh, what: str = 'batch size'
                      ) -> None:
   n = mesh.devices.size
+  if batch_size < 1:
+    raise ValueError(f'{what} must be positive, got {batch_size}')
   if batch_size % n:
     raise ValueError(f'{what} {batch_size} is not divisible by the {n} '
                      'devices of the mesh')

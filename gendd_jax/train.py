@@ -26,6 +26,7 @@ import time
 from typing import Any, Callable
 
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -76,8 +77,11 @@ class StepSpec:
   noise_schedule: str = 'cosine'
   diffusion_steps: int = 1000
   sampling_steps: str = '64'
-  # If set, evaluation also samples with x0 clipped to this bound.
-  extra_clip: float | None = None
+  # Clip the sampler's x0 estimate to the training targets' range (the bound
+  # is data, passed in `teacher['clip_bound']`, so folds share one compile).
+  clip_to_data: bool = False
+  # Also evaluate the data-clipped sampler beside the configured one.
+  also_clipped: bool = False
 
 
 def _merge(graphdef, variables):
@@ -177,7 +181,7 @@ def build_steps(spec: StepSpec) -> tuple[Callable, Callable]:
   def eval_step(state, teacher, batch, index):
     model = nnx.merge(spec.graphdef, state['params'], state['batch_stats'])
     image = batch['image']
-    out = {}
+    out, diag = {}, {}
     if spec.stage in ('teacher', 'scratch', 'kd', 'kl'):
       out['acc'] = model(image)[1]
     elif spec.stage == 'stage1':
@@ -187,10 +191,13 @@ def build_steps(spec: StepSpec) -> tuple[Callable, Callable]:
       z, probe_logits, _ = model.student(image)
       key = jax.random.fold_in(jax.random.fold_in(base_key, 1 << 30), index)
       w, b = _classifier(teacher)
-      variants = {'sampled_acc': spec.sample}
-      if spec.extra_clip is not None:
-        variants['sampled_clip_acc'] = spec.sample._replace(
-            clip_x0=spec.extra_clip)
+      clipped = spec.sample._replace(clip_x0=teacher['clip_bound'])
+      variants = {'sampled_acc': clipped if spec.clip_to_data
+                  else spec.sample}
+      if spec.also_clipped:
+        variants['sampled_clip_acc'] = clipped
+      t_feat, _ = _teacher_forward(spec, teacher, image)
+      t_norm = jnp.linalg.norm(t_feat, axis=-1) + 1e-12
       for name, settings in variants.items():
         # The same key: both samplers start from the same noise.
         feat = gendd.sample_features(model.head, sample_sched, key, z,
@@ -199,9 +206,14 @@ def build_steps(spec: StepSpec) -> tuple[Callable, Callable]:
           stats = teacher['target_stats']
           feat = feat * stats['std'] + stats['mean']
         out[name] = feat @ w.T + b
+        # Diagnostic: how far the sampler's output scale drifts from the
+        # teacher's (error amplification shows up as ratios >> 1).
+        diag[name.replace('_acc', '_norm_ratio')] = (
+            jnp.linalg.norm(feat, axis=-1) / t_norm)
       if spec.stage == 'gendd':
         out['probe_acc'] = probe_logits
-    return {k: jnp.argmax(v, -1).astype(jnp.int32) for k, v in out.items()}
+    preds = {k: jnp.argmax(v, -1).astype(jnp.int32) for k, v in out.items()}
+    return preds, diag
 
   train_jit = jax.jit(train_step, in_shardings=(rep, rep, dat),
                       out_shardings=(rep, rep), donate_argnums=(0,))
@@ -292,11 +304,18 @@ def load_backbone_init(config, info, module, mesh) -> None:
 
 
 def optim_spec(config, stage: str, steps_per_epoch: int) -> optim.OptimSpec:
+  """The optimizer settings of `stage`, validated."""
   s = config.stages[stage]
   total = int(s.epochs * steps_per_epoch)
   if total <= 0:
     raise ConfigError(f'stage {stage!r} has no training steps '
                       f'(epochs={s.epochs})')
+  if s.schedule not in optim.SCHEDULES:
+    raise ConfigError(f'stages.{stage}.schedule={s.schedule!r}; expected one '
+                      f'of {", ".join(optim.SCHEDULES)}')
+  if s.optimizer not in optim.OPTIMIZERS:
+    raise ConfigError(f'stages.{stage}.optimizer={s.optimizer!r}; expected '
+                      f'one of {", ".join(optim.OPTIMIZERS)}')
   return optim.OptimSpec(
       name=s.optimizer, lr=s.lr, weight_decay=s.weight_decay,
       total_steps=total, warmup_steps=int(s.warmup_epochs * steps_per_epoch),
@@ -307,17 +326,19 @@ def optim_spec(config, stage: str, steps_per_epoch: int) -> optim.OptimSpec:
       no_decay=tuple(config.no_decay))
 
 
-def make_spec(config, stage, graphdef, teacher_graphdef, ospec, mesh,
-              data_clip: float | None = None) -> StepSpec:
-  """The static step settings of `stage` (`data_clip`: see `target_stats`)."""
+def make_spec(config, stage, graphdef, teacher_graphdef, ospec, mesh
+              ) -> StepSpec:
+  """The static step settings of `stage`, validated."""
   g, smp = config.gendd, config.sampler
   kw = {}
   if stage in ('gendd', 'gendd_unsup'):
-    if smp.clip_x0 in ('none', ''):
-      clip = None
-    elif smp.clip_x0 == 'data':
-      clip = data_clip
-    else:
+    try:  # Validate the schedules here, as configuration errors.
+      diffusion.respaced_tables(g.noise_schedule, g.diffusion_steps,
+                                str(smp.steps))
+    except ValueError as e:
+      raise ConfigError(f'gendd.noise_schedule / sampler.steps: {e}') from e
+    clip = None
+    if smp.clip_x0 not in ('none', '', 'data'):
       try:
         clip = float(smp.clip_x0)
       except ValueError:
@@ -333,8 +354,9 @@ def make_spec(config, stage, graphdef, teacher_graphdef, ospec, mesh,
                                     float(smp.temperature), clip),
         noise_schedule=g.noise_schedule, diffusion_steps=g.diffusion_steps,
         sampling_steps=str(smp.steps),
-        extra_clip=data_clip if smp.also_eval_clipped and clip is None
-        else None)
+        clip_to_data=smp.clip_x0 == 'data',
+        also_clipped=bool(smp.also_eval_clipped) and smp.clip_x0 in ('none',
+                                                                    ''))
   return StepSpec(stage=stage, graphdef=graphdef,
                   teacher_graphdef=teacher_graphdef, optim=ospec,
                   seed=config.seed, mesh=mesh,
@@ -397,16 +419,22 @@ def evaluate(eval_step, state, teacher, split, batch_size, mesh
              ) -> dict[str, Any]:
   """Runs `eval_step` over `split`; returns accuracies and predictions."""
   preds: dict[str, list[np.ndarray]] = {}
+  diags: dict[str, list[np.ndarray]] = {}
   for i, b in enumerate(data_lib.eval_batches(split, batch_size)):
     valid = b['valid'] > 0
     sb = sharding.shard_batch({'image': b['image']}, mesh)
     out = eval_step(state, teacher, sb, jnp.int32(i))
-    for k, v in out.items():
-      preds.setdefault(k, []).append(np.asarray(v)[valid])
+    if jax.process_count() > 1:  # Every process sees every prediction.
+      out = multihost_utils.process_allgather(out, tiled=True)
+      valid = b['valid_global'] > 0
+    for dest, values in zip((preds, diags), out):
+      for k, v in values.items():
+        dest.setdefault(k, []).append(np.asarray(v)[valid])
   preds = {k: np.concatenate(v) for k, v in preds.items()}
   accs = {k: float(np.mean(v == split.labels) * 100.0)
           for k, v in preds.items()}
-  return dict(accuracy=accs, predictions=preds)
+  diag = {k: float(np.median(np.concatenate(v))) for k, v in diags.items()}
+  return dict(accuracy=accs, predictions=preds, diagnostics=diag)
 
 
 def _writer(workdir: str, quiet: bool):
@@ -442,35 +470,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                       f'{", ".join(STAGES)} (or "pipeline" in configs that '
                       'define one)')
   check_workdir(workdir)
-  mesh = sharding.create_mesh(config.num_devices or None)
+  try:
+    mesh = sharding.create_mesh(config.num_devices or None)
+    sharding.check_batch_size(config.data.batch_size, mesh)
+    sharding.check_batch_size(config.data.eval_batch_size, mesh,
+                              'eval batch size')
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
   d = config.data
   train, test, info = data_lib.create_splits(
       d.name, fold=d.fold, num_folds=d.num_folds,
       label_fraction=d.label_fraction, seed=config.seed)
-  sharding.check_batch_size(d.batch_size, mesh)
-  sharding.check_batch_size(d.eval_batch_size, mesh, 'eval batch size')
   batches = data_lib.TrainBatches(train, d.batch_size, config.seed,
                                   jax.process_index(), jax.process_count())
 
+  module = create_model(config, info, stage)  # Checks settings before I/O.
   teacher, teacher_graphdef = {}, None
   if stage in NEEDS_TEACHER:
     teacher = load_teacher(config, info, mesh)
     teacher_graphdef = nnx.split(nnx.eval_shape(
         lambda: create_backbone(config.teacher, info, 0)))[0]
-  module = create_model(config, info, stage)
   if config.student.init_from and stage in ('gendd', 'gendd_unsup',
                                             'stage1', 'kd', 'kl', 'scratch'):
     load_backbone_init(config, info, module, mesh)
   graphdef, params, batch_stats = nnx.split(module, nnx.Param, nnx.BatchStat)
   ospec = optim_spec(config, stage, batches.steps_per_epoch)
-  data_clip = None
+  spec = make_spec(config, stage, graphdef, teacher_graphdef, ospec, mesh)
   if stage in ('gendd', 'gendd_unsup'):
-    stats, data_clip = target_stats(config, teacher, teacher_graphdef, train,
-                                    mesh, d.eval_batch_size)
+    stats, bound = target_stats(config, teacher, teacher_graphdef, train,
+                                mesh, d.eval_batch_size)
     if stats is not None:
       teacher['target_stats'] = stats
-  spec = make_spec(config, stage, graphdef, teacher_graphdef, ospec, mesh,
-                   data_clip)
+    teacher['clip_bound'] = jax.device_put(jnp.float32(bound),
+                                           sharding.replicated(mesh))
   train_step, eval_step = build_steps(spec)
 
   rep = sharding.replicated(mesh)
@@ -518,8 +550,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           print(f'[{stage}] step {done}/{total} loss {scalars["loss"]:.4f} '
                 f'lr {scalars["lr"]:.2e} {rate:.1f} steps/s ETA {_hms(eta)}',
                 flush=True)
-      if config.checkpoint_every_steps and done % config.checkpoint_every_steps \
-          == 0 and done < total:
+      every = config.checkpoint_every_steps
+      if every and done % every == 0 and done < total:
         ckpt.save(done, state, {'stage': stage})
       if (config.eval_every_steps and done % config.eval_every_steps == 0 and
           done < total):
@@ -547,6 +579,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   results = dict(
       stage=stage, steps=total, train_seconds=train_time,
       eval_seconds=eval_time, accuracy=res['accuracy'],
+      diagnostics=res['diagnostics'],
       predictions={k: v.tolist() for k, v in res['predictions'].items()},
       labels=test.labels.tolist(), index=test.index.tolist())
   if jax.process_index() == 0:

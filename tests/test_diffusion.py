@@ -700,7 +700,8 @@ def _keyed_sampler(guidance):
   z, chunk_idx = inp['z'], inp['chunk_idx']
   if guidance is None:
     net = _net()
-    fn = lambda x, t: net(x, t, z, chunk_idx)
+    def fn(x, t):
+      return net(x, t, z, chunk_idx)
   elif guidance == 'traced':
     fn = _cfg_fn(z, chunk_idx, jnp.asarray(1.0, jnp.float32))
   else:

@@ -135,6 +135,17 @@ class DenoiserMLP(nnx.Module):
     """`t: [...]` network timesteps -> `[..., W]`."""
     return self.time_embed(t)
 
+  def embed_time_table(self, timesteps: jax.Array) -> jax.Array:
+    """`[T]` timesteps -> `[T, W]`, for gathering per row.
+
+    When `timesteps` is a constant (a schedule's timestep map) the sinusoidal
+    features are evaluated once at trace time instead of in every step: the
+    same values, without `T x freq_dim` sin/cos per step.
+    """
+    with jax.ensure_compile_time_eval():
+      freqs = timestep_embedding(timesteps, self.time_embed.freq_dim)
+    return self.time_embed.mlp(freqs)
+
   def embed_cond(self, z: jax.Array) -> jax.Array:
     """`z: [..., cond_dim]` -> `[..., W]`; a zeroed `z` gives the bias."""
     return self.cond_embed(z)

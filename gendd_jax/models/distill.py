@@ -47,7 +47,7 @@ class GenDDModel(nnx.Module):
 
   def student(self, x: jax.Array, train: bool = False
               ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Returns `(z, probe_logits, feature)`; the probe sees a detached feature."""
+    """`(z, probe_logits, feature)`; the probe sees a detached feature."""
     f = self.backbone.features(x, train)
     probe = self.backbone.fc(jax.lax.stop_gradient(f))
     return self.cls_projector(f), probe, f

@@ -1,0 +1,434 @@
+"""The training system: stages, resume, sharding and the optimizer.
+
+Runs the bundled digits example (`configs/digits.py:quick`) shrunk further,
+on CPU. The sharding test starts a subprocess with eight simulated CPU
+devices (XLA_FLAGS must be set before JAX starts).
+"""
+
+import dataclasses
+import functools
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from unittest import mock
+
+from absl.testing import absltest
+from absl.testing import parameterized
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from gendd_jax import checkpoint as ckpt_lib
+from gendd_jax import data as data_lib
+from gendd_jax import optim
+from gendd_jax import sharding
+from gendd_jax import train
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_CONFIG_FILE = os.path.join(_ROOT, 'configs', 'digits.py')
+_TMP = None  # A TemporaryDirectory while the module's tests run.
+
+
+def setUpModule():
+  global _TMP
+  _TMP = tempfile.TemporaryDirectory(prefix='gendd_test_train_')
+
+
+def tearDownModule():
+  # The cached runs live in the directory: forget them with it.
+  teacher_export.cache_clear()
+  gendd_run.cache_clear()
+  _TMP.cleanup()
+
+
+def load_config(arg='quick'):
+  """`configs/digits.py:<arg>` (configs/ is not a package)."""
+  spec = importlib.util.spec_from_file_location('digits_config', _CONFIG_FILE)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def small_config(stage, epochs=1.0, **stage_overrides):
+  """The quick config, shrunk: 7 steps per epoch, tiny head and sampler."""
+  c = load_config('quick')
+  c.stage = stage
+  c.gendd.width = 32
+  c.gendd.depth = 1
+  c.gendd.diffusion_batch_mul = 1
+  c.sampler.steps = '4'
+  c.sampler.also_eval_clipped = False
+  c.log_every_steps = 1
+  for name in c.stages:
+    c.stages[name].epochs = float(epochs)
+  for k, v in stage_overrides.items():
+    c.stages[stage][k] = v
+  return c
+
+
+def _workdir(name):
+  path = os.path.join(_TMP.name, name)
+  os.makedirs(path, exist_ok=True)
+  return path
+
+
+@functools.lru_cache(maxsize=None)
+def teacher_export():
+  """Trains the teacher once per process; returns `(export_dir, results)`."""
+  workdir = _workdir('teacher')
+  res = train.train_and_evaluate(small_config('teacher', epochs=4), workdir,
+                                 quiet=True)
+  return os.path.join(workdir, 'export'), res
+
+
+def gendd_config(stage='gendd'):
+  c = small_config(stage, epochs=2, warmup_epochs=0.5)
+  c.teacher.checkpoint = teacher_export()[0]
+  c.checkpoint_every_steps = 5  # 14 steps: checkpoints at 5 and 10.
+  c.keep_checkpoints = 5
+  return c
+
+
+@functools.lru_cache(maxsize=None)
+def gendd_run():
+  """An uninterrupted gendd run; returns `(workdir, results)`."""
+  workdir = _workdir('gendd_a')
+  return workdir, train.train_and_evaluate(gendd_config(), workdir,
+                                           quiet=True)
+
+
+def _weights(workdir):
+  return ocp.StandardCheckpointer().restore(
+      os.path.join(workdir, 'export', 'weights'))
+
+
+def _final_state(workdir):
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'))
+  try:
+    return ckpt.latest_step(), ckpt.restore(None)[0]
+  finally:
+    ckpt.close()
+
+
+class _Interrupt(Exception):
+  pass
+
+
+class StageTest(parameterized.TestCase):
+
+  def test_teacher_loss_falls(self):
+    config = small_config('teacher', epochs=4)
+    d = config.data
+    train_split, test_split, info = data_lib.create_splits(
+        d.name, fold=0, num_folds=d.num_folds,
+        label_fraction=d.label_fraction, seed=config.seed)
+    batches = data_lib.TrainBatches(train_split, d.batch_size, config.seed)
+    mesh = sharding.create_mesh(1)
+    module = train.create_model(config, info, 'teacher')
+    graphdef, params, batch_stats = nnx.split(module, nnx.Param,
+                                              nnx.BatchStat)
+    ospec = train.optim_spec(config, 'teacher', batches.steps_per_epoch)
+    spec = train.make_spec(config, 'teacher', graphdef, None, ospec, mesh)
+    train_step, eval_step = train.build_steps(spec)
+    state = dict(step=jnp.int32(0), params=params, batch_stats=batch_stats,
+                 opt_state=optim.create_optimizer(ospec).init(params))
+    losses = []
+    for step in range(ospec.total_steps):
+      batch = sharding.shard_batch(
+          train._strip_labels('teacher', batches.batch(step)), mesh)
+      state, metrics = train_step(state, {}, batch)
+      losses.append(float(metrics['loss']))
+    self.assertEqual(ospec.total_steps, 28)
+    self.assertEqual(int(state['step']), 28)
+    self.assertTrue(np.all(np.isfinite(losses)))
+    # 10 classes: the first loss is near log(10) = 2.3.
+    self.assertGreater(losses[0], 2.0)
+    # Measured: 2.33 -> ~1.15 over 28 steps (epoch means 2.08, 1.52, 1.24,
+    # 1.14).
+    epoch_means = np.asarray(losses).reshape(4, 7).mean(1)
+    self.assertTrue(np.all(np.diff(epoch_means) < 0), epoch_means)
+    self.assertLess(np.mean(losses[-3:]), 0.6 * losses[0])
+    res = train.evaluate(eval_step, state, {}, test_split,
+                         d.eval_batch_size, mesh)
+    self.assertEqual(set(res['accuracy']), {'acc'})
+    self.assertGreater(res['accuracy']['acc'], 60.0)  # Chance: 10%.
+    self.assertLen(res['predictions']['acc'], len(test_split))
+
+  def test_teacher_run_writes_results_and_export(self):
+    export, res = teacher_export()
+    self.assertEqual(res['stage'], 'teacher')
+    self.assertEqual(res['steps'], 28)
+    self.assertGreater(res['accuracy']['acc'], 60.0)  # Chance: 10%.
+    with open(os.path.join(os.path.dirname(export), 'results.json')) as f:
+      saved = json.load(f)
+    self.assertEqual(saved['accuracy'], res['accuracy'])
+    meta = ckpt_lib.load_export_meta(export)
+    self.assertEqual(meta['stage'], 'teacher')
+    self.assertEqual(meta['num_classes'], 10)
+    # Every test image once, predictions aligned with labels.
+    self.assertLen(res['predictions']['acc'], len(res['labels']))
+    self.assertLen(set(res['index']), len(res['index']))
+
+  def test_gendd_end_to_end(self):
+    workdir, res = gendd_run()
+    self.assertEqual(set(res['accuracy']), {'sampled_acc', 'probe_acc'})
+    for name, acc in res['accuracy'].items():
+      self.assertBetween(acc, 0.0, 100.0, name)
+      self.assertLen(res['predictions'][name], len(res['labels']))
+    for name in ('results.json', 'export/meta.json'):
+      self.assertTrue(os.path.exists(os.path.join(workdir, name)), name)
+    w = _weights(workdir)['params']
+    self.assertSameElements(w, ('backbone', 'cls_projector', 'head'))
+
+  def test_gendd_unsup_uses_no_labels(self):
+    batch = dict(image=np.zeros((2, 64), np.float32),
+                 label=np.zeros(2, np.int32), label_mask=np.ones(2, bool))
+    for stage in ('gendd_unsup', 'kl'):
+      self.assertEqual(set(train._strip_labels(stage, batch)), {'image'})
+    self.assertEqual(set(train._strip_labels('teacher', batch)),
+                     {'image', 'label'})
+    self.assertEqual(set(train._strip_labels('gendd', batch)),
+                     {'image', 'label', 'label_mask'})
+    seen = []
+    original = train._strip_labels
+
+    def spy(stage, b):
+      out = original(stage, b)
+      seen.append(set(out))
+      return out
+
+    config = gendd_config('gendd_unsup')
+    config.stages.gendd_unsup.epochs = 3 / 7
+    # Also covers the second, x0-clipped sampler of the evaluation.
+    config.sampler.also_eval_clipped = True
+    with mock.patch.object(train, '_strip_labels', spy):
+      res = train.train_and_evaluate(config, _workdir('gendd_unsup'),
+                                     quiet=True)
+    self.assertEqual(seen, [{'image'}] * 3)
+    # No probe: nothing was trained on labels.
+    self.assertEqual(set(res['accuracy']), {'sampled_acc', 'sampled_clip_acc'})
+    for acc in res['accuracy'].values():
+      self.assertBetween(acc, 0.0, 100.0)
+
+  def test_resume_equals_uninterrupted_run(self):
+    dir_a, res_a = gendd_run()
+    dir_b = _workdir('gendd_b')
+    original = data_lib.TrainBatches.batch
+    steps = []
+
+    def crash_at_7(batches, step):
+      if step == 7:  # As if the process died while training step 7.
+        raise _Interrupt()
+      steps.append(step)
+      return original(batches, step)
+
+    with mock.patch.object(data_lib.TrainBatches, 'batch', crash_at_7):
+      with self.assertRaises(_Interrupt):
+        train.train_and_evaluate(gendd_config(), dir_b, quiet=True)
+    self.assertEqual(steps, list(range(7)))
+    latest, _ = _final_state(dir_b)
+    self.assertEqual(latest, 5)  # Steps 5 and 6 are lost and redone.
+    self.assertFalse(os.path.exists(os.path.join(dir_b, 'results.json')))
+
+    steps.clear()
+
+    def record(batches, step):
+      steps.append(step)
+      return original(batches, step)
+
+    with mock.patch.object(data_lib.TrainBatches, 'batch', record):
+      res_b = train.train_and_evaluate(gendd_config(), dir_b, quiet=True)
+    self.assertEqual(steps, list(range(5, 14)))
+
+    # Bit-for-bit on CPU: weights, optimizer state, predictions.
+    step_a, state_a = _final_state(dir_a)
+    step_b, state_b = _final_state(dir_b)
+    self.assertEqual((step_a, step_b), (14, 14))
+    leaves_a = jax.tree_util.tree_leaves_with_path(state_a)
+    leaves_b = jax.tree.leaves(state_b)
+    self.assertLen(leaves_b, len(leaves_a))
+    for (path, a), b in zip(leaves_a, leaves_b):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b),
+                                    err_msg=jax.tree_util.keystr(path))
+    for (path, a), b in zip(
+        jax.tree_util.tree_leaves_with_path(_weights(dir_a)),
+        jax.tree.leaves(_weights(dir_b))):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b),
+                                    err_msg=jax.tree_util.keystr(path))
+    self.assertEqual(res_a['predictions'], res_b['predictions'])
+    self.assertEqual(res_a['accuracy'], res_b['accuracy'])
+
+
+_SHARDED_SCRIPT = r'''
+import sys
+import numpy as np
+sys.path.insert(0, {root!r})
+sys.path.insert(0, {tests!r})
+import jax
+import jax.numpy as jnp
+from flax import nnx
+import test_train as tt
+from gendd_jax import data as data_lib, optim, sharding, train
+
+assert jax.device_count() == 8, jax.devices()
+config = tt.small_config('gendd', epochs=2)
+d = config.data
+train_split, _, info = data_lib.create_splits(
+    d.name, fold=0, num_folds=d.num_folds, label_fraction=0.5, seed=0)
+teacher_mod = train.create_backbone(config.teacher, info, 5)
+t_graphdef, t_params, t_bs = nnx.split(teacher_mod, nnx.Param, nnx.BatchStat)
+batches = data_lib.TrainBatches(train_split, 16, 0)
+out = {{}}
+for n in (1, 8):
+  mesh = sharding.create_mesh(n)
+  rep = sharding.replicated(mesh)
+  module = train.create_model(config, info, 'gendd')
+  graphdef, params, bs = nnx.split(module, nnx.Param, nnx.BatchStat)
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    out[f'{{n}}/init{{jax.tree_util.keystr(path)}}'] = np.asarray(leaf)
+  ospec = train.optim_spec(config, 'gendd', 7)
+  spec = train.make_spec(config, 'gendd', graphdef, t_graphdef, ospec, mesh)
+  train_step, _ = train.build_steps(spec)
+  teacher = jax.device_put(dict(params=t_params, batch_stats=t_bs), rep)
+  state = jax.device_put(dict(
+      step=jnp.int32(0), params=params, batch_stats=bs,
+      opt_state=optim.create_optimizer(ospec).init(params)), rep)
+  # adaLN-zero: the diffusion loss reaches the condition, and so the
+  # backbone, only from the third step on.
+  for step in range(4):
+    batch = sharding.shard_batch(batches.batch(step), mesh)
+    shards = batch['image'].addressable_shards
+    assert len(shards) == n and shards[0].data.shape[0] == 16 // n
+    state, metrics = train_step(state, teacher, batch)
+    for k, v in metrics.items():
+      out[f'{{n}}/step{{step}}/{{k}}'] = np.asarray(v)
+  assert len(state['params']['head']['input_proj']['kernel'][...].sharding
+             .device_set) == n
+  for path, leaf in jax.tree_util.tree_leaves_with_path(state['params']):
+    out[f'{{n}}/params{{jax.tree_util.keystr(path)}}'] = np.asarray(leaf)
+np.savez({out_file!r}, **out)
+print('ok')
+'''
+
+
+class ShardingTest(absltest.TestCase):
+
+  def test_eight_devices_match_one(self):
+    out_file = os.path.join(_TMP.name, 'sharded.npz')
+    script = _SHARDED_SCRIPT.format(root=_ROOT,
+                                    tests=os.path.dirname(__file__),
+                                    out_file=out_file)
+    env = dict(os.environ, JAX_PLATFORMS='cpu',
+               XLA_FLAGS='--xla_force_host_platform_device_count=8')
+    proc = subprocess.run([sys.executable, '-c', script], env=env,
+                          capture_output=True, text=True, timeout=300)
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    with np.load(out_file) as f:
+      got = {k: f[k] for k in f.files}
+    one = {k[2:]: v for k, v in got.items() if k.startswith('1/')}
+    eight = {k[2:]: v for k, v in got.items() if k.startswith('8/')}
+    self.assertEqual(set(one), set(eight))
+    self.assertIn('step3/loss', one)
+    self.assertIn('step3/probe_ce', one)
+    worst = {}
+    for k in sorted(one):
+      np.testing.assert_allclose(eight[k], one[k], rtol=1e-5, atol=1e-5,
+                                 err_msg=k)
+      worst[k] = float(np.max(np.abs(eight[k] - one[k])))
+    print('max |8 devices - 1 device|:',
+          {k: f'{worst[k]:.2e}' for k in worst if 'params' not in k},
+          'params:', f'{max(v for k, v in worst.items() if "params" in k):.2e}')
+    # Training moved every parameter (so the comparison is not vacuous).
+    for k in one:
+      if k.startswith('params'):
+        self.assertFalse(np.array_equal(one[k], one['init' + k[6:]]), k)
+
+
+class OptimTest(parameterized.TestCase):
+
+  def test_learning_rate_warmup_then_cosine(self):
+    spec = optim.OptimSpec(lr=1.0, weight_decay=0.0, total_steps=110,
+                           warmup_steps=10, min_lr=0.1)
+    lr = optim.learning_rate(spec)
+    for step, want in ((0, 0.0), (5, 0.5), (10, 1.0), (60, 0.55),
+                       (110, 0.1), (200, 0.1)):
+      self.assertAlmostEqual(float(lr(step)), want, delta=1e-6, msg=step)
+    quarter = 0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * 0.25))
+    self.assertAlmostEqual(float(lr(35)), quarter, delta=1e-6)
+
+  def test_learning_rate_step_and_constant(self):
+    spec = optim.OptimSpec(lr=2.0, weight_decay=0.0, total_steps=100,
+                           schedule='step', boundaries=(30, 60),
+                           decay_rate=0.5)
+    lr = optim.learning_rate(spec)
+    for step, want in ((0, 2.0), (29, 2.0), (30, 1.0), (59, 1.0), (60, 0.5)):
+      self.assertAlmostEqual(float(lr(step)), want, delta=1e-6, msg=step)
+    const = optim.learning_rate(
+        dataclasses.replace(spec, schedule='constant'))
+    self.assertAlmostEqual(float(const(77)), 2.0, delta=1e-6)
+
+  def test_beta2_ramp(self):
+    spec = optim.OptimSpec(lr=1.0, weight_decay=0.0, total_steps=101,
+                           beta2_min=0.95, beta2_max=0.999)
+    b2 = optim.beta2(spec)
+    values = np.asarray([float(b2(s)) for s in range(101)])
+    self.assertAlmostEqual(values[0], 0.95, delta=1e-7)
+    self.assertAlmostEqual(values[-1], 0.999, delta=1e-7)
+    self.assertAlmostEqual(values[50], (0.95 + 0.999) / 2, delta=1e-6)
+    self.assertTrue(np.all(np.diff(values) >= 0))
+
+  def test_optimizer_uses_scheduled_beta2(self):
+    spec = optim.OptimSpec(lr=1e-3, weight_decay=0.0, total_steps=11,
+                           beta2_min=0.9, beta2_max=0.99)
+    tx = optim.create_optimizer(spec)
+    params = {'w': jnp.ones(3)}
+    state = tx.init(params)
+    self.assertAlmostEqual(float(state.hyperparams['b2']), 0.9, delta=1e-7)
+    for _ in range(10):
+      _, state = tx.update({'w': jnp.ones(3)}, state, params)
+    # The hyperparameters are computed from the count before each update.
+    self.assertAlmostEqual(float(state.hyperparams['b2']),
+                           float(optim.beta2(spec)(9)), delta=1e-7)
+    _, state = tx.update({'w': jnp.ones(3)}, state, params)
+    self.assertAlmostEqual(float(state.hyperparams['b2']), 0.99, delta=1e-7)
+
+  def test_decay_mask_on_gendd_params(self):
+    config = small_config('gendd')
+    info = dict(num_classes=10, input_shape=(64,))
+    module = nnx.eval_shape(lambda: train.create_model(config, info, 'gendd'))
+    _, params, _ = nnx.split(module, nnx.Param, nnx.BatchStat)
+    mask = optim.decay_mask(tuple(config.no_decay))(params)
+    flat = {jax.tree_util.keystr(p): v
+            for p, v in jax.tree_util.tree_leaves_with_path(mask)}
+    decayed = {p for p, v in flat.items() if v}
+    self.assertTrue(any('head' in p for p in flat))
+    self.assertTrue(any('cls_projector' in p for p in flat))
+    for p in flat:
+      top = p.split("'")[1]
+      if top in ('head', 'cls_projector'):
+        self.assertNotIn(p, decayed)
+      else:
+        self.assertEqual(top, 'backbone', p)
+        self.assertIn(p, decayed)
+    self.assertIn("['backbone']['layers'][0]['kernel'].value", decayed)
+
+  def test_weight_decay_applies_to_masked_params_only(self):
+    spec = optim.OptimSpec(lr=0.5, weight_decay=0.1, total_steps=10,
+                           schedule='constant', no_decay=('head',))
+    tx = optim.create_optimizer(spec)
+    params = {'backbone': {'kernel': jnp.full(3, 2.0)},
+              'head': {'kernel': jnp.full(3, 2.0)}}
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = tx.update(zeros, tx.init(params), params)
+    np.testing.assert_allclose(updates['backbone']['kernel'], -0.5 * 0.1 * 2.0,
+                               rtol=1e-6)
+    np.testing.assert_array_equal(updates['head']['kernel'], 0.0)
+
+
+if __name__ == '__main__':
+  absltest.main()
