@@ -191,11 +191,11 @@ def build_steps(spec: StepSpec) -> tuple[Callable, Callable]:
       z, probe_logits, _ = model.student(image)
       key = jax.random.fold_in(jax.random.fold_in(base_key, 1 << 30), index)
       w, b = _classifier(teacher)
-      clipped = spec.sample._replace(clip_x0=teacher['clip_bound'])
-      variants = {'sampled_acc': clipped if spec.clip_to_data
-                  else spec.sample}
-      if spec.also_clipped:
-        variants['sampled_clip_acc'] = clipped
+      variants = {'sampled_acc': spec.sample}
+      if spec.clip_to_data or spec.also_clipped:
+        clipped = spec.sample._replace(clip_x0=teacher['clip_bound'])
+        name = 'sampled_acc' if spec.clip_to_data else 'sampled_clip_acc'
+        variants[name] = clipped
       t_feat, _ = _teacher_forward(spec, teacher, image)
       t_norm = jnp.linalg.norm(t_feat, axis=-1) + 1e-12
       for name, settings in variants.items():

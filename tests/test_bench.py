@@ -1,0 +1,26 @@
+"""The benchmark runs and reports positive rates (no timing assertions)."""
+
+from absl.testing import absltest
+
+from gendd_jax import bench
+
+
+class BenchTest(absltest.TestCase):
+
+  def test_head_only_small(self):
+    out = bench.bench_head_only(1, 1, feature_dim=64, token_dim=16, width=32,
+                                depth=1, mul=2, batch=4, sampling_steps='4')
+    self.assertEqual(out['setting']['feature_dim'], 64)
+    for part in ('train', 'eval'):
+      self.assertGreater(out[part]['images_per_sec'], 0.0)
+      self.assertLessEqual(out[part]['min'], out[part]['max'])
+
+  def test_digits(self):
+    out = bench.bench_digits(1, 1)
+    self.assertEqual(out['setting']['sampling_steps'], '64')
+    for part in ('train', 'eval'):
+      self.assertGreater(out[part]['images_per_sec'], 0.0)
+
+
+if __name__ == '__main__':
+  absltest.main()
