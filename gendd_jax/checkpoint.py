@@ -78,12 +78,19 @@ def _first_line(e: BaseException) -> str:
 
 
 def save_export(directory: str, tree: Any, meta: dict[str, Any]) -> None:
-  """Writes `tree` (weights) and `meta` (JSON) under `directory`."""
+  """Writes `tree` (weights) and `meta` (JSON) under `directory`.
+
+  Call it on every process (orbax coordinates the array writes); only process
+  0 writes the metadata, last, so a complete `meta.json` marks a complete
+  export.
+  """
   directory = os.path.abspath(directory)
   os.makedirs(directory, exist_ok=True)
   ckptr = ocp.StandardCheckpointer()
   ckptr.save(os.path.join(directory, 'weights'), tree, force=True)
   ckptr.wait_until_finished()
+  if jax.process_index() != 0:
+    return
   tmp = os.path.join(directory, 'meta.json.tmp')
   with open(tmp, 'w') as f:
     json.dump(meta, f, indent=1, sort_keys=True)

@@ -153,7 +153,8 @@ class SampleSettings(NamedTuple):
   num_sampling: int = 1
   cfg_scale: float = 2.0
   temperature: float = 1.0
-  clip_x0: float | None = None
+  # A number, a traced scalar (a data-derived bound) or None (no clipping).
+  clip_x0: float | jax.Array | None = None
 
 
 def sample_features(head: Any, schedule: diffusion.Schedule, key: jax.Array,

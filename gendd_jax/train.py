@@ -527,6 +527,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   try:
     t0 = time.time()
     last_t, last_step = t0, start
+    history = []  # Periodic evaluations of this invocation.
     log_every = max(1, config.log_every_steps)
     for step in range(start, total):
       batch = sharding.shard_batch(_strip_labels(stage, batches.batch(step)),
@@ -555,9 +556,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         ckpt.save(done, state, {'stage': stage})
       if (config.eval_every_steps and done % config.eval_every_steps == 0 and
           done < total):
-        res = evaluate(eval_step, state, teacher, test, d.eval_batch_size, mesh)
+        res = evaluate(eval_step, state, teacher, test, d.eval_batch_size,
+                       mesh)
+        history.append(dict(step=done, accuracy=res['accuracy']))
         writer.write_scalars(done, {f'eval/{k}': v
                                     for k, v in res['accuracy'].items()})
+        if not quiet:
+          accs = ', '.join(f'{k} {v:.2f}%' for k, v in res['accuracy'].items())
+          print(f'[{stage}] eval at step {done}: {accs}', flush=True)
     train_time = time.time() - t0
     if start < total:
       ckpt.save(total, state, {'stage': stage})
@@ -574,12 +580,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                      batch_stats=state['batch_stats'])
   meta = dict(stage=stage, num_classes=info['num_classes'],
               config=json.loads(config.to_json()))
-  if jax.process_index() == 0:
-    ckpt_lib.save_export(os.path.join(workdir, 'export'), export_tree, meta)
+  # Every process takes part in the orbax save; process 0 writes the JSON.
+  ckpt_lib.save_export(os.path.join(workdir, 'export'), export_tree, meta)
   results = dict(
       stage=stage, steps=total, train_seconds=train_time,
       eval_seconds=eval_time, accuracy=res['accuracy'],
-      diagnostics=res['diagnostics'],
+      diagnostics=res['diagnostics'], periodic_eval=history,
       predictions={k: v.tolist() for k, v in res['predictions'].items()},
       labels=test.labels.tolist(), index=test.index.tolist())
   if jax.process_index() == 0:

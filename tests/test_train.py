@@ -174,6 +174,14 @@ class StageTest(parameterized.TestCase):
     self.assertLen(res['predictions']['acc'], len(res['labels']))
     self.assertLen(set(res['index']), len(res['index']))
 
+  def test_periodic_evaluation(self):
+    config = small_config('teacher', epochs=2)
+    config.eval_every_steps = 5  # 14 steps: evaluations at 5 and 10.
+    res = train.train_and_evaluate(config, _workdir('periodic'), quiet=True)
+    self.assertEqual([h['step'] for h in res['periodic_eval']], [5, 10])
+    for h in res['periodic_eval']:
+      self.assertBetween(h['accuracy']['acc'], 0.0, 100.0)
+
   def test_gendd_end_to_end(self):
     workdir, res = gendd_run()
     self.assertEqual(set(res['accuracy']), {'sampled_acc', 'probe_acc'})
