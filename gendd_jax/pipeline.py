@@ -181,6 +181,8 @@ def markdown_table(summary: dict[str, Any]) -> str:
     ratio = '—' if v.get('norm_ratio') is None else f"{v['norm_ratio']:.2f}"
     lines.append(f"| {v['label']} | {v['mean']:.2f} ± {v['std']:.2f} | "
                  f"{per} | {v['fold_std']:.2f} | {ratio} |")
+  if not summary['pairs']:
+    return '\n'.join(lines) + '\n'
   lines += ['', '| paired difference | mean ± std (points) | per seed | '
             'images only A right / only B right |', '|---|---|---|---|']
   for p in summary['pairs']:

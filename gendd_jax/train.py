@@ -437,11 +437,11 @@ def evaluate(eval_step, state, teacher, split, batch_size, mesh
   return dict(accuracy=accs, predictions=preds, diagnostics=diag)
 
 
-def _writer(workdir: str, quiet: bool):
+def _writer(workdir: str):
+  """clu writers: TensorBoard event files (process 0) plus absl logging."""
   from clu import metric_writers  # Imports TensorFlow; only when training.
   return metric_writers.create_default_writer(
-      workdir, just_logging=jax.process_index() > 0 or quiet,
-      asynchronous=True)
+      workdir, just_logging=jax.process_index() > 0, asynchronous=True)
 
 
 def check_workdir(workdir: str) -> None:
@@ -520,7 +520,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       print(f'[{stage}] resumed from step {start} ({workdir})', flush=True)
 
   total = ospec.total_steps
-  writer = _writer(workdir, quiet)
+  writer = _writer(workdir)
   if start == 0 and jax.process_index() == 0:
     writer.write_hparams({'stage': stage, 'total_steps': total,
                           'batch_size': d.batch_size})
