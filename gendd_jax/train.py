@@ -227,17 +227,13 @@ def build_steps(spec: StepSpec) -> tuple[Callable, Callable]:
 # ---------------------------------------------------------------------------
 
 
-def _backbone_kwargs(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
-  kw = {k: v for k, v in cfg.items() if k not in ('model', 'checkpoint',
-                                                  'init_from')}
-  return kw
-
-
-def create_backbone(cfg, info, seed):
+def create_backbone(cfg: ml_collections.ConfigDict, info, seed: int):
+  """The backbone named by a `teacher`/`student` config block."""
+  kwargs = {k: v for k, v in cfg.items()
+            if k not in ('model', 'checkpoint', 'init_from')}
   return models.create_backbone(
       cfg.model, num_classes=info['num_classes'],
-      input_shape=info['input_shape'], rngs=nnx.Rngs(seed),
-      **_backbone_kwargs(cfg))
+      input_shape=info['input_shape'], rngs=nnx.Rngs(seed), **kwargs)
 
 
 def teacher_feature_dim(config, info) -> int:
@@ -268,15 +264,18 @@ def _variables(module) -> dict[str, Any]:
   return dict(params=params, batch_stats=bs)
 
 
-def load_teacher(config, info, mesh) -> dict[str, Any]:
-  """The frozen teacher's variables from `config.teacher.checkpoint`."""
+def load_teacher(config, info, mesh) -> tuple[Any, dict[str, Any]]:
+  """`(graphdef, variables)` of the frozen teacher in
+  `config.teacher.checkpoint`."""
   path = config.teacher.checkpoint
   if not path:
     raise ConfigError(f'stage {config.stage!r} needs a teacher: set '
                       '--config.teacher.checkpoint=<export dir of a teacher '
                       'run>')
-  abstract = _variables(nnx.eval_shape(
-      lambda: create_backbone(config.teacher, info, 0)))
+  graphdef, params, bs = nnx.split(
+      nnx.eval_shape(lambda: create_backbone(config.teacher, info, 0)),
+      nnx.Param, nnx.BatchStat)
+  abstract = dict(params=params, batch_stats=bs)
   meta = ckpt_lib.load_export_meta(path)
   if meta.get('num_classes') != info['num_classes']:
     raise ConfigError(
@@ -284,7 +283,7 @@ def load_teacher(config, info, mesh) -> dict[str, Any]:
         f'dataset has {info["num_classes"]}')
   tree, _ = ckpt_lib.load_export(
       path, ckpt_lib.abstract_like(abstract, sharding.replicated(mesh)))
-  return tree
+  return graphdef, tree
 
 
 def load_backbone_init(config, info, module, mesh) -> None:
@@ -487,12 +486,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   module = create_model(config, info, stage)  # Checks settings before I/O.
   teacher, teacher_graphdef = {}, None
   if stage in NEEDS_TEACHER:
-    teacher = load_teacher(config, info, mesh)
-    teacher_graphdef = nnx.split(nnx.eval_shape(
-        lambda: create_backbone(config.teacher, info, 0)))[0]
-  if config.student.init_from and stage in ('gendd', 'gendd_unsup',
-                                            'stage1', 'kd', 'kl', 'scratch'):
+    teacher_graphdef, teacher = load_teacher(config, info, mesh)
+  if config.student.init_from and stage != 'teacher':
     load_backbone_init(config, info, module, mesh)
+  rep = sharding.replicated(mesh)
   graphdef, params, batch_stats = nnx.split(module, nnx.Param, nnx.BatchStat)
   ospec = optim_spec(config, stage, batches.steps_per_epoch)
   spec = make_spec(config, stage, graphdef, teacher_graphdef, ospec, mesh)
@@ -501,11 +498,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                 mesh, d.eval_batch_size)
     if stats is not None:
       teacher['target_stats'] = stats
-    teacher['clip_bound'] = jax.device_put(jnp.float32(bound),
-                                           sharding.replicated(mesh))
+    teacher['clip_bound'] = jax.device_put(jnp.float32(bound), rep)
   train_step, eval_step = build_steps(spec)
 
-  rep = sharding.replicated(mesh)
   tx = optim.create_optimizer(ospec)
   state = jax.device_put(dict(
       step=jnp.int32(0), params=params, batch_stats=batch_stats,
