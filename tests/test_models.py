@@ -1,6 +1,7 @@
 """Model tests: shapes, parameter counts, initialisation, rematerialisation."""
 
 from absl.testing import absltest
+from absl.testing import parameterized
 from flax import nnx
 import jax
 import jax.numpy as jnp
@@ -76,6 +77,42 @@ class DenoiserTest(absltest.TestCase):
     for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5,
                                  atol=1e-6)
+
+
+class ResNetTest(parameterized.TestCase):
+
+  @parameterized.parameters((18, 11_689_512), (34, 21_797_672),
+                            (50, 25_557_032), (101, 44_549_160))
+  def test_parameter_count_equals_torchvision(self, depth, expected):
+    m = nnx.eval_shape(lambda: models.create_backbone(
+        'resnet', num_classes=1000, input_shape=(224, 224, 3),
+        rngs=nnx.Rngs(0), depth=depth))
+    self.assertEqual(_count(m), expected)
+
+  def test_forward_and_batch_statistics(self):
+    m = models.create_backbone('resnet', num_classes=10,
+                               input_shape=(32, 32, 3), rngs=nnx.Rngs(0),
+                               depth=18)
+    x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3)) * 3.0 + 1.0
+    before = jax.tree.map(np.asarray, nnx.state(m, nnx.BatchStat))
+    eval_feat, eval_logits = m(x)  # Running averages: state unchanged.
+    self.assertEqual((eval_feat.shape, eval_logits.shape), ((4, 512), (4, 10)))
+    same = jax.tree.map(np.asarray, nnx.state(m, nnx.BatchStat))
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(same)):
+      np.testing.assert_array_equal(a, b)
+    train_feat, _ = m(x, train=True)  # Batch statistics: state moves.
+    after = jax.tree.map(np.asarray, nnx.state(m, nnx.BatchStat))
+    moved = [not np.array_equal(a, b) for a, b in
+             zip(jax.tree.leaves(before), jax.tree.leaves(after))]
+    self.assertTrue(all(moved))
+    self.assertFalse(np.allclose(np.asarray(train_feat),
+                                 np.asarray(eval_feat)))
+
+  def test_unknown_depth(self):
+    with self.assertRaisesRegex(models.ModelError, 'ResNet-19'):
+      models.create_backbone('resnet', num_classes=10,
+                             input_shape=(32, 32, 3), rngs=nnx.Rngs(0),
+                             depth=19)
 
 
 class BackboneTest(absltest.TestCase):

@@ -1,0 +1,129 @@
+"""ResNet-18/34/50/101 for ImageNet-size inputs (torchvision layout, NHWC).
+
+Attribute paths follow torchvision's state-dict names (`layer1.0.conv1`, with
+`downsample.0`/`downsample.1` as `downsample_0`/`downsample_1`), and the
+paddings are explicit so a converted torch model gives the same numbers.
+BatchNorm uses torch's defaults (momentum 0.1, i.e. 0.9 here; epsilon 1e-5);
+its statistics are Flax `BatchStat`s, updated only when `train=True`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+_conv_init = nnx.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+
+
+def _conv(cin, cout, k, stride=1, *, rngs):
+  pad = (k - 1) // 2
+  return nnx.Conv(cin, cout, (k, k), (stride, stride),
+                  padding=((pad, pad), (pad, pad)), use_bias=False,
+                  kernel_init=_conv_init, rngs=rngs)
+
+
+def _bn(c, *, rngs):
+  return nnx.BatchNorm(c, momentum=0.9, epsilon=1e-5,
+                       use_fast_variance=False, rngs=rngs)
+
+
+class BasicBlock(nnx.Module):
+  """Two 3x3 convolutions (ResNet-18/34)."""
+  expansion = 1
+
+  def __init__(self, cin, width, stride, *, rngs):
+    cout = width * self.expansion
+    self.conv1 = _conv(cin, width, 3, stride, rngs=rngs)
+    self.bn1 = _bn(width, rngs=rngs)
+    self.conv2 = _conv(width, cout, 3, rngs=rngs)
+    self.bn2 = _bn(cout, rngs=rngs)
+    self.has_downsample = stride != 1 or cin != cout
+    if self.has_downsample:
+      self.downsample_0 = _conv(cin, cout, 1, stride, rngs=rngs)
+      self.downsample_1 = _bn(cout, rngs=rngs)
+
+  def __call__(self, x, train: bool):
+    ura = not train
+    h = jax.nn.relu(self.bn1(self.conv1(x), use_running_average=ura))
+    h = self.bn2(self.conv2(h), use_running_average=ura)
+    if self.has_downsample:
+      x = self.downsample_1(self.downsample_0(x), use_running_average=ura)
+    return jax.nn.relu(h + x)
+
+
+class Bottleneck(nnx.Module):
+  """1x1 -> 3x3 (strided, as torchvision's v1.5) -> 1x1 (ResNet-50/101)."""
+  expansion = 4
+
+  def __init__(self, cin, width, stride, *, rngs):
+    cout = width * self.expansion
+    self.conv1 = _conv(cin, width, 1, rngs=rngs)
+    self.bn1 = _bn(width, rngs=rngs)
+    self.conv2 = _conv(width, width, 3, stride, rngs=rngs)
+    self.bn2 = _bn(width, rngs=rngs)
+    self.conv3 = _conv(width, cout, 1, rngs=rngs)
+    self.bn3 = _bn(cout, rngs=rngs)
+    self.has_downsample = stride != 1 or cin != cout
+    if self.has_downsample:
+      self.downsample_0 = _conv(cin, cout, 1, stride, rngs=rngs)
+      self.downsample_1 = _bn(cout, rngs=rngs)
+
+  def __call__(self, x, train: bool):
+    ura = not train
+    h = jax.nn.relu(self.bn1(self.conv1(x), use_running_average=ura))
+    h = jax.nn.relu(self.bn2(self.conv2(h), use_running_average=ura))
+    h = self.bn3(self.conv3(h), use_running_average=ura)
+    if self.has_downsample:
+      x = self.downsample_1(self.downsample_0(x), use_running_average=ura)
+    return jax.nn.relu(h + x)
+
+
+_DEPTHS = {
+    18: (BasicBlock, (2, 2, 2, 2)),
+    34: (BasicBlock, (3, 4, 6, 3)),
+    50: (Bottleneck, (3, 4, 6, 3)),
+    101: (Bottleneck, (3, 4, 23, 3)),
+}
+
+
+class ResNet(nnx.Module):
+  """ResNet returning `(pooled feature, logits)`; input `[B, H, W, C]`."""
+
+  def __init__(self, depth: int, num_classes: int, in_channels: int = 3, *,
+               rngs: nnx.Rngs):
+    if depth not in _DEPTHS:
+      raise ValueError(f'no ResNet-{depth}; available: {sorted(_DEPTHS)}')
+    block, counts = _DEPTHS[depth]
+    self.conv1 = nnx.Conv(in_channels, 64, (7, 7), (2, 2),
+                          padding=((3, 3), (3, 3)), use_bias=False,
+                          kernel_init=_conv_init, rngs=rngs)
+    self.bn1 = _bn(64, rngs=rngs)
+    cin = 64
+    for i, (width, count) in enumerate(zip((64, 128, 256, 512), counts)):
+      blocks = []
+      for j in range(count):
+        stride = 2 if (i > 0 and j == 0) else 1
+        blocks.append(block(cin, width, stride, rngs=rngs))
+        cin = width * block.expansion
+      setattr(self, f'layer{i + 1}', nnx.List(blocks))
+    self.feature_dim = cin
+    self.fc = nnx.Linear(cin, num_classes, rngs=rngs)
+
+  def features(self, x: jax.Array, train: bool = False) -> jax.Array:
+    h = jax.nn.relu(self.bn1(self.conv1(x), use_running_average=not train))
+    h = jnp.pad(h, ((0, 0), (1, 1), (1, 1), (0, 0)),
+                constant_values=-jnp.inf)
+    h = nnx.max_pool(h, (3, 3), (2, 2))
+    for name in ('layer1', 'layer2', 'layer3', 'layer4'):
+      for blk in getattr(self, name):
+        h = blk(h, train)
+    return jnp.mean(h, axis=(1, 2))
+
+  def __call__(self, x: jax.Array, train: bool = False
+               ) -> tuple[jax.Array, jax.Array]:
+    f = self.features(x, train)
+    return f, self.fc(f)
+
+  def param_count(self) -> int:
+    return sum(p.size for p in jax.tree.leaves(nnx.state(self, nnx.Param)))
