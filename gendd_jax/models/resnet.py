@@ -28,7 +28,22 @@ def _bn(c, *, rngs):
                        use_fast_variance=False, rngs=rngs)
 
 
-class BasicBlock(nnx.Module):
+class _Block(nnx.Module):
+  """Shared shortcut: identity, or strided 1x1 conv + BN if shapes change."""
+
+  def _init_shortcut(self, cin, cout, stride, *, rngs):
+    self.has_downsample = stride != 1 or cin != cout
+    if self.has_downsample:
+      self.downsample_0 = _conv(cin, cout, 1, stride, rngs=rngs)
+      self.downsample_1 = _bn(cout, rngs=rngs)
+
+  def _add_shortcut(self, h, x, ura):
+    if self.has_downsample:
+      x = self.downsample_1(self.downsample_0(x), use_running_average=ura)
+    return jax.nn.relu(h + x)
+
+
+class BasicBlock(_Block):
   """Two 3x3 convolutions (ResNet-18/34)."""
   expansion = 1
 
@@ -38,21 +53,16 @@ class BasicBlock(nnx.Module):
     self.bn1 = _bn(width, rngs=rngs)
     self.conv2 = _conv(width, cout, 3, rngs=rngs)
     self.bn2 = _bn(cout, rngs=rngs)
-    self.has_downsample = stride != 1 or cin != cout
-    if self.has_downsample:
-      self.downsample_0 = _conv(cin, cout, 1, stride, rngs=rngs)
-      self.downsample_1 = _bn(cout, rngs=rngs)
+    self._init_shortcut(cin, cout, stride, rngs=rngs)
 
   def __call__(self, x, train: bool):
     ura = not train
     h = jax.nn.relu(self.bn1(self.conv1(x), use_running_average=ura))
     h = self.bn2(self.conv2(h), use_running_average=ura)
-    if self.has_downsample:
-      x = self.downsample_1(self.downsample_0(x), use_running_average=ura)
-    return jax.nn.relu(h + x)
+    return self._add_shortcut(h, x, ura)
 
 
-class Bottleneck(nnx.Module):
+class Bottleneck(_Block):
   """1x1 -> 3x3 (strided, as torchvision's v1.5) -> 1x1 (ResNet-50/101)."""
   expansion = 4
 
@@ -64,19 +74,14 @@ class Bottleneck(nnx.Module):
     self.bn2 = _bn(width, rngs=rngs)
     self.conv3 = _conv(width, cout, 1, rngs=rngs)
     self.bn3 = _bn(cout, rngs=rngs)
-    self.has_downsample = stride != 1 or cin != cout
-    if self.has_downsample:
-      self.downsample_0 = _conv(cin, cout, 1, stride, rngs=rngs)
-      self.downsample_1 = _bn(cout, rngs=rngs)
+    self._init_shortcut(cin, cout, stride, rngs=rngs)
 
   def __call__(self, x, train: bool):
     ura = not train
     h = jax.nn.relu(self.bn1(self.conv1(x), use_running_average=ura))
     h = jax.nn.relu(self.bn2(self.conv2(h), use_running_average=ura))
     h = self.bn3(self.conv3(h), use_running_average=ura)
-    if self.has_downsample:
-      x = self.downsample_1(self.downsample_0(x), use_running_average=ura)
-    return jax.nn.relu(h + x)
+    return self._add_shortcut(h, x, ura)
 
 
 _DEPTHS = {
