@@ -26,18 +26,7 @@ tests and the notebook.
 
 import ml_collections
 
-
-def stage(epochs, lr, *, weight_decay=1e-4, warmup_epochs=0.0,
-          optimizer='adamw', schedule='cosine', decay_epochs=(),
-          decay_rate=0.1, min_lr=0.0, b1=0.9, beta2_min=0.999,
-          beta2_max=0.999):
-  """One stage's optimiser settings (epochs may be fractional)."""
-  return ml_collections.ConfigDict(dict(
-      epochs=float(epochs), lr=lr, weight_decay=weight_decay,
-      warmup_epochs=float(warmup_epochs), optimizer=optimizer,
-      schedule=schedule, decay_epochs=tuple(decay_epochs),
-      decay_rate=decay_rate, min_lr=min_lr, b1=b1, beta2_min=beta2_min,
-      beta2_max=beta2_max))
+from gendd_jax.config_lib import stage
 
 
 def get_config(arg: str = ''):
@@ -48,8 +37,8 @@ def get_config(arg: str = ''):
   c.num_devices = 0  # 0: every visible device.
 
   c.data = ml_collections.ConfigDict(dict(
-      name='digits', fold=0, num_folds=5, label_fraction=0.1,
-      batch_size=128, eval_batch_size=400))
+      name='digits', data_dir='', augment='none', fold=0, num_folds=5,
+      label_fraction=0.1, batch_size=128, eval_batch_size=400))
 
   c.teacher = ml_collections.ConfigDict(dict(
       model='mlp', hidden=(256, 64), checkpoint=''))

@@ -1,6 +1,6 @@
 r"""Throughput benchmark: train-step and evaluation images/s, printed as JSON.
 
-  python -m gendd_jax.bench [--settings=digits,head_only] [--repeats=5]
+  python -m gendd_jax.bench [--settings=digits,head_only,cifar] [--repeats=5]
 
 Settings:
   digits     the bundled example's GenDD stage (teacher MLP + student MLP +
@@ -8,7 +8,11 @@ Settings:
   head_only  the ImageNet ResNet-50 teacher geometry without backbones:
              feature width 2048, token_dim 64, width 1024, depth 3,
              diffusion_batch_mul 10, batch 32, random features; evaluation is
-             64-step CFG (scale 2) sampling at batch 32.
+             64-step CFG (scale 2) sampling at batch 32;
+  cifar      the CIFAR-100 GenDD step of the paper: resnet32x4 teacher
+             forward + resnet8x4 student + diffusion head (token_dim 64,
+             width 1024, depth 3, diffusion_batch_mul 30, batch 64) and
+             100-step CFG (scale 2) evaluation at batch 64.
 Each figure is the median over `repeats` timed runs after compilation.
 """
 
@@ -22,7 +26,7 @@ import time
 from absl import app
 from absl import flags
 
-_SETTINGS = flags.DEFINE_list('settings', ['digits', 'head_only'],
+_SETTINGS = flags.DEFINE_list('settings', ['digits', 'head_only', 'cifar'],
                               'Which settings to run.')
 _REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed repeats per figure.')
 _STEPS = flags.DEFINE_integer('steps', 5, 'Train steps per timed repeat.')
@@ -109,50 +113,40 @@ def bench_head_only(repeats: int, steps: int, *, feature_dim=2048,
       eval=_median_rate(sample_once, batch, 1, repeats))
 
 
-def bench_digits(repeats: int, steps: int) -> dict:
-  """The digits config's GenDD stage: full train step and evaluation."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
+def _bench_gendd(config, info, train_batch, eval_images, repeats: int,
+                 steps: int) -> dict:
+  """Times the full GenDD train step and sampling evaluation of `config`
+  (randomly initialised teacher and student) on fixed batches."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  from gendd_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   from gendd_jax import optim  # pylint: disable=g-import-not-at-top
   from gendd_jax import sharding  # pylint: disable=g-import-not-at-top
   from gendd_jax import train  # pylint: disable=g-import-not-at-top
 
-  path = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'configs',
-                      'digits.py')
-  spec_ = importlib.util.spec_from_file_location('digits_config', path)
-  mod = importlib.util.module_from_spec(spec_)
-  spec_.loader.exec_module(mod)
-  config = mod.get_config()
   config.stage = 'gendd'
   config.sampler.also_eval_clipped = False  # Time one sampler pass.
-  d = config.data
   mesh = sharding.create_mesh(1)
-  tr, te, info = data_lib.create_splits(
-      d.name, fold=0, num_folds=d.num_folds, label_fraction=d.label_fraction,
-      seed=0)
-  batches = data_lib.TrainBatches(tr, d.batch_size, 0)
   teacher_module = train.create_backbone(config.teacher, info, 0)
   t_graphdef, t_params, t_bs = nnx.split(teacher_module, nnx.Param,
                                          nnx.BatchStat)
   teacher = dict(params=t_params, batch_stats=t_bs)
   module = train.create_model(config, info, 'gendd')
   graphdef, params, bs = nnx.split(module, nnx.Param, nnx.BatchStat)
-  ospec = train.optim_spec(config, 'gendd', batches.steps_per_epoch)
+  ospec = train.optim_spec(config, 'gendd', 100)
   spec = train.make_spec(config, 'gendd', graphdef, t_graphdef, ospec, mesh)
   train_step, eval_step = train.build_steps(spec)
   tx = optim.create_optimizer(ospec)
   rep = sharding.replicated(mesh)
   teacher = jax.device_put(teacher, rep)
+  if spec.clip_to_data or spec.also_clipped:
+    teacher['clip_bound'] = jax.device_put(jnp.float32(1.0), rep)
   state = {'s': jax.device_put(dict(step=jnp.int32(0), params=params,
                                     batch_stats=bs,
                                     opt_state=tx.init(params)), rep)}
-  batch = sharding.shard_batch(batches.batch(0), mesh)
-  eval_batch = next(data_lib.eval_batches(te, d.eval_batch_size))
-  eval_in = sharding.shard_batch({'image': eval_batch['image']}, mesh)
+  batch = sharding.shard_batch(train_batch, mesh)
+  eval_in = sharding.shard_batch({'image': eval_images}, mesh)
+  n_train, n_eval = len(train_batch['image']), len(eval_images)
 
   def train_once():
     state['s'], metrics = train_step(state['s'], teacher, batch)
@@ -164,13 +158,60 @@ def bench_digits(repeats: int, steps: int) -> dict:
 
   g, smp = config.gendd, config.sampler
   return dict(
-      setting=dict(batch=d.batch_size, eval_batch=d.eval_batch_size,
-                   token_dim=g.token_dim, width=g.width, depth=g.depth,
+      setting=dict(teacher=config.teacher.model, student=config.student.model,
+                   batch=n_train, eval_batch=n_eval, token_dim=g.token_dim,
+                   width=g.width, depth=g.depth,
                    diffusion_batch_mul=g.diffusion_batch_mul,
                    sampling_steps=smp.steps, cfg_scale=smp.cfg_scale,
                    num_sampling=smp.num_sampling),
-      train=_median_rate(train_once, d.batch_size, steps, repeats),
-      eval=_median_rate(eval_once, d.eval_batch_size, 1, repeats))
+      train=_median_rate(train_once, n_train, steps, repeats),
+      eval=_median_rate(eval_once, n_eval, 1, repeats))
+
+
+def bench_digits(repeats: int, steps: int) -> dict:
+  """The digits config's GenDD stage: full train step and evaluation."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  from gendd_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+
+  path = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'configs',
+                      'digits.py')
+  spec_ = importlib.util.spec_from_file_location('digits_config', path)
+  mod = importlib.util.module_from_spec(spec_)
+  spec_.loader.exec_module(mod)
+  config = mod.get_config()
+  d = config.data
+  tr, te, info = data_lib.create_splits(
+      d.name, fold=0, num_folds=d.num_folds, label_fraction=d.label_fraction,
+      seed=0)
+  batches = data_lib.TrainBatches(tr, d.batch_size, 0)
+  eval_batch = next(data_lib.eval_batches(te, d.eval_batch_size))
+  return _bench_gendd(config, info, batches.batch(0), eval_batch['image'],
+                      repeats, steps)
+
+
+def bench_cifar(repeats: int, steps: int, *, teacher='resnet32x4',
+                student='resnet8x4', batch=64, eval_batch=64, width=1024,
+                depth=3, mul=30, sampling_steps='100') -> dict:
+  """The CIFAR-100 GenDD step: teacher forward, student, diffusion head
+  (token 64, width 1024, depth 3, diffusion_batch_mul 30, batch 64), and
+  100-step CFG evaluation, on random 32x32 images (throughput does not
+  depend on the pixels)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from gendd_jax import config_lib  # pylint: disable=g-import-not-at-top
+
+  config = config_lib.cifar100(teacher=teacher, student=student)
+  config.gendd.width, config.gendd.depth = width, depth
+  config.gendd.diffusion_batch_mul = mul
+  config.sampler.steps = sampling_steps
+  info = dict(num_classes=100, input_shape=(32, 32, 3))
+  rng = np.random.default_rng(0)
+  train_batch = dict(
+      image=rng.normal(size=(batch, 32, 32, 3)).astype(np.float32),
+      label=rng.integers(0, 100, batch).astype(np.int32),
+      label_mask=np.ones(batch, bool))
+  eval_images = rng.normal(size=(eval_batch, 32, 32, 3)).astype(np.float32)
+  return _bench_gendd(config, info, train_batch, eval_images, repeats, steps)
 
 
 def main(argv):
@@ -181,7 +222,8 @@ def main(argv):
                           jax=jax.__version__,
                           devices=[str(d) for d in jax.devices()]),
              repeats=_REPEATS.value)
-  runners = dict(digits=bench_digits, head_only=bench_head_only)
+  runners = dict(digits=bench_digits, head_only=bench_head_only,
+                 cifar=bench_cifar)
   for name in _SETTINGS.value:
     if name not in runners:
       raise app.UsageError(f'unknown setting {name!r}; expected one of '

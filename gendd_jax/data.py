@@ -1,9 +1,11 @@
 """In-memory datasets, deterministic batching and the digits protocol.
 
 The bundled example uses scikit-learn's handwritten digits (1,797 real 8x8
-images shipped inside the package, so nothing is downloaded). Batches are a
-pure function of `(seed, step)`: a resumed run sees exactly the stream an
-uninterrupted run would, with no iterator state to save.
+images shipped inside the package, so nothing is downloaded). CIFAR-10/100
+come from TFDS (prepared beforehand in `data.data_dir`; nothing is downloaded
+at run time) and are held in host memory. Batches, and their augmentation,
+are a pure function of `(seed, step)`: a resumed run sees exactly the stream
+an uninterrupted run would, with no iterator state to save.
 """
 
 from __future__ import annotations
@@ -13,7 +15,14 @@ from typing import Iterator
 
 import numpy as np
 
-AVAILABLE = ('digits',)
+AVAILABLE = ('digits', 'cifar10', 'cifar100')
+AUGMENTATIONS = ('none', 'cifar')
+
+# Per-channel normalisation of the CIFAR images (as the reference scripts).
+CIFAR_MEAN = {'cifar10': (0.4914, 0.4822, 0.4465),
+              'cifar100': (0.5071, 0.4867, 0.4408)}
+CIFAR_STD = {'cifar10': (0.2470, 0.2435, 0.2616),
+             'cifar100': (0.2675, 0.2565, 0.2761)}
 
 
 class DataError(ValueError):
@@ -75,16 +84,79 @@ def few_label_mask(labels: np.ndarray, fraction: float, seed: int
   return mask
 
 
+def load_tfds_arrays(name: str, split: str, data_dir: str | None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+  """A prepared TFDS image dataset as `(uint8 [N, H, W, C], int32 [N])`."""
+  import tensorflow_datasets as tfds  # Lazy: only these datasets need it.
+  where = data_dir or '(default ~/tensorflow_datasets)'
+  try:
+    builder = tfds.builder(name, data_dir=data_dir or None)
+    ds = builder.as_dataset(split=split, batch_size=1024,
+                            shuffle_files=False)
+  except Exception as e:  # pylint: disable=broad-except
+    try:
+      prepared = builder.is_prepared()
+    except Exception:  # pylint: disable=broad-except
+      prepared = True  # Not the cause we can name; report the original.
+    if not prepared:
+      raise DataError(
+          f'TFDS dataset {name!r} is not prepared in data_dir {where}; '
+          'prepare it once where the internet is reachable (`tfds build '
+          f'{name} --data_dir <dir>`) and pass --config.data.data_dir=<dir>'
+      ) from e
+    raise DataError(f'cannot read TFDS dataset {name!r} split {split!r} in '
+                    f'data_dir {where}: {type(e).__name__}: '
+                    f'{str(e).splitlines()[0] if str(e) else ""}') from e
+  images, labels = [], []
+  for batch in tfds.as_numpy(ds):
+    images.append(np.asarray(batch['image'], np.uint8))
+    labels.append(np.asarray(batch['label'], np.int32))
+  if not images:
+    raise DataError(f'TFDS dataset {name!r} split {split!r} is empty')
+  return np.concatenate(images), np.concatenate(labels)
+
+
+def normalise_cifar(name: str, images: np.ndarray) -> np.ndarray:
+  """uint8 `[N, 32, 32, 3]` -> float32, standardised per channel."""
+  mean = np.asarray(CIFAR_MEAN[name], np.float32)
+  std = np.asarray(CIFAR_STD[name], np.float32)
+  return (images.astype(np.float32) / 255.0 - mean) / std
+
+
+def _cifar_splits(name: str, data_dir: str | None, label_fraction: float,
+                  seed: int) -> tuple[ArraySplit, ArraySplit, dict]:
+  """The official train/test splits (no folds)."""
+  tr_img, tr_lab = load_tfds_arrays(name, 'train', data_dir)
+  te_img, te_lab = load_tfds_arrays(name, 'test', data_dir)
+  num_classes = 10 if name == 'cifar10' else 100
+  mask = few_label_mask(tr_lab, label_fraction, seed)
+  train = ArraySplit(normalise_cifar(name, tr_img), tr_lab, mask,
+                     np.arange(len(tr_lab), dtype=np.int64))
+  test = ArraySplit(normalise_cifar(name, te_img), te_lab,
+                    np.ones(len(te_lab), bool),
+                    np.arange(len(te_lab), dtype=np.int64))
+  black = normalise_cifar(name, np.zeros((1, 1, 1, 3), np.uint8))
+  info = dict(num_classes=num_classes, input_shape=tuple(tr_img.shape[1:]),
+              num_examples=len(tr_lab) + len(te_lab),
+              black=tuple(float(v) for v in black.ravel()))
+  return train, test, info
+
+
 def create_splits(name: str, *, fold: int, num_folds: int, label_fraction:
-                  float, seed: int) -> tuple[ArraySplit, ArraySplit, dict]:
+                  float, seed: int, data_dir: str | None = None
+                  ) -> tuple[ArraySplit, ArraySplit, dict]:
   """Train/test splits of fold `fold` and the dataset's info.
 
-  The fold assignment depends on `seed`, as does the labelled subset, so
-  different seeds give independent repetitions of the whole protocol.
+  For digits, the fold assignment depends on `seed`, as does the labelled
+  subset, so different seeds give independent repetitions of the whole
+  protocol. CIFAR uses its official train/test splits (`fold` and
+  `num_folds` are ignored).
   """
-  if name != 'digits':
+  if name not in AVAILABLE:
     raise DataError(f'unknown dataset {name!r}; available: '
                     f'{", ".join(AVAILABLE)}')
+  if name.startswith('cifar'):
+    return _cifar_splits(name, data_dir, label_fraction, seed)
   images, labels = load_digits()
   folds = stratified_folds(labels, num_folds, seed)
   if not 0 <= fold < num_folds:
@@ -107,7 +179,17 @@ class TrainBatches:
   """
 
   def __init__(self, split: ArraySplit, global_batch: int, seed: int,
-               process_index: int = 0, process_count: int = 1):
+               process_index: int = 0, process_count: int = 1,
+               augment: str = 'none', fill=0.0):
+    if augment not in AUGMENTATIONS:
+      raise DataError(f'unknown augmentation {augment!r}; available: '
+                      f'{", ".join(AUGMENTATIONS)}')
+    if augment == 'cifar' and (split.images.ndim != 4 or
+                               split.images.shape[-1] != 3):
+      raise DataError("augmentation 'cifar' needs [N, H, W, 3] images, got "
+                      f'{split.images.shape}')
+    self.augment = augment
+    self.fill = fill
     if global_batch < 1:
       raise DataError(f'batch size must be positive, got {global_batch}')
     if global_batch % process_count:
@@ -140,8 +222,37 @@ class TrainBatches:
   def batch(self, step: int) -> dict[str, np.ndarray]:
     idx = self.indices(step)
     s = self.split
-    return dict(image=s.images[idx], label=s.labels[idx],
+    images = s.images[idx]
+    if self.augment == 'cifar':
+      # Global step and process slice: every process draws its own part of
+      # one deterministic global stream.
+      rng = np.random.default_rng((self.seed, step, self.offset, 1))
+      images = pad_crop_flip(images, rng, fill=self.fill)
+    return dict(image=images, label=s.labels[idx],
                 label_mask=s.label_mask[idx])
+
+
+def pad_crop_flip(images: np.ndarray, rng: np.random.Generator,
+                  pad: int = 4, fill=0.0) -> np.ndarray:
+  """Zero-pad by `pad`, take a random crop of the original size, and flip
+  half of the images horizontally (the CIFAR training augmentation).
+
+  `fill` is the padding value per channel: for normalised images, pass the
+  normalised value of black (`info['black']`) to pad as the reference does
+  (it pads the raw image with 0, then normalises).
+  """
+  n, h, w, c = images.shape
+  padded = np.empty((n, h + 2 * pad, w + 2 * pad, c), images.dtype)
+  padded[...] = np.asarray(fill, images.dtype)
+  padded[:, pad:pad + h, pad:pad + w] = images
+  dy = rng.integers(0, 2 * pad + 1, n)
+  dx = rng.integers(0, 2 * pad + 1, n)
+  flip = rng.random(n) < 0.5
+  rows = dy[:, None] + np.arange(h)[None, :]            # [N, H]
+  cols = dx[:, None] + np.arange(w)[None, :]            # [N, W]
+  cols = np.where(flip[:, None], cols[:, ::-1], cols)
+  return padded[np.arange(n)[:, None, None], rows[:, :, None],
+                cols[:, None, :]]
 
 
 def eval_batches(split: ArraySplit, global_batch: int, process_index: int = 0,

@@ -34,7 +34,9 @@ class OptimSpec:
     beta2_min, beta2_max: Adam beta2 rises from min to max by a half cosine
       over training (equal values: constant).
     no_decay: substrings of parameter paths that get no weight decay.
-    name: 'adamw' or 'sgd' (momentum `b1`, nesterov, with weight decay).
+    name: 'adamw' or 'sgd' (momentum `b1`; weight decay added to the
+      gradient before momentum, as torch's SGD).
+    nesterov: Nesterov momentum for 'sgd'.
   """
   lr: float
   weight_decay: float
@@ -49,6 +51,7 @@ class OptimSpec:
   beta2_max: float = 0.999
   no_decay: tuple[str, ...] = ()
   name: str = 'adamw'
+  nesterov: bool = False
 
 
 def learning_rate(spec: OptimSpec) -> Callable[[jax.Array], jax.Array]:
@@ -106,6 +109,6 @@ def create_optimizer(spec: OptimSpec) -> optax.GradientTransformation:
                                   mask=decay_mask(spec.no_decay)),
         optax.inject_hyperparams(optax.sgd)(
             learning_rate=learning_rate(spec), momentum=spec.b1,
-            nesterov=True))
+            nesterov=spec.nesterov))
   raise ValueError(f"unknown optimizer {spec.name!r}; expected 'adamw' or "
                    "'sgd'")

@@ -107,6 +107,9 @@ def _normalise(teacher, target):
 def _losses(spec: StepSpec, schedule, params, batch_stats, teacher, batch,
             key):
   """Stage loss and metrics; returns `(loss, (metrics, new_batch_stats))`."""
+  # Fresh Variables at this trace level: BatchNorm updates its statistics in
+  # place, which NNX allows only on Variables created in the current trace.
+  batch_stats = jax.tree.map(lambda x: x, batch_stats)
   model = nnx.merge(spec.graphdef, params, batch_stats)
   image = batch['image']
   labels = batch.get('label')  # Absent for label-free stages.
@@ -277,6 +280,11 @@ def load_teacher(config, info, mesh) -> tuple[Any, dict[str, Any]]:
       nnx.Param, nnx.BatchStat)
   abstract = dict(params=params, batch_stats=bs)
   meta = ckpt_lib.load_export_meta(path)
+  stored_model = meta.get('model')
+  if stored_model and stored_model != config.teacher.model:
+    raise ConfigError(
+        f'teacher at {path} is a {stored_model!r}, but config.teacher.model '
+        f'is {config.teacher.model!r}')
   if meta.get('num_classes') != info['num_classes']:
     raise ConfigError(
         f'teacher at {path} has {meta.get("num_classes")} classes, the '
@@ -321,7 +329,7 @@ def optim_spec(config, stage: str, steps_per_epoch: int) -> optim.OptimSpec:
       schedule=s.schedule,
       boundaries=tuple(int(e * steps_per_epoch) for e in s.decay_epochs),
       decay_rate=s.decay_rate, min_lr=s.min_lr, b1=s.b1,
-      beta2_min=s.beta2_min, beta2_max=s.beta2_max,
+      nesterov=bool(s.nesterov), beta2_min=s.beta2_min, beta2_max=s.beta2_max,
       no_decay=tuple(config.no_decay))
 
 
@@ -479,15 +487,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   d = config.data
   train, test, info = data_lib.create_splits(
       d.name, fold=d.fold, num_folds=d.num_folds,
-      label_fraction=d.label_fraction, seed=config.seed)
+      label_fraction=d.label_fraction, seed=config.seed,
+      data_dir=d.data_dir or None)
   batches = data_lib.TrainBatches(train, d.batch_size, config.seed,
-                                  jax.process_index(), jax.process_count())
+                                  jax.process_index(), jax.process_count(),
+                                  augment=d.augment,
+                                  fill=info.get('black', 0.0))
 
   module = create_model(config, info, stage)  # Checks settings before I/O.
   teacher, teacher_graphdef = {}, None
   if stage in NEEDS_TEACHER:
     teacher_graphdef, teacher = load_teacher(config, info, mesh)
-  if config.student.init_from and stage != 'teacher':
+  if stage != 'teacher' and config.student.init_from:
     load_backbone_init(config, info, module, mesh)
   rep = sharding.replicated(mesh)
   graphdef, params, batch_stats = nnx.split(module, nnx.Param, nnx.BatchStat)
@@ -573,7 +584,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   export_tree = dict(params=state['params'],
                      batch_stats=state['batch_stats'])
-  meta = dict(stage=stage, num_classes=info['num_classes'],
+  role = config.teacher if stage == 'teacher' else config.student
+  meta = dict(stage=stage, model=role.model, num_classes=info['num_classes'],
               config=json.loads(config.to_json()))
   # Every process takes part in the orbax save; process 0 writes the JSON.
   ckpt_lib.save_export(os.path.join(workdir, 'export'), export_tree, meta)

@@ -21,6 +21,16 @@ class BenchTest(absltest.TestCase):
     for part in ('train', 'eval'):
       self.assertGreater(out[part]['images_per_sec'], 0.0)
 
+  def test_cifar_small(self):
+    # The CIFAR setting's code path (BatchNorm teacher and student) at a
+    # small size; the full-size figures come from `python -m gendd_jax.bench`.
+    out = bench.bench_cifar(1, 1, teacher='resnet8', student='resnet8',
+                            batch=8, eval_batch=8, width=32, depth=1, mul=2,
+                            sampling_steps='4')
+    self.assertEqual(out['setting']['teacher'], 'resnet8')
+    for part in ('train', 'eval'):
+      self.assertGreater(out[part]['images_per_sec'], 0.0)
+
 
 if __name__ == '__main__':
   absltest.main()

@@ -85,14 +85,13 @@ class ResNetTest(parameterized.TestCase):
                             (50, 25_557_032), (101, 44_549_160))
   def test_parameter_count_equals_torchvision(self, depth, expected):
     m = nnx.eval_shape(lambda: models.create_backbone(
-        'resnet', num_classes=1000, input_shape=(224, 224, 3),
-        rngs=nnx.Rngs(0), depth=depth))
+        f'resnet{depth}', num_classes=1000, input_shape=(224, 224, 3),
+        rngs=nnx.Rngs(0)))
     self.assertEqual(_count(m), expected)
 
   def test_forward_and_batch_statistics(self):
-    m = models.create_backbone('resnet', num_classes=10,
-                               input_shape=(32, 32, 3), rngs=nnx.Rngs(0),
-                               depth=18)
+    m = models.create_backbone('resnet18', num_classes=10,
+                               input_shape=(32, 32, 3), rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3)) * 3.0 + 1.0
     before = jax.tree.map(np.asarray, nnx.state(m, nnx.BatchStat))
     eval_feat, eval_logits = m(x)  # Running averages: state unchanged.
@@ -108,9 +107,10 @@ class ResNetTest(parameterized.TestCase):
     self.assertFalse(np.allclose(np.asarray(train_feat),
                                  np.asarray(eval_feat)))
 
-  def test_unknown_depth(self):
-    with self.assertRaisesRegex(models.ModelError, 'ResNet-19'):
-      models.create_backbone('resnet', num_classes=10,
+  def test_unknown_setting(self):
+    with self.assertRaisesRegex(models.ModelError,
+                                r"resnet18: \['depth'\]"):
+      models.create_backbone('resnet18', num_classes=10,
                              input_shape=(32, 32, 3), rngs=nnx.Rngs(0),
                              depth=19)
 

@@ -41,3 +41,15 @@ class MLPClassifier(nnx.Module):
 def classifier_weight(model: nnx.Module) -> tuple[jax.Array, jax.Array]:
   """The classifier as `(W [num_classes, D], b [num_classes])`."""
   return jnp.transpose(model.fc.kernel[...]), model.fc.bias[...]
+
+
+def _build(num_classes: int, input_shape: tuple, *, hidden,
+           rngs: nnx.Rngs) -> MLPClassifier:
+  in_dim = 1
+  for d in input_shape:
+    in_dim *= int(d)
+  return MLPClassifier(in_dim, tuple(int(h) for h in hidden), num_classes,
+                       rngs=rngs)
+
+
+MODELS = {'mlp': _build}

@@ -1,4 +1,9 @@
-"""ResNet-18/34/50/101 for ImageNet-size inputs (torchvision layout, NHWC).
+"""ResNet-18/34/50/101 and ResNeXt for ImageNet-size inputs (NHWC).
+
+The layout is torchvision's (and timm's, which uses the same names): ResNeXt
+is the Bottleneck network with a grouped 3x3 convolution of
+`width = int(planes * width_per_group / 64) * groups` channels, so
+`resnext101_32x4d` has 32 groups of 4 channels in its first stage.
 
 Attribute paths follow torchvision's state-dict names (`layer1.0.conv1`, with
 `downsample.0`/`downsample.1` as `downsample_0`/`downsample_1`), and the
@@ -16,11 +21,12 @@ from flax import nnx
 _conv_init = nnx.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
-def _conv(cin, cout, k, stride=1, *, rngs):
+def _conv(cin, cout, k, stride=1, groups=1, *, rngs):
   pad = (k - 1) // 2
   return nnx.Conv(cin, cout, (k, k), (stride, stride),
                   padding=((pad, pad), (pad, pad)), use_bias=False,
-                  kernel_init=_conv_init, rngs=rngs)
+                  feature_group_count=groups, kernel_init=_conv_init,
+                  rngs=rngs)
 
 
 def _bn(c, *, rngs):
@@ -47,11 +53,13 @@ class BasicBlock(_Block):
   """Two 3x3 convolutions (ResNet-18/34)."""
   expansion = 1
 
-  def __init__(self, cin, width, stride, *, rngs):
-    cout = width * self.expansion
-    self.conv1 = _conv(cin, width, 3, stride, rngs=rngs)
-    self.bn1 = _bn(width, rngs=rngs)
-    self.conv2 = _conv(width, cout, 3, rngs=rngs)
+  def __init__(self, cin, planes, stride, groups=1, width_per_group=64, *,
+               rngs):
+    del groups, width_per_group  # `ResNet` checks they are 1 and 64.
+    cout = planes * self.expansion
+    self.conv1 = _conv(cin, planes, 3, stride, rngs=rngs)
+    self.bn1 = _bn(planes, rngs=rngs)
+    self.conv2 = _conv(planes, cout, 3, rngs=rngs)
     self.bn2 = _bn(cout, rngs=rngs)
     self._init_shortcut(cin, cout, stride, rngs=rngs)
 
@@ -63,14 +71,20 @@ class BasicBlock(_Block):
 
 
 class Bottleneck(_Block):
-  """1x1 -> 3x3 (strided, as torchvision's v1.5) -> 1x1 (ResNet-50/101)."""
+  """1x1 -> 3x3 (strided, as torchvision's v1.5) -> 1x1 (ResNet-50/101).
+
+  With `groups > 1` the 3x3 convolution is grouped (ResNeXt); its width is
+  `int(planes * width_per_group / 64) * groups`, the output `4 * planes`.
+  """
   expansion = 4
 
-  def __init__(self, cin, width, stride, *, rngs):
-    cout = width * self.expansion
+  def __init__(self, cin, planes, stride, groups=1, width_per_group=64, *,
+               rngs):
+    width = int(planes * (width_per_group / 64.0)) * groups
+    cout = planes * self.expansion
     self.conv1 = _conv(cin, width, 1, rngs=rngs)
     self.bn1 = _bn(width, rngs=rngs)
-    self.conv2 = _conv(width, width, 3, stride, rngs=rngs)
+    self.conv2 = _conv(width, width, 3, stride, groups, rngs=rngs)
     self.bn2 = _bn(width, rngs=rngs)
     self.conv3 = _conv(width, cout, 1, rngs=rngs)
     self.bn3 = _bn(cout, rngs=rngs)
@@ -95,22 +109,29 @@ _DEPTHS = {
 class ResNet(nnx.Module):
   """ResNet returning `(pooled feature, logits)`; input `[B, H, W, C]`."""
 
-  def __init__(self, depth: int, num_classes: int, in_channels: int = 3, *,
+  TORCH_RENAMES = ((r'downsample_(\d)', r'downsample.\1'),)
+
+  def __init__(self, depth: int, num_classes: int, in_channels: int = 3,
+               groups: int = 1, width_per_group: int = 64, *,
                rngs: nnx.Rngs):
     if depth not in _DEPTHS:
       raise ValueError(f'no ResNet-{depth}; available: {sorted(_DEPTHS)}')
     block, counts = _DEPTHS[depth]
+    if block is BasicBlock and (groups, width_per_group) != (1, 64):
+      raise ValueError(f'ResNet-{depth} has basic blocks, which take no '
+                       'groups or width_per_group')
     self.conv1 = nnx.Conv(in_channels, 64, (7, 7), (2, 2),
                           padding=((3, 3), (3, 3)), use_bias=False,
                           kernel_init=_conv_init, rngs=rngs)
     self.bn1 = _bn(64, rngs=rngs)
     cin = 64
-    for i, (width, count) in enumerate(zip((64, 128, 256, 512), counts)):
+    for i, (planes, count) in enumerate(zip((64, 128, 256, 512), counts)):
       blocks = []
       for j in range(count):
         stride = 2 if (i > 0 and j == 0) else 1
-        blocks.append(block(cin, width, stride, rngs=rngs))
-        cin = width * block.expansion
+        blocks.append(block(cin, planes, stride, groups, width_per_group,
+                            rngs=rngs))
+        cin = planes * block.expansion
       setattr(self, f'layer{i + 1}', nnx.List(blocks))
     self.feature_dim = cin
     self.fc = nnx.Linear(cin, num_classes, rngs=rngs)
@@ -130,5 +151,23 @@ class ResNet(nnx.Module):
     f = self.features(x, train)
     return f, self.fc(f)
 
-  def param_count(self) -> int:
-    return sum(p.size for p in jax.tree.leaves(nnx.state(self, nnx.Param)))
+
+def _builder(depth, groups=1, width_per_group=64):
+  def build(num_classes: int, input_shape: tuple, *, rngs: nnx.Rngs):
+    return ResNet(depth, num_classes, in_channels=int(input_shape[-1]),
+                  groups=groups, width_per_group=width_per_group, rngs=rngs)
+  return build
+
+
+# name -> (depth, groups, width_per_group), as torchvision/timm name them.
+_VARIANTS = {
+    'resnet18': (18, 1, 64),
+    'resnet34': (34, 1, 64),
+    'resnet50': (50, 1, 64),
+    'resnet101': (101, 1, 64),
+    'resnext50_32x4d': (50, 32, 4),
+    'resnext101_32x4d': (101, 32, 4),
+    'resnext101_32x8d': (101, 32, 8),
+}
+
+MODELS = {name: _builder(*v) for name, v in _VARIANTS.items()}

@@ -1,0 +1,20 @@
+r"""Train a CIFAR-100 teacher from scratch, as the reference scripts do.
+
+SGD with momentum 0.9 and weight decay 5e-4, batch 64, 240 epochs, lr 0.05
+(0.01 for mobilenetv2/shufflev1/shufflev2) decayed 10x at epochs 150, 180
+and 210, pad-4 random crop and horizontal flip. CIFAR-100 is read from TFDS,
+prepared once beforehand (`tfds build cifar100 --data_dir <dir>`):
+
+  python -m gendd_jax.main --config=configs/cifar100_teacher.py:resnet32x4 \
+      --workdir=runs/cifar100/resnet32x4 --config.data.data_dir=<dir>
+
+The export in `<workdir>/export` is what `config.teacher.checkpoint` of a
+distillation run points at. The argument after ':' is any registered model
+(`python -m gendd_jax.zoo --list`); default resnet32x4.
+"""
+
+from gendd_jax import config_lib
+
+
+def get_config(arg: str = ''):
+  return config_lib.cifar100(teacher=arg or 'resnet32x4')
