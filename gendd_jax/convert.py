@@ -24,6 +24,7 @@ import re
 import sys
 from typing import Any, Mapping
 
+import jax
 import numpy as np
 from flax import nnx
 
@@ -31,75 +32,23 @@ class ConversionError(ValueError):
   """A state dict does not fit the target model."""
 
 
-def _denoiser_path(key: str) -> tuple[tuple[Any, ...], str]:
-  """Torch key of the diffusion head -> (NNX path, leaf kind)."""
-  key = re.sub(r'^(net\.|diffloss\.net\.)', '', key)
-  key = key.replace('mlp.0.', 'mlp_0.').replace('mlp.2.', 'mlp_2.')
-  key = key.replace('adaLN_modulation.1.', 'adaLN_modulation.')
-  parts = key.split('.')
-  leaf = parts[-1]
-  path = tuple(int(p) if p.isdigit() else p for p in parts[:-1])
-  return path, leaf
-
-
 def load_torch_denoiser(model: nnx.Module, state_dict: Mapping[str, Any]
                         ) -> None:
   """Copies a reference `SimpleMLPAdaLN` state dict into a `DenoiserMLP`.
 
-  Every key and shape is checked before anything is written, so a failed
-  load leaves the model untouched.
+  Keys may carry the reference's `net.` or `diffloss.net.` prefix. Every key
+  and shape is checked before anything is written, so a failed load leaves
+  the model untouched.
 
   Raises:
-    ConversionError: naming the first unknown, missing or mis-shaped key.
+    ConversionError: naming the unknown, missing or mis-shaped keys.
   """
-  target = nnx.state(model, nnx.Param)
-  flat = dict(nnx.to_flat_state(target))
-  torch_name = {}
-  staged = {}
-  for key, value in state_dict.items():
-    value = np.asarray(value, dtype=np.float32)
-    path, leaf = _denoiser_path(key)
-    if path == ('pos_embed',) and leaf == 'weight':
-      name, arr = 'embedding', value
-    elif leaf == 'weight' and value.ndim == 2:
-      name, arr = 'kernel', value.T
-    elif leaf == 'weight':
-      name, arr = 'scale', value
-    elif leaf == 'bias':
-      name, arr = 'bias', value
-    else:
-      raise ConversionError(f'unknown key {key!r}')
-    full = path + (name,)
-    if full not in flat:
-      raise ConversionError(f'unknown key {key!r} (no parameter {full})')
-    want = flat[full].shape
-    if arr.shape != want:
-      raise ConversionError(
-          f'shape mismatch for {key!r}: got {arr.shape}, want {want}')
-    staged[full] = arr
-  for full in flat:
-    torch_name[full] = _torch_key(full)
-  missing = sorted(torch_name[p] for p in flat if p not in staged)
-  if missing:
-    raise ConversionError(f'missing keys in state dict: {missing}')
-  for full, arr in staged.items():
-    flat[full][...] = arr
-  nnx.update(model, target)
-
-
-def _torch_key(path: tuple[Any, ...]) -> str:
-  """NNX path of a head parameter -> the reference state-dict key."""
-  *mods, leaf = [str(p) for p in path]
-  key = '.'.join(mods)
-  key = key.replace('mlp_0', 'mlp.0').replace('mlp_2', 'mlp.2')
-  key = key.replace('adaLN_modulation', 'adaLN_modulation.1')
-  leaf = {'kernel': 'weight', 'scale': 'weight', 'embedding': 'weight'}.get(
-      leaf, leaf)
-  return f'{key}.{leaf}'
+  load_state_dict(model, {re.sub(r'^(diffloss\.)?net\.', '', k): v
+                          for k, v in state_dict.items()})
 
 
 # ---------------------------------------------------------------------------
-# Generic conversion of backbones.
+# Generic conversion.
 # ---------------------------------------------------------------------------
 
 # NNX leaf name -> torch parameter/buffer name.
@@ -148,6 +97,14 @@ def model_key_map(model: nnx.Module) -> dict[str, tuple[Any, ...]]:
                            f'both map to torch key {key!r}')
       out[key] = path
   return out
+
+
+def empty_model(build) -> nnx.Module:
+  """`build()`'s model with zero-filled variables, without running its
+  initialisers (fast, and cheap for large models about to be overwritten)."""
+  graphdef, state = nnx.split(nnx.eval_shape(build))
+  state = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), state)
+  return nnx.merge(graphdef, state)
 
 
 def load_state_dict(model: nnx.Module, state_dict: Mapping[str, Any]
@@ -290,8 +247,9 @@ def convert(arch: str, checkpoint: str, out: str, num_classes: int,
                           '--out or delete it first')
   state_dict = read_checkpoint(checkpoint)
   input_shape = (image_size, image_size, channels)
-  model = models.create_backbone(arch, num_classes=num_classes,
-                                 input_shape=input_shape, rngs=nnx.Rngs(0))
+  model = empty_model(lambda: models.create_backbone(
+      arch, num_classes=num_classes, input_shape=input_shape,
+      rngs=nnx.Rngs(0)))
   load_state_dict(model, state_dict)
   _, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
   meta = dict(stage='teacher', model=arch, num_classes=num_classes,

@@ -11,6 +11,7 @@ an uninterrupted run would, with no iterator state to save.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Iterator
 
 import numpy as np
@@ -89,6 +90,12 @@ def load_tfds_arrays(name: str, split: str, data_dir: str | None
   """A prepared TFDS image dataset as `(uint8 [N, H, W, C], int32 [N])`."""
   import tensorflow_datasets as tfds  # Lazy: only these datasets need it.
   where = data_dir or '(default ~/tensorflow_datasets)'
+  not_prepared = DataError(
+      f'TFDS dataset {name!r} is not prepared in data_dir {where}; prepare '
+      f'it once where the internet is reachable (`tfds build {name} '
+      '--data_dir <dir>`) and pass --config.data.data_dir=<dir>')
+  if data_dir and not os.path.isdir(os.path.join(data_dir, name)):
+    raise not_prepared
   try:
     builder = tfds.builder(name, data_dir=data_dir or None)
     ds = builder.as_dataset(split=split, batch_size=1024,
@@ -99,11 +106,7 @@ def load_tfds_arrays(name: str, split: str, data_dir: str | None
     except Exception:  # pylint: disable=broad-except
       prepared = True  # Not the cause we can name; report the original.
     if not prepared:
-      raise DataError(
-          f'TFDS dataset {name!r} is not prepared in data_dir {where}; '
-          'prepare it once where the internet is reachable (`tfds build '
-          f'{name} --data_dir <dir>`) and pass --config.data.data_dir=<dir>'
-      ) from e
+      raise not_prepared from e
     raise DataError(f'cannot read TFDS dataset {name!r} split {split!r} in '
                     f'data_dir {where}: {type(e).__name__}: '
                     f'{str(e).splitlines()[0] if str(e) else ""}') from e

@@ -13,6 +13,7 @@ import tempfile
 
 from absl.testing import absltest
 from flax import nnx
+import jax
 import ml_collections
 import numpy as np
 from safetensors.numpy import save_file
@@ -27,15 +28,21 @@ _SHAPE = (32, 32, 3)
 
 
 def _model(name='resnet18', classes=10, seed=0):
-  m = models.create_backbone(name, num_classes=classes, input_shape=_SHAPE,
-                             rngs=nnx.Rngs(seed))
-  # Give the batch statistics non-default values so they are checked too.
-  stats = nnx.state(m, nnx.BatchStat)
+  """A model with random weights and batch statistics, built without JAX
+  random-number kernels (eager initialisation compiles one per shape)."""
+  abstract = nnx.eval_shape(lambda: models.create_backbone(
+      name, num_classes=classes, input_shape=_SHAPE, rngs=nnx.Rngs(0)))
+  graphdef, params, stats = nnx.split(abstract, nnx.Param, nnx.BatchStat)
   rng = np.random.default_rng(seed)
-  for _, v in nnx.to_flat_state(stats):
-    v[...] = rng.uniform(0.5, 1.5, v.shape).astype(np.float32)
-  nnx.update(m, stats)
-  return m
+
+  def weight(x):
+    fan_in = int(np.prod(x.shape[:-1])) if len(x.shape) > 1 else 1
+    return (rng.normal(size=x.shape) / np.sqrt(fan_in)).astype(np.float32)
+
+  params = jax.tree.map(weight, params)
+  stats = jax.tree.map(
+      lambda x: rng.uniform(0.5, 1.5, x.shape).astype(np.float32), stats)
+  return nnx.merge(graphdef, params, stats)
 
 
 def _run(argv):

@@ -14,7 +14,6 @@ import itertools
 
 from absl.testing import absltest
 from absl.testing import parameterized
-import jax
 from flax import nnx
 import numpy as np
 import torch
@@ -23,7 +22,9 @@ from gendd_jax import convert
 from gendd_jax import models
 from gendd_jax.models import beit
 from tests.torch_ref import beit as ref
+from tests.torch_ref import parity
 
+_ARCH = 'beitv2_base_patch16_224'
 _TINY = dict(embed_dim=64, depth=2, num_heads=4)
 
 
@@ -32,16 +33,8 @@ def _image(batch: int, height: int, width: int, seed: int = 0) -> np.ndarray:
       size=(batch, height, width, 3)).astype(np.float32)
 
 
-@functools.cache
 def _abstract(name: str) -> nnx.Module:
-  return nnx.eval_shape(lambda: models.create_backbone(
-      name, num_classes=1000, input_shape=(224, 224, 3), rngs=nnx.Rngs(0)))
-
-
-def _tiny(num_classes: int, input_shape: tuple) -> nnx.Module:
-  return models.create_backbone(
-      'beitv2_base_patch16_224', num_classes=num_classes,
-      input_shape=input_shape, rngs=nnx.Rngs(0), **_TINY)
+  return parity.abstract(name, 1000, (224, 224, 3))
 
 
 def _tiny_torch(num_classes: int, image_size: tuple) -> ref.BeitV2:
@@ -116,8 +109,8 @@ class RelativePositionTest(parameterized.TestCase):
                      beit.num_relative_distances((gh, gw)))
 
   def test_bias_follows_the_table(self):
-    with jax.default_prng_impl('rbg'):
-      attn = beit.Attention(16, 4, (3, 2), rngs=nnx.Rngs(0))
+    attn = convert.empty_model(
+        lambda: beit.Attention(16, 4, (3, 2), rngs=nnx.Rngs(0)))
     table = np.arange(attn.relative_position_bias_table.size,
                       dtype=np.float32).reshape(-1, 4)
     attn.relative_position_bias_table[...] = table
@@ -129,48 +122,43 @@ class RelativePositionTest(parameterized.TestCase):
 
 class BeitTest(parameterized.TestCase):
 
-  def setUp(self):
-    super().setUp()
-    # The NNX initial weights are overwritten by the converted ones; `rbg`
-    # keys make the initialisers compile faster on CPU.
-    self.enter_context(jax.default_prng_impl('rbg'))
-
   def test_tiny_forward_shapes_and_feature(self):
-    model = _tiny(10, (64, 64, 3))
+    model = parity.converted(_ARCH, _tiny_torch(10, (64, 64)), 10,
+                             (64, 64, 3), **_TINY)
     self.assertLen(model.blocks, 2)
     self.assertEqual(model.grid, (4, 4))
-    feat, logits = model(_image(2, 64, 64))
+    feat, logits = parity.forward(model, _image(2, 64, 64))
     self.assertEqual((feat.shape, logits.shape), ((2, 64), (2, 10)))
     self.assertEqual(model.feature_dim, 64)
     w, b = models.classifier_weight(model)
-    np.testing.assert_allclose(np.asarray(feat @ w.T + b),
-                               np.asarray(logits), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(feat @ np.asarray(w).T + np.asarray(b),
+                               logits, rtol=1e-5, atol=1e-5)
 
   def test_parity_with_torch(self):
     # A non-square grid (4 x 3 patches) catches a transposed position index.
     net = _tiny_torch(10, (64, 48))
-    image = _image(2, 64, 48)
-    model = _tiny(10, image.shape[1:])
-    # Unilm checkpoints hold the index buffers; they must be skipped.
-    state = convert.unwrap_state_dict({'model': net.state_dict()})
-    self.assertIn('blocks.0.attn.relative_position_index', state)
-    convert.load_state_dict(model, state)
-    with torch.no_grad():
-      want = net(torch.from_numpy(image.transpose(0, 3, 1, 2).copy()))
-    want = want.numpy()
-    _, got = nnx.jit(lambda m, x: m(x))(model, image)
-    gap, scale = float(np.abs(np.asarray(got) - want).max()), float(
-        np.abs(want).max())
+    gap, scale = parity.logit_gap(_ARCH, net, 10, _image(2, 64, 48), **_TINY)
     self.assertGreater(scale, 0.1)
     self.assertLess(gap, 1e-4 * scale, f'gap {gap}, scale {scale}')
+
+  def test_unilm_checkpoint_loads_and_exports_back(self):
+    checkpoint = {'model': _tiny_torch(10, (64, 48)).state_dict()}
+    # Unilm checkpoints hold the index buffers; they must be skipped.
+    state = convert.unwrap_state_dict(checkpoint)
+    self.assertIn('blocks.0.attn.relative_position_index', state)
+    model = parity.converted(_ARCH, checkpoint, 10, (64, 48, 3), **_TINY)
     exported = convert.export_state_dict(model)
+    self.assertEqual(set(exported), {
+        k for k in state if not k.endswith('relative_position_index')})
     for key, value in exported.items():
       np.testing.assert_array_equal(value, state[key], err_msg=key)
 
   def test_remat_gives_same_values(self):
     image = _image(1, 32, 32)
-    plain = _tiny(3, image.shape[1:])
-    rematted = _tiny(3, image.shape[1:])
+    # The model's own initial weights (not converted ones): the tolerances
+    # below hold for their scale.
+    plain = parity.initialised(_ARCH, 3, image.shape[1:], **_TINY)
+    rematted = nnx.clone(plain)
     rematted.remat = True
 
     @nnx.jit
@@ -190,19 +178,19 @@ class ErrorTest(absltest.TestCase):
 
   def setUp(self):
     super().setUp()
-    self.enter_context(jax.default_prng_impl('rbg'))
     self.state = convert.unwrap_state_dict(
         _tiny_torch(10, (32, 32)).state_dict())
 
   def test_other_grid_is_a_shape_mismatch(self):
-    model = _tiny(10, (48, 32, 3))  # 3 x 2 patches, the state has 2 x 2.
+    # 3 x 2 patches, the state has 2 x 2.
+    model = parity.empty(_ARCH, 10, (48, 32, 3), **_TINY)
     with self.assertRaisesRegex(
         convert.ConversionError,
         r'shape mismatch for .blocks\.0\.attn\.relative_position_bias_table'):
       convert.load_state_dict(model, self.state)
 
   def test_missing_and_unexpected_keys(self):
-    model = _tiny(10, (32, 32, 3))
+    model = parity.empty(_ARCH, 10, (32, 32, 3), **_TINY)
     state = dict(self.state)
     del state['blocks.1.gamma_2']
     state['rel_pos_bias.relative_position_bias_table'] = np.zeros((12, 4))
@@ -212,15 +200,14 @@ class ErrorTest(absltest.TestCase):
       convert.load_state_dict(model, state)
 
   def test_wrong_input_size_and_settings(self):
-    model = _tiny(10, (32, 32, 3))
+    model = parity.empty(_ARCH, 10, (32, 32, 3), **_TINY)
     with self.assertRaisesRegex(ValueError, 'patch grid'):
       model(_image(1, 48, 48))
     with self.assertRaisesRegex(models.ModelError, 'not divisible'):
-      models.create_backbone('beitv2_base_patch16_224', num_classes=10,
-                             input_shape=(32, 32, 3), rngs=nnx.Rngs(0),
-                             embed_dim=66, depth=1, num_heads=4)
+      parity.empty(_ARCH, 10, (32, 32, 3), embed_dim=66, depth=1,
+                   num_heads=4)
     with self.assertRaisesRegex(models.ModelError, 'smaller than one'):
-      _tiny(10, (8, 8, 3))
+      parity.empty(_ARCH, 10, (8, 8, 3), **_TINY)
 
 
 if __name__ == '__main__':

@@ -9,11 +9,8 @@ abstractly, for their parameter counts.
 
 from __future__ import annotations
 
-import functools
-
 from absl.testing import absltest
 from absl.testing import parameterized
-import jax
 from flax import nnx
 import numpy as np
 import torch
@@ -30,11 +27,8 @@ def _image(batch: int, size: int, seed: int = 0) -> np.ndarray:
       size=(batch, size, size, 3)).astype(np.float32)
 
 
-@functools.cache
-def _abstract(name: str, num_classes: int = 1000) -> nnx.Module:
-  return nnx.eval_shape(lambda: models.create_backbone(
-      name, num_classes=num_classes, input_shape=(224, 224, 3),
-      rngs=nnx.Rngs(0)))
+def _abstract(name: str) -> nnx.Module:
+  return parity.abstract(name, 1000, (224, 224, 3))
 
 
 class ParameterCountTest(parameterized.TestCase):
@@ -73,15 +67,8 @@ class ParameterCountTest(parameterized.TestCase):
 
 class ParityTest(parameterized.TestCase):
 
-  def setUp(self):
-    super().setUp()
-    # The NNX initial weights are overwritten by the converted ones; with
-    # `rbg` keys the per-shape samplers compile several times faster on CPU
-    # than with the default threefry, which dominates these tests' runtime.
-    self.enter_context(jax.default_prng_impl('rbg'))
-
-  def _check(self, arch, torch_model, num_classes, image):
-    gap, scale = parity.logit_gap(arch, torch_model, num_classes, image)
+  def _check(self, arch, torch_model, image):
+    gap, scale = parity.logit_gap(arch, torch_model, 10, image)
     self.assertGreater(scale, 0.01)
     self.assertLess(gap, 1e-4 * scale, f'{arch}: gap {gap}, scale {scale}')
 
@@ -91,22 +78,23 @@ class ParityTest(parameterized.TestCase):
       ('resnext50_32x4d', 'resnext50_32x4d', 50, 32, 4, 1))
   def test_resnet(self, arch, depth, groups, width_per_group, batch):
     torch.manual_seed(0)
-    net = ref.ResNet(depth, 10, groups, width_per_group)
-    self._check(arch, net, 10, _image(batch, 64))
+    self._check(arch, ref.ResNet(depth, 10, groups, width_per_group),
+                _image(batch, 64))
 
   def test_mobilenet_v1_at_224_with_fixed_pool(self):
     torch.manual_seed(0)
-    self._check('mobilenet_v1', ref.MobileNetV1(10, pool=7), 10,
-                _image(1, 224))
+    self._check('mobilenet_v1', ref.MobileNetV1(10, pool=7), _image(1, 224))
 
   def test_mobilenet_feature_is_classifier_input(self):
-    m = models.create_backbone('mobilenet_v1', num_classes=10,
-                               input_shape=(224, 224, 3), rngs=nnx.Rngs(0))
-    feat, logits = m(_image(1, 224))
+    torch.manual_seed(0)
+    net = ref.MobileNetV1(10)
+    parity.randomise_batch_stats(net)
+    m = parity.converted('mobilenet_v1', net, 10, (224, 224, 3))
+    feat, logits = parity.forward(m, _image(1, 224))
     self.assertEqual((feat.shape, logits.shape), ((1, 1024), (1, 10)))
     w, b = models.classifier_weight(m)
-    np.testing.assert_allclose(np.asarray(feat @ w.T + b),
-                               np.asarray(logits), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(feat @ np.asarray(w).T + np.asarray(b),
+                               logits, rtol=1e-5, atol=1e-5)
 
 
 if __name__ == '__main__':

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gendd_jax.models import cifar_layers as cl
+from gendd_jax.models import layers as cl
 
 
 class InvertedResidual(nnx.Module):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from gendd_jax.models import cifar_layers as cl
+from gendd_jax.models import layers as cl
 
 # Conv widths per block.
 _CFGS = {

@@ -111,6 +111,10 @@ class DenoiserMLP(nnx.Module):
     dtype: computation dtype (parameters stay float32).
   """
 
+  # NNX paths -> the reference's state-dict names (see `convert`).
+  TORCH_RENAMES = ((r'(^|\.)mlp_(\d)', r'\1mlp.\2'),
+                   (r'adaLN_modulation$', 'adaLN_modulation.1'))
+
   def __init__(self, token_dim: int, cond_dim: int, width: int, depth: int,
                num_tokens: int, *, freq_dim: int = 256, remat: bool = False,
                dtype=None, rngs: nnx.Rngs):

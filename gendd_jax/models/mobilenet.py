@@ -17,25 +17,19 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-_conv_init = nnx.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+from gendd_jax.models import layers
+
+
+def _conv(cin, cout, k, stride=1, groups=1, *, rngs):
+  return layers.conv(cin, cout, k, stride, groups=groups, rngs=rngs)
+
+
+_bn = layers.batch_norm
 
 # (output channels, stride) of the 13 depthwise-separable blocks.
 _BLOCKS = ((64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2),
            (512, 1), (512, 1), (512, 1), (512, 1), (512, 1), (1024, 2),
            (1024, 1))
-
-
-def _conv(cin, cout, k, stride, groups=1, *, rngs):
-  pad = (k - 1) // 2
-  return nnx.Conv(cin, cout, (k, k), (stride, stride),
-                  padding=((pad, pad), (pad, pad)), use_bias=False,
-                  feature_group_count=groups, kernel_init=_conv_init,
-                  rngs=rngs)
-
-
-def _bn(c, *, rngs):
-  return nnx.BatchNorm(c, momentum=0.9, epsilon=1e-5,
-                       use_fast_variance=False, rngs=rngs)
 
 
 class ConvBN(nnx.Module):
@@ -74,12 +68,12 @@ class MobileNetV1(nnx.Module):
 
   def __init__(self, num_classes: int, in_channels: int = 3, *,
                rngs: nnx.Rngs):
-    layers = [ConvBN(in_channels, 32, 2, rngs=rngs)]
+    blocks = [ConvBN(in_channels, 32, 2, rngs=rngs)]
     cin = 32
     for cout, stride in _BLOCKS:
-      layers.append(DepthwiseSeparable(cin, cout, stride, rngs=rngs))
+      blocks.append(DepthwiseSeparable(cin, cout, stride, rngs=rngs))
       cin = cout
-    self.model = nnx.List(layers)
+    self.model = nnx.List(blocks)
     self.feature_dim = cin
     self.fc = nnx.Linear(cin, num_classes, rngs=rngs)
 

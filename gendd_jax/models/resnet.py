@@ -18,20 +18,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-_conv_init = nnx.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+from gendd_jax.models import layers
 
 
 def _conv(cin, cout, k, stride=1, groups=1, *, rngs):
-  pad = (k - 1) // 2
-  return nnx.Conv(cin, cout, (k, k), (stride, stride),
-                  padding=((pad, pad), (pad, pad)), use_bias=False,
-                  feature_group_count=groups, kernel_init=_conv_init,
-                  rngs=rngs)
+  return layers.conv(cin, cout, k, stride, groups=groups, rngs=rngs)
 
 
-def _bn(c, *, rngs):
-  return nnx.BatchNorm(c, momentum=0.9, epsilon=1e-5,
-                       use_fast_variance=False, rngs=rngs)
+_bn = layers.batch_norm
 
 
 class _Block(nnx.Module):
@@ -122,7 +116,7 @@ class ResNet(nnx.Module):
                        'groups or width_per_group')
     self.conv1 = nnx.Conv(in_channels, 64, (7, 7), (2, 2),
                           padding=((3, 3), (3, 3)), use_bias=False,
-                          kernel_init=_conv_init, rngs=rngs)
+                          kernel_init=layers.KAIMING_FAN_OUT, rngs=rngs)
     self.bn1 = _bn(64, rngs=rngs)
     cin = 64
     for i, (planes, count) in enumerate(zip((64, 128, 256, 512), counts)):

@@ -1,10 +1,12 @@
-"""Building blocks shared by the CIFAR model zoo (`cifar_*` modules).
+"""Building blocks shared by the convolutional backbones.
 
-The CIFAR models follow the RepDistiller/CRD PyTorch zoo that the reference
-trains its CIFAR-100 teachers and students with. Their torch `nn.Sequential`
-containers are mirrored by `nnx.List`s that keep a parameter-free `ReLU` at
-the same index as the torch ReLU, so list indices (`conv.3`, `block0.4`) are
-the torch state-dict indices without renaming.
+Convolutions use torch's padding and BatchNorm torch's defaults, so converted
+PyTorch weights give the same numbers. The CIFAR models follow the
+RepDistiller/CRD PyTorch zoo that the reference trains its CIFAR-100 teachers
+and students with; their torch `nn.Sequential` containers are mirrored by
+`nnx.List`s that keep a parameter-free `ReLU` at the same index as the torch
+ReLU, so list indices (`conv.3`, `block0.4`) are the torch state-dict indices
+without renaming.
 
 Initialisation follows the upstream modules: convolutions are drawn from
 N(0, 2 / (k * k * out_channels)) (`kaiming_normal`, fan-out) unless noted,
