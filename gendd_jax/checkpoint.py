@@ -2,8 +2,9 @@
 
 Everything orbax-specific lives here, so a move to another checkpoint API
 touches one file. Training checkpoints hold `{step, params, batch_stats,
-opt_state}` and a JSON `meta` item; an export holds only the weights a later
-stage or an evaluation needs, plus JSON metadata.
+opt_state}`, a JSON `meta` item and the data iterator's state (one JSON file
+per process, through grain's handler); an export holds only the weights a
+later stage or an evaluation needs, plus JSON metadata.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import os
 from typing import Any
 
+import grain
 import jax
 import orbax.checkpoint as ocp
 
@@ -27,6 +29,23 @@ def abstract_like(tree: Any, sharding: Any = None) -> Any:
   return jax.tree.map(fn, tree)
 
 
+class _StateSnapshot:
+  """A data-iterator state captured when the save is requested (the save
+  itself may finish in the background while training goes on)."""
+
+  def __init__(self, state: dict[str, Any] | None = None):
+    self.state = state
+
+  def get_state(self) -> bytes:
+    return json.dumps(self.state).encode()
+
+  def set_state(self, raw: bytes) -> None:
+    self.state = json.loads(raw)
+
+  def start_prefetch(self) -> None:
+    pass
+
+
 class Checkpointer:
   """A `CheckpointManager` for one run directory (async, keeps the last N)."""
 
@@ -39,30 +58,45 @@ class Checkpointer:
             max_to_keep=max_to_keep, create=True,
             enable_async_checkpointing=async_save),
         item_handlers={'state': ocp.StandardCheckpointHandler(),
-                       'meta': ocp.JsonCheckpointHandler()})
+                       'meta': ocp.JsonCheckpointHandler(),
+                       'data': grain.checkpoint.CheckpointHandler()})
 
   def latest_step(self) -> int | None:
     return self._mngr.latest_step()
 
-  def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
-    self._mngr.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-                    force=True)
+  def save(self, step: int, state: Any, meta: dict[str, Any],
+           data_state: dict[str, Any] | None = None) -> None:
+    """Saves `state`, `meta` and (per process) the data iterator's state."""
+    items = dict(state=ocp.args.StandardSave(state),
+                 meta=ocp.args.JsonSave(meta))
+    if data_state is not None:
+      items['data'] = grain.checkpoint.CheckpointSave(
+          _StateSnapshot(data_state))
+    self._mngr.save(step, args=ocp.args.Composite(**items), force=True)
 
   def restore(self, abstract_state: Any, step: int | None = None
               ) -> tuple[Any, dict[str, Any]]:
+    """`(state, meta)`; `meta['data_state']` holds this process's data
+    iterator state when the checkpoint has one."""
     step = self.latest_step() if step is None else step
     if step is None:
       raise CheckpointError(f'no checkpoint in {self.directory}')
+    items = dict(state=ocp.args.StandardRestore(abstract_state),
+                 meta=ocp.args.JsonRestore())
+    has_data = os.path.isdir(os.path.join(self.directory, str(step), 'data'))
+    snapshot = _StateSnapshot()
+    if has_data:
+      items['data'] = grain.checkpoint.CheckpointRestore(snapshot)
     try:
-      out = self._mngr.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state),
-          meta=ocp.args.JsonRestore()))
+      out = self._mngr.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # orbax raises many types; report one clearly.
       raise CheckpointError(
           f'checkpoint {self.directory}/{step} could not be restored '
           f'({type(e).__name__}: {_first_line(e)})') from e
-    return out['state'], out['meta']
+    meta = dict(out['meta'])
+    if has_data:
+      meta['data_state'] = snapshot.state
+    return out['state'], meta
 
   def wait(self) -> None:
     self._mngr.wait_until_finished()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -271,5 +271,98 @@ def eval_batches(split: ArraySplit, global_batch: int, process_index: int = 0,
     part = slice(process_index * local, (process_index + 1) * local)
     local_idx = np.where(valid, idx, 0)[part]
     yield dict(image=split.images[local_idx], label=split.labels[local_idx],
+               id=split.index[local_idx],
                valid=valid[part].astype(np.float32),
                valid_global=valid.astype(np.float32))
+
+
+class ArrayStream:
+  """`TrainBatches` as a resumable iterator (the state is the step)."""
+
+  def __init__(self, batches: TrainBatches):
+    self.batches = batches
+    self.steps_per_epoch = batches.steps_per_epoch
+    self.step = 0
+
+  def __iter__(self) -> 'ArrayStream':
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    out = self.batches.batch(self.step)
+    self.step += 1
+    return out
+
+  def get_state(self) -> dict[str, int]:
+    return {'step': self.step}
+
+  def set_state(self, state) -> None:
+    if set(state) != {'step'}:
+      raise DataError(f'saved data state {state} does not fit an in-memory '
+                      'dataset (was the run started with other data '
+                      'settings?)')
+    self.step = int(state['step'])
+
+
+@dataclasses.dataclass
+class Dataset:
+  """What the training loop needs from a dataset, whatever its source.
+
+  Attributes:
+    info: `num_classes`, `input_shape`, `labelled` and dataset-specific
+      entries.
+    train: this process's training batches: an iterator with
+      `steps_per_epoch`, `get_state()` and `set_state()`.
+    eval_batches: `() -> iterator` over the evaluation split, every example
+      once, in fixed-shape batches with `valid`/`valid_global` masks, `label`
+      and `id`.
+    train_eval_batches: the same over the training split in the evaluation
+      view (for target statistics); `max_batches` caps the pass.
+  """
+  info: dict
+  train: Any
+  eval_batches: Callable[[], Iterator[dict[str, np.ndarray]]]
+  train_eval_batches: Callable[..., Iterator[dict[str, np.ndarray]]]
+
+
+def open_in_memory(d, seed: int, process_index: int = 0,
+                   process_count: int = 1) -> Dataset:
+  """The in-memory datasets (`AVAILABLE`) behind the `Dataset` interface."""
+  train, test, info = create_splits(
+      d.name, fold=d.fold, num_folds=d.num_folds,
+      label_fraction=d.label_fraction, seed=seed,
+      data_dir=d.data_dir or None)
+  info = dict(info, labelled=True)
+  batches = TrainBatches(train, d.batch_size, seed, process_index,
+                         process_count, augment=d.augment,
+                         fill=info.get('black', 0.0))
+
+  def over(split, batch_size):
+    def fn(max_batches: int | None = None):
+      for i, b in enumerate(eval_batches(split, batch_size, process_index,
+                                         process_count)):
+        if max_batches is not None and i >= max_batches:
+          return
+        yield b
+    return fn
+
+  return Dataset(info=info, train=ArrayStream(batches),
+                 eval_batches=over(test, d.eval_batch_size),
+                 train_eval_batches=over(train, d.eval_batch_size))
+
+
+def open_dataset(d, seed: int, process_index: int = 0,
+                 process_count: int = 1) -> Dataset:
+  """`config.data` -> a `Dataset`: in-memory for `AVAILABLE` names, else a
+  TFDS/builder dataset (`'<kind>:<name>'`) read through grain."""
+  if d.name in AVAILABLE:
+    return open_in_memory(d, seed, process_index, process_count)
+  if ':' not in d.name:
+    raise DataError(f'unknown dataset {d.name!r}; available: '
+                    f'{", ".join(AVAILABLE)}, or "tfds:<name>" / '
+                    '"<kind>:<name>" for prepared TFDS datasets')
+  from gendd_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  try:
+    return input_pipeline.open_dataset(d, seed, process_index,
+                                       process_count)
+  except input_pipeline.PipelineError as e:
+    raise DataError(str(e)) from e

@@ -372,7 +372,7 @@ def make_spec(config, stage, graphdef, teacher_graphdef, ospec, mesh
                   kd_weight=float(config.kd.kd_weight), **kw)
 
 
-def target_stats(config, teacher, teacher_graphdef, train, mesh, batch_size
+def target_stats(config, teacher, teacher_graphdef, batches, mesh
                  ) -> tuple[dict[str, jax.Array] | None, float]:
   """Target standardisation statistics and the data range for x0 clipping.
 
@@ -390,9 +390,11 @@ def target_stats(config, teacher, teacher_graphdef, train, mesh, batch_size
                     teacher['batch_stats'])
   fwd = jax.jit(lambda x: model(x)[0])
   feats = []
-  for b in data_lib.eval_batches(train, batch_size):
-    f = np.asarray(fwd(jnp.asarray(b['image'])))
-    feats.append(f[b['valid'] > 0])
+  for b in batches:  # This process's slice of each global batch.
+    f, valid = fwd(jnp.asarray(b['image'])), b['valid']
+    if jax.process_count() > 1:  # Same statistics on every process.
+      f, valid = multihost_utils.process_allgather((f, valid), tiled=True)
+    feats.append(np.asarray(f)[np.asarray(valid) > 0])
   feats = np.concatenate(feats)
   w = np.asarray(_classifier(teacher)[0])
   if norm == 'none':
@@ -419,29 +421,36 @@ def _strip_labels(stage: str, batch: dict[str, np.ndarray]
     return {'image': batch['image']}
   if use == 'all':
     return {'image': batch['image'], 'label': batch['label']}
-  return batch
+  return {k: batch[k] for k in ('image', 'label', 'label_mask') if k in batch}
 
 
-def evaluate(eval_step, state, teacher, split, batch_size, mesh
-             ) -> dict[str, Any]:
-  """Runs `eval_step` over `split`; returns accuracies and predictions."""
+def evaluate(eval_step, state, teacher, batches, mesh) -> dict[str, Any]:
+  """Runs `eval_step` over `batches` (every example once, with `valid`
+  masks); returns accuracies, predictions, labels and example ids."""
   preds: dict[str, list[np.ndarray]] = {}
   diags: dict[str, list[np.ndarray]] = {}
-  for i, b in enumerate(data_lib.eval_batches(split, batch_size)):
+  labels, index = [], []
+  for i, b in enumerate(batches):
     valid = b['valid'] > 0
     sb = sharding.shard_batch({'image': b['image']}, mesh)
     out = eval_step(state, teacher, sb, jnp.int32(i))
+    lab, ids = b['label'], b['id']
     if jax.process_count() > 1:  # Every process sees every prediction.
-      out = multihost_utils.process_allgather(out, tiled=True)
+      out, lab, ids = multihost_utils.process_allgather((out, lab, ids),
+                                                        tiled=True)
       valid = b['valid_global'] > 0
+    labels.append(np.asarray(lab)[valid])
+    index.append(np.asarray(ids)[valid])
     for dest, values in zip((preds, diags), out):
       for k, v in values.items():
         dest.setdefault(k, []).append(np.asarray(v)[valid])
+  labels, index = np.concatenate(labels), np.concatenate(index)
   preds = {k: np.concatenate(v) for k, v in preds.items()}
-  accs = {k: float(np.mean(v == split.labels) * 100.0)
+  accs = {k: float(np.mean(v == labels) * 100.0)
           for k, v in preds.items()}
   diag = {k: float(np.median(np.concatenate(v))) for k, v in diags.items()}
-  return dict(accuracy=accs, predictions=preds, diagnostics=diag)
+  return dict(accuracy=accs, predictions=preds, diagnostics=diag,
+              labels=labels, index=index)
 
 
 def _writer(workdir: str):
@@ -485,14 +494,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   except ValueError as e:
     raise ConfigError(str(e)) from e
   d = config.data
-  train, test, info = data_lib.create_splits(
-      d.name, fold=d.fold, num_folds=d.num_folds,
-      label_fraction=d.label_fraction, seed=config.seed,
-      data_dir=d.data_dir or None)
-  batches = data_lib.TrainBatches(train, d.batch_size, config.seed,
-                                  jax.process_index(), jax.process_count(),
-                                  augment=d.augment,
-                                  fill=info.get('black', 0.0))
+  dataset = data_lib.open_dataset(d, config.seed, jax.process_index(),
+                                  jax.process_count())
+  info, stream = dataset.info, dataset.train
+  if LABELS[stage] != 'none' and not info['labelled']:
+    raise ConfigError(f'stage {stage!r} needs labels; dataset {d.name!r} '
+                      'has none (use kl or gendd_unsup)')
 
   module = create_model(config, info, stage)  # Checks settings before I/O.
   teacher, teacher_graphdef = {}, None
@@ -502,11 +509,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     load_backbone_init(config, info, module, mesh)
   rep = sharding.replicated(mesh)
   graphdef, params, batch_stats = nnx.split(module, nnx.Param, nnx.BatchStat)
-  ospec = optim_spec(config, stage, batches.steps_per_epoch)
+  ospec = optim_spec(config, stage, stream.steps_per_epoch)
   spec = make_spec(config, stage, graphdef, teacher_graphdef, ospec, mesh)
   if stage in ('gendd', 'gendd_unsup'):
-    stats, bound = target_stats(config, teacher, teacher_graphdef, train,
-                                mesh, d.eval_batch_size)
+    stats, bound = target_stats(config, teacher, teacher_graphdef,
+                                dataset.train_eval_batches(
+                                    d.get('stats_batches') or None), mesh)
     if stats is not None:
       teacher['target_stats'] = stats
     teacher['clip_bound'] = jax.device_put(jnp.float32(bound), rep)
@@ -520,8 +528,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                max_to_keep=config.keep_checkpoints)
   start = 0
   if ckpt.latest_step() is not None:
-    state, _ = ckpt.restore(ckpt_lib.abstract_like(state, rep))
+    state, ckpt_meta = ckpt.restore(ckpt_lib.abstract_like(state, rep))
     start = int(state['step'])
+    if 'data_state' in ckpt_meta:
+      stream.set_state(ckpt_meta['data_state'])
+    elif isinstance(stream, data_lib.ArrayStream):
+      stream.step = start  # A checkpoint from before data states were kept.
+    else:
+      raise ckpt_lib.CheckpointError(
+          f'checkpoint {ckpt.latest_step()} in {workdir} has no data-iterator '
+          'state to resume the example stream from')
     if not quiet:
       print(f'[{stage}] resumed from step {start} ({workdir})', flush=True)
 
@@ -536,8 +552,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     history = []  # Periodic evaluations of this invocation.
     log_every = max(1, config.log_every_steps)
     for step in range(start, total):
-      batch = sharding.shard_batch(_strip_labels(stage, batches.batch(step)),
-                                   mesh)
+      batch = sharding.shard_batch(_strip_labels(stage, next(stream)), mesh)
       state, metrics = train_step(state, teacher, batch)
       done = step + 1
       if done % log_every == 0 or done == total:
@@ -559,11 +574,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 flush=True)
       every = config.checkpoint_every_steps
       if every and done % every == 0 and done < total:
-        ckpt.save(done, state, {'stage': stage})
+        ckpt.save(done, state, {'stage': stage},
+                  data_state=stream.get_state())
       if (config.eval_every_steps and done % config.eval_every_steps == 0 and
           done < total):
-        res = evaluate(eval_step, state, teacher, test, d.eval_batch_size,
-                       mesh)
+        res = evaluate(eval_step, state, teacher, dataset.eval_batches(), mesh)
         history.append(dict(step=done, accuracy=res['accuracy']))
         writer.write_scalars(done, {f'eval/{k}': v
                                     for k, v in res['accuracy'].items()})
@@ -572,9 +587,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           print(f'[{stage}] eval at step {done}: {accs}', flush=True)
     train_time = time.time() - t0
     if start < total:
-      ckpt.save(total, state, {'stage': stage})
+      ckpt.save(total, state, {'stage': stage},
+                data_state=stream.get_state())
     t1 = time.time()
-    res = evaluate(eval_step, state, teacher, test, d.eval_batch_size, mesh)
+    res = evaluate(eval_step, state, teacher, dataset.eval_batches(), mesh)
     eval_time = time.time() - t1
     writer.write_scalars(total, {f'eval/{k}': v
                                  for k, v in res['accuracy'].items()})
@@ -594,7 +610,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       eval_seconds=eval_time, accuracy=res['accuracy'],
       diagnostics=res['diagnostics'], periodic_eval=history,
       predictions={k: v.tolist() for k, v in res['predictions'].items()},
-      labels=test.labels.tolist(), index=test.index.tolist())
+      labels=res['labels'].tolist(), index=res['index'].tolist())
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'results.json'), 'w') as f:
       json.dump(results, f)

@@ -153,8 +153,9 @@ class StageTest(parameterized.TestCase):
     epoch_means = np.asarray(losses).reshape(4, 7).mean(1)
     self.assertTrue(np.all(np.diff(epoch_means) < 0), epoch_means)
     self.assertLess(np.mean(losses[-3:]), 0.6 * losses[0])
-    res = train.evaluate(eval_step, state, {}, test_split,
-                         d.eval_batch_size, mesh)
+    res = train.evaluate(eval_step, state, {},
+                         data_lib.eval_batches(test_split, d.eval_batch_size),
+                         mesh)
     self.assertEqual(set(res['accuracy']), {'acc'})
     self.assertGreater(res['accuracy']['acc'], 60.0)  # Chance: 10%.
     self.assertLen(res['predictions']['acc'], len(test_split))

@@ -1,0 +1,363 @@
+"""grain input pipelines over random-access sources (TFDS `array_record`).
+
+Training stream, per process:
+
+  source[p::P] -> shuffle(seed), reshuffled every epoch -> decode + augment
+  (per-example rng from (seed, index)) -> skip undecodable images ->
+  batch(local) -> batch transform (mixup/cutmix, label smoothing)
+
+Process `p` of `P` reads only its own slice of the records (every example once
+per epoch over all processes); its batches are the `p`-th slices of the
+global batch, assembled on device with `jax.make_array_from_process_local_data`
+(`sharding.shard_batch`). The stream is a pure function of the seed and the
+process count, and the iterator state (`get_state`/`set_state`, a small
+JSON-able dict) is saved with every checkpoint, so a resumed run continues
+the exact example stream.
+
+Evaluation reads every example exactly once: global batches of fixed shape,
+padded at the end with `valid = 0` rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import grain
+import numpy as np
+
+Example = dict[str, Any]
+# (raw record, rng) -> example dict, or None to skip the record.
+ExampleFn = Callable[[Mapping[str, Any], np.random.Generator],
+                     'Example | None']
+# (batch dict, rng) -> batch dict.
+BatchFn = Callable[[Example, np.random.Generator], Example]
+
+
+class PipelineError(ValueError):
+  """The pipeline cannot be built from the given settings."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadSettings:
+  """How much host parallelism the pipeline uses.
+
+  Attributes:
+    num_threads: threads reading and transforming records.
+    prefetch: examples buffered ahead of the consumer.
+    num_workers: separate worker processes (0: none). Changing it changes
+      the order of the stream, so a run must resume with the same value.
+  """
+  num_threads: int = 8
+  prefetch: int = 256
+  num_workers: int = 0
+
+
+def _with_index(index: int, record: Mapping[str, Any]) -> dict[str, Any]:
+  """Adds the record's position in the source as `_index` (its example id
+  when the source has none of its own)."""
+  out = dict(record)
+  out['_index'] = index
+  return out
+
+
+class _Indexer:
+  """`_with_index` modulo the source length (grain passes the indices of a
+  repeated dataset through unchanged); a class, so worker processes can
+  pickle it."""
+
+  def __init__(self, n: int):
+    self.n = n
+
+  def __call__(self, index: int, record: Mapping[str, Any]):
+    return _with_index(index % self.n, record)
+
+
+def _stack(examples: Sequence[Example]) -> Example:
+  return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+
+
+class SkipCounter:
+  """Counts records an example function rejected (e.g. corrupt images)."""
+
+  def __init__(self, what: str = 'records'):
+    self.what = what
+    self.count = 0
+    self.first: list[str] = []
+
+  def add(self, name: str) -> None:
+    self.count += 1
+    if len(self.first) < 5:
+      self.first.append(name)
+    if self.count in (1, 10, 100, 1000) or self.count % 10000 == 0:
+      logging.warning('skipped %d %s so far (first: %s)', self.count,
+                      self.what, ', '.join(self.first))
+
+
+class TrainStream:
+  """The training batches of one process, as a resumable iterator.
+
+  Args:
+    source: random-access records (`len`, `__getitem__`), e.g.
+      `tfds.data_source(...)`.
+    global_batch: examples per step over all processes.
+    seed: seeds shuffling and every per-example random choice.
+    example_fn: record, rng -> example dict (decode + augment), or None to
+      skip the record. The record carries its source position as `_index`.
+    batch_fn: optional batch, rng -> batch (mixup/cutmix).
+    process_index, process_count: this process's slice of the records.
+    read: threads, prefetch and worker processes.
+  """
+
+  def __init__(self, source, global_batch: int, seed: int,
+               example_fn: ExampleFn, batch_fn: BatchFn | None = None, *,
+               process_index: int = 0, process_count: int = 1,
+               read: ReadSettings = ReadSettings()):
+    if global_batch < 1 or global_batch % process_count:
+      raise PipelineError(f'batch size {global_batch} must be positive and '
+                          f'divisible by the {process_count} processes')
+    n = len(source)
+    self.local_batch = global_batch // process_count
+    self.shard_size = len(range(process_index, n, process_count))
+    if self.shard_size < self.local_batch:
+      raise PipelineError(
+          f'process {process_index} holds {self.shard_size} of the {n} '
+          f'training examples, fewer than its batch of {self.local_batch}')
+    self.steps_per_epoch = self.shard_size // self.local_batch
+    ds = grain.MapDataset.source(source).map_with_index(_Indexer(n))
+    ds = ds[process_index::process_count]
+    ds = ds.shuffle(seed=seed).repeat(None)
+    ds = ds.random_map(example_fn, seed=seed + 1)
+    it = ds.to_iter_dataset(grain.ReadOptions(
+        num_threads=read.num_threads, prefetch_buffer_size=read.prefetch))
+    it = it.batch(self.local_batch, drop_remainder=True, batch_fn=_stack)
+    if batch_fn is not None:
+      it = it.random_map(batch_fn, seed=seed + 2)
+    if read.num_workers:
+      it = it.mp_prefetch(grain.MultiprocessingOptions(
+          num_workers=read.num_workers))
+    self._dataset = it
+    self._iter = None
+
+  def __iter__(self) -> 'TrainStream':
+    return self
+
+  def __next__(self) -> Example:
+    if self._iter is None:
+      self._iter = iter(self._dataset)
+    return next(self._iter)
+
+  def get_state(self) -> dict[str, Any]:
+    if self._iter is None:
+      self._iter = iter(self._dataset)
+    return self._iter.get_state()
+
+  def set_state(self, state: Mapping[str, Any]) -> None:
+    if self._iter is None:
+      self._iter = iter(self._dataset)
+    try:
+      self._iter.set_state(dict(state))
+    except (ValueError, KeyError, TypeError) as e:
+      raise PipelineError(
+          f'the saved data-iterator state does not fit this pipeline (was '
+          f'the run started with other data settings?): {e}') from e
+
+
+def eval_batches(source, global_batch: int, example_fn: ExampleFn, *,
+                 process_index: int = 0, process_count: int = 1,
+                 read: ReadSettings = ReadSettings()
+                 ) -> Iterator[Example]:
+  """Fixed-shape batches covering every record once, in order.
+
+  Each yielded dict holds this process's slice of one global batch plus
+  `valid` (its rows) and `valid_global` (all rows): padding rows, and
+  records `example_fn` rejects, have valid 0.
+  """
+  n = len(source)
+  if global_batch < 1 or global_batch % process_count:
+    raise PipelineError(f'eval batch size {global_batch} must be positive '
+                        f'and divisible by the {process_count} processes')
+  local = global_batch // process_count
+  num_batches = -(-n // global_batch)
+  rng = np.random.default_rng(0)  # Evaluation views are deterministic.
+
+  def load(index: int) -> Example | None:
+    if index >= n:
+      return None
+    return example_fn(_with_index(index, source[index]), rng)
+
+  template: list[Example] = []
+
+  def make_batch(b: int) -> Example:
+    ids = np.arange(b * global_batch, (b + 1) * global_batch)
+    examples = [load(int(i)) for i in ids]
+    valid = np.array([e is not None for e in examples], np.float32)
+    if not template:
+      first = next((e for e in examples if e is not None), None)
+      if first is None:
+        raise PipelineError('no decodable example in an evaluation batch')
+      template.append({k: np.zeros_like(v) for k, v in first.items()})
+    examples = [e if e is not None else template[0] for e in examples]
+    part = slice(process_index * local, (process_index + 1) * local)
+    out = _stack(examples[part])
+    out['valid'] = valid[part]
+    out['valid_global'] = valid
+    out.setdefault('id', ids[part].astype(np.int64))
+    return out
+
+  ds = grain.MapDataset.range(num_batches).map(make_batch)
+  yield from ds.to_iter_dataset(grain.ReadOptions(
+      num_threads=max(1, min(read.num_threads, 4)),
+      prefetch_buffer_size=4))
+
+
+# ---------------------------------------------------------------------------
+# TFDS datasets through grain: sources, per-example functions, info.
+# ---------------------------------------------------------------------------
+
+
+def parse_name(name: str) -> tuple[str, str]:
+  """`'tfds:imagenet2012'` -> ('tfds', 'imagenet2012'); the builders of
+  `gendd_jax.build_dataset` are named `'<kind>:<name>'` likewise."""
+  if ':' not in name:
+    raise PipelineError(f'data.name {name!r}: expected "<kind>:<name>", e.g. '
+                        '"tfds:imagenet2012" or "folder:my_images"')
+  kind, _, rest = name.partition(':')
+  if not rest:
+    raise PipelineError(f'data.name {name!r} names no dataset')
+  return kind, rest
+
+
+def open_source(name: str, split: str, data_dir: str | None,
+                decode_images: bool = False):
+  """A random-access source of the records of `name`/`split`.
+
+  Images stay encoded (decoded and augmented in the pipeline, where a
+  corrupt one is skipped and counted) unless `decode_images`.
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  kind, dataset = parse_name(name)
+  if kind == 'tfds':
+    decoders = None if decode_images else {
+        'image': tfds.decode.SkipDecoding()}
+    try:
+      return tfds.data_source(dataset, split=split, data_dir=data_dir or None,
+                              decoders=decoders)
+    except Exception as e:  # pylint: disable=broad-except
+      raise PipelineError(
+          f'cannot open TFDS dataset {dataset!r} split {split!r} in data_dir '
+          f'{data_dir or "(default)"} ({type(e).__name__}: '
+          f'{str(e).splitlines()[0] if str(e) else ""}); prepare it first '
+          '(array_record format), see the README') from e
+  from gendd_jax import builders  # pylint: disable=g-import-not-at-top
+  try:
+    return builders.load_source(kind, dataset, data_dir, split)
+  except builders.BuildError as e:
+    raise PipelineError(str(e)) from e
+
+
+def source_num_classes(source) -> int | None:
+  """The label count recorded in a TFDS source's metadata, if any."""
+  info = getattr(source, 'dataset_info', None)
+  try:
+    return int(info.features['label'].num_classes)
+  except (AttributeError, KeyError, TypeError):
+    return None
+
+
+def example_fn(transform: Callable[[np.ndarray, np.random.Generator],
+                                   np.ndarray],
+               skipped: SkipCounter | None = None,
+               labelled: bool = True) -> ExampleFn:
+  """record -> `{image, id[, label, label_mask]}`; None (counted) when the
+  image cannot be decoded."""
+  from gendd_jax import augment  # pylint: disable=g-import-not-at-top
+
+  def fn(record, rng):
+    image = record['image']
+    if isinstance(image, (bytes, np.bytes_)):
+      try:
+        image = augment.decode(bytes(image))
+      except augment.CorruptImageError:
+        if skipped is not None:
+          skipped.add(str(record.get('file_name', record['_index'])))
+        return None
+    out = {'image': np.asarray(transform(np.asarray(image), rng),
+                               np.float32),
+           'id': np.int64(record.get('id', record['_index']))}
+    if labelled and 'label' in record:
+      out['label'] = np.int32(record['label'])
+      out['label_mask'] = np.bool_(True)
+    return out
+  return fn
+
+
+def _mixer(d, num_classes: int) -> BatchFn | None:
+  """Mixup/CutMix and label smoothing as a batch transform (soft labels)."""
+  if not (d.mixup > 0 or d.cutmix > 0 or d.label_smoothing > 0):
+    return None
+  from gendd_jax import augment  # pylint: disable=g-import-not-at-top
+
+  def fn(batch, rng):
+    if 'label' not in batch:
+      return batch
+    images, labels = augment.mix_batch(
+        batch['image'], batch['label'], num_classes, rng,
+        mixup_alpha=d.mixup, cutmix_alpha=d.cutmix,
+        switch_prob=d.mix_switch_prob, label_smoothing=d.label_smoothing)
+    return dict(batch, image=images, label=labels)
+  return fn
+
+
+def open_dataset(d, seed: int, process_index: int = 0,
+                 process_count: int = 1):
+  """A TFDS/builder dataset (`data.name = '<kind>:<name>'`) as a
+  `data.Dataset` read through grain."""
+  from gendd_jax import augment  # pylint: disable=g-import-not-at-top
+  from gendd_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  read = ReadSettings(num_threads=d.num_threads, prefetch=d.prefetch,
+                      num_workers=d.num_workers)
+  data_dir = d.data_dir or None
+  train_src = open_source(d.name, d.train_split, data_dir)
+  eval_src = open_source(d.name, d.eval_split, data_dir)
+  num_classes = int(d.num_classes) or source_num_classes(train_src)
+  if not num_classes:
+    raise PipelineError(f'{d.name} records no label count; set '
+                        'data.num_classes')
+  try:
+    train_view = augment.train_transform(d.augment, d.image_size)
+    eval_view = augment.eval_transform(d.augment, d.image_size)
+  except ValueError as e:
+    raise PipelineError(str(e)) from e
+  first = train_src[0]
+  labelled = 'label' in first
+  skipped = SkipCounter('undecodable training images')
+  stream = TrainStream(
+      train_src, d.batch_size, seed, example_fn(train_view, skipped,
+                                                labelled),
+      _mixer(d, num_classes) if labelled else None,
+      process_index=process_index, process_count=process_count, read=read)
+  if d.label_fraction < 1.0:
+    raise PipelineError('data.label_fraction < 1 is only supported for the '
+                        'in-memory datasets')
+
+  def batches(src, max_batches=None):
+    fn = example_fn(eval_view, SkipCounter('undecodable evaluation images'),
+                    labelled)
+    it = eval_batches(src, d.eval_batch_size, fn,
+                      process_index=process_index,
+                      process_count=process_count, read=read)
+    for i, b in enumerate(it):
+      if max_batches is not None and i >= max_batches:
+        return
+      yield b
+
+  info = dict(num_classes=num_classes, labelled=labelled,
+              input_shape=(d.image_size, d.image_size, 3),
+              num_examples=len(train_src), skipped=skipped)
+  return data_lib.Dataset(
+      info=info, train=stream,
+      eval_batches=lambda: batches(eval_src),
+      train_eval_batches=lambda max_batches=None: batches(train_src,
+                                                          max_batches))
