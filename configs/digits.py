@@ -26,6 +26,7 @@ tests and the notebook.
 
 import ml_collections
 
+from gendd_jax import config_lib
 from gendd_jax.config_lib import stage
 
 
@@ -40,8 +41,7 @@ def get_config(arg: str = ''):
       name='digits', data_dir='', augment='none', fold=0, num_folds=5,
       label_fraction=0.1, batch_size=128, eval_batch_size=400))
 
-  c.teacher = ml_collections.ConfigDict(dict(
-      model='mlp', hidden=(256, 64), checkpoint=''))
+  c.teacher = config_lib.teacher_block('mlp', hidden=(256, 64))
   c.student = ml_collections.ConfigDict(dict(
       model='mlp', hidden=(64, 32), init_from=''))
 
@@ -79,6 +79,7 @@ def get_config(arg: str = ''):
       stages=('teacher', 'scratch', 'kd', 'stage1', 'gendd', 'kl',
               'gendd_unsup')))
 
+  c.precompute = config_lib.precompute_block()
   c.log_every_steps = 100
   c.eval_every_steps = 0
   c.checkpoint_every_steps = 0

@@ -12,12 +12,18 @@ Settings:
   cifar      the CIFAR-100 GenDD step of the paper: resnet32x4 teacher
              forward + resnet8x4 student + diffusion head (token_dim 64,
              width 1024, depth 3, diffusion_batch_mul 30, batch 64) and
-             100-step CFG (scale 2) evaluation at batch 64.
+             100-step CFG (scale 2) evaluation at batch 64;
+  cifar_precomputed  the same step with precomputed teacher features in the
+             batch (`teacher.source = 'precomputed'`): no teacher forward;
+  imagenet, imagenet_precomputed  the train step of BEiT-v2-L -> ResNet-50
+             at 224x224 (head token 64, width 1024, depth 3, mul 10, batch
+             8), with and without the teacher forward (not run by default).
 Each figure is the median over `repeats` timed runs after compilation.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import platform
 import statistics
@@ -114,11 +120,15 @@ def bench_head_only(repeats: int, steps: int, *, feature_dim=2048,
 
 
 def _bench_gendd(config, info, train_batch, eval_images, repeats: int,
-                 steps: int) -> dict:
+                 steps: int, precomputed: bool = False) -> dict:
   """Times the full GenDD train step and sampling evaluation of `config`
-  (randomly initialised teacher and student) on fixed batches."""
+  (randomly initialised teacher and student) on fixed batches; with
+  `precomputed`, the batch carries the teacher features and the step runs
+  no teacher forward (`teacher.source = 'precomputed'`)."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from gendd_jax import optim  # pylint: disable=g-import-not-at-top
   from gendd_jax import sharding  # pylint: disable=g-import-not-at-top
@@ -135,6 +145,11 @@ def _bench_gendd(config, info, train_batch, eval_images, repeats: int,
   graphdef, params, bs = nnx.split(module, nnx.Param, nnx.BatchStat)
   ospec = train.optim_spec(config, 'gendd', 100)
   spec = train.make_spec(config, 'gendd', graphdef, t_graphdef, ospec, mesh)
+  if precomputed:
+    spec = dataclasses.replace(spec, precomputed=True)
+    t_model = nnx.merge(t_graphdef, t_params, t_bs)
+    train_batch = dict(train_batch, teacher_feature=np.asarray(
+        jax.jit(lambda x: t_model(x)[0])(train_batch['image'])))
   train_step, eval_step = train.build_steps(spec)
   tx = optim.create_optimizer(ospec)
   rep = sharding.replicated(mesh)
@@ -157,15 +172,18 @@ def _bench_gendd(config, info, train_batch, eval_images, repeats: int,
                                     jnp.int32(0)))
 
   g, smp = config.gendd, config.sampler
+  evaluation = (_median_rate(eval_once, n_eval, 1, repeats) if n_eval
+                else None)
   return dict(
       setting=dict(teacher=config.teacher.model, student=config.student.model,
+                   teacher_source='precomputed' if precomputed else 'model',
                    batch=n_train, eval_batch=n_eval, token_dim=g.token_dim,
                    width=g.width, depth=g.depth,
                    diffusion_batch_mul=g.diffusion_batch_mul,
                    sampling_steps=smp.steps, cfg_scale=smp.cfg_scale,
                    num_sampling=smp.num_sampling),
       train=_median_rate(train_once, n_train, steps, repeats),
-      eval=_median_rate(eval_once, n_eval, 1, repeats))
+      eval=evaluation)
 
 
 def bench_digits(repeats: int, steps: int) -> dict:
@@ -192,7 +210,8 @@ def bench_digits(repeats: int, steps: int) -> dict:
 
 def bench_cifar(repeats: int, steps: int, *, teacher='resnet32x4',
                 student='resnet8x4', batch=64, eval_batch=64, width=1024,
-                depth=3, mul=30, sampling_steps='100') -> dict:
+                depth=3, mul=30, sampling_steps='100',
+                precomputed: bool = False) -> dict:
   """The CIFAR-100 GenDD step: teacher forward, student, diffusion head
   (token 64, width 1024, depth 3, diffusion_batch_mul 30, batch 64), and
   100-step CFG evaluation, on random 32x32 images (throughput does not
@@ -211,7 +230,35 @@ def bench_cifar(repeats: int, steps: int, *, teacher='resnet32x4',
       label=rng.integers(0, 100, batch).astype(np.int32),
       label_mask=np.ones(batch, bool))
   eval_images = rng.normal(size=(eval_batch, 32, 32, 3)).astype(np.float32)
-  return _bench_gendd(config, info, train_batch, eval_images, repeats, steps)
+  return _bench_gendd(config, info, train_batch, eval_images, repeats, steps,
+                      precomputed)
+
+
+def bench_imagenet(repeats: int, steps: int, *,
+                   teacher='beitv2_large_patch16_224', student='resnet50',
+                   batch=8, image_size=224, width=1024, depth=3, mul=10,
+                   precomputed: bool = False) -> dict:
+  """The ImageNet GenDD train step of the paper's strongest pair (BEiT-v2-L
+  teacher, ResNet-50 student, head token 64 / width 1024 / depth 3 / mul
+  10), with or without the teacher forward; training only (evaluation does
+  not depend on where the training targets come from)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from gendd_jax import config_lib  # pylint: disable=g-import-not-at-top
+
+  config = config_lib.cifar100(teacher=teacher, student=student)
+  config.gendd.width, config.gendd.depth = width, depth
+  config.gendd.diffusion_batch_mul = mul
+  config.sampler.steps = '64'
+  info = dict(num_classes=1000, input_shape=(image_size, image_size, 3))
+  rng = np.random.default_rng(0)
+  train_batch = dict(
+      image=rng.normal(size=(batch, image_size, image_size, 3)).astype(
+          np.float32),
+      label=rng.integers(0, 1000, batch).astype(np.int32),
+      label_mask=np.ones(batch, bool))
+  eval_images = np.zeros((0, image_size, image_size, 3), np.float32)
+  return _bench_gendd(config, info, train_batch, eval_images, repeats, steps,
+                      precomputed)
 
 
 def main(argv):
@@ -223,7 +270,12 @@ def main(argv):
                           devices=[str(d) for d in jax.devices()]),
              repeats=_REPEATS.value)
   runners = dict(digits=bench_digits, head_only=bench_head_only,
-                 cifar=bench_cifar)
+                 cifar=bench_cifar,
+                 cifar_precomputed=functools.partial(bench_cifar,
+                                                     precomputed=True),
+                 imagenet=bench_imagenet,
+                 imagenet_precomputed=functools.partial(bench_imagenet,
+                                                        precomputed=True))
   for name in _SETTINGS.value:
     if name not in runners:
       raise app.UsageError(f'unknown setting {name!r}; expected one of '

@@ -42,6 +42,23 @@ def stage(epochs: float, lr: float, *, weight_decay: float = 1e-4,
       beta2_min=beta2_min, beta2_max=beta2_max))
 
 
+def teacher_block(model: str, **settings) -> ml_collections.ConfigDict:
+  """The teacher: its model, its export (`checkpoint`), and where its
+  outputs come from during training: 'model' (a forward pass per step) or
+  'precomputed' (`features`, written by `python -m gendd_jax.precompute`)."""
+  return ml_collections.ConfigDict(dict(
+      model=model, checkpoint='', source='model', features='', **settings))
+
+
+def precompute_block() -> ml_collections.ConfigDict:
+  """Settings of `python -m gendd_jax.precompute`: augmented `views` per
+  example beside the deterministic one, their seed, the stored dtype,
+  whether to keep logits (for kd/kl), records per shard."""
+  return ml_collections.ConfigDict(dict(
+      views=0, aug_seed=0, dtype='float32', logits=False,
+      shard_size=100_000))
+
+
 # Teachers whose reference learning rate is 0.01 instead of 0.05.
 _CIFAR_LOW_LR = ('mobilenetv2', 'shufflev1', 'shufflev2')
 
@@ -64,7 +81,7 @@ def cifar100(teacher: str = 'resnet32x4', student: str = 'resnet8x4'
   c.data = ml_collections.ConfigDict(dict(
       name='cifar100', data_dir='', augment='cifar', fold=0, num_folds=1,
       label_fraction=1.0, batch_size=64, eval_batch_size=500))
-  c.teacher = ml_collections.ConfigDict(dict(model=teacher, checkpoint=''))
+  c.teacher = teacher_block(teacher)
   c.student = ml_collections.ConfigDict(dict(model=student, init_from=''))
   c.gendd = ml_collections.ConfigDict(dict(
       token_dim=64, width=1024, depth=3, diffusion_batch_mul=30, smooth=0.7,
@@ -90,8 +107,37 @@ def cifar100(teacher: str = 'resnet32x4', student: str = 'resnet8x4'
       gendd_unsup=stage(240, 1e-3, weight_decay=5e-2, warmup_epochs=50,
                         beta2_min=0.95),
   ))
+  c.precompute = precompute_block()
   c.log_every_steps = 200
   c.eval_every_steps = 0
   c.checkpoint_every_steps = 5000
   c.keep_checkpoints = 2
   return c
+
+
+def image_data(name: str, *, image_size: int = 224, augment: str = 'regular',
+               batch_size: int = 512, eval_batch_size: int = 500,
+               mixup: float = 0.0, cutmix: float = 0.0,
+               label_smoothing: float = 0.0, num_classes: int = 0,
+               train_split: str = 'train', eval_split: str = 'validation'
+               ) -> ml_collections.ConfigDict:
+  """A TFDS/builder image dataset read through grain.
+
+  `name` is '<kind>:<name>': 'tfds:imagenet2012', or a dataset made by
+  `python -m gendd_jax.build_dataset` ('folder:...', 'imagenet_lt:...',
+  'unlabeled:...', 'npz:...'). `augment` is 'regular' (random resized crop
+  0.6-1 + flip), 'rand' (plus colour jitter and RandAugment m7), 'cifar' or
+  'none'; evaluation uses resize + centre crop. Mixup/CutMix (switch
+  probability 0.5) and label smoothing make soft labels. `num_threads`,
+  `prefetch` and `num_workers` (worker processes; resume needs the same
+  value) size the host pipeline; `stats_batches` caps the pass over the
+  training set for target statistics (0: all). `eval_name` evaluates on
+  another dataset (needed when the training set has no labels).
+  """
+  return ml_collections.ConfigDict(dict(
+      name=name, eval_name='', data_dir='', train_split=train_split,
+      eval_split=eval_split, image_size=image_size, augment=augment,
+      num_classes=num_classes, batch_size=batch_size,
+      eval_batch_size=eval_batch_size, label_fraction=1.0, mixup=mixup,
+      cutmix=cutmix, mix_switch_prob=0.5, label_smoothing=label_smoothing,
+      num_threads=16, prefetch=512, num_workers=0, stats_batches=20))

@@ -251,10 +251,12 @@ def open_source(name: str, split: str, data_dir: str | None,
           f'{str(e).splitlines()[0] if str(e) else ""}); prepare it first '
           '(array_record format), see the README') from e
   from gendd_jax import builders  # pylint: disable=g-import-not-at-top
+  decoders = None if decode_images else {'image': tfds.decode.SkipDecoding()}
   try:
-    return builders.load_source(kind, dataset, data_dir, split)
-  except builders.BuildError as e:
-    raise PipelineError(str(e)) from e
+    return builders.load_source(kind, dataset, data_dir, split,
+                                decoders=decoders)
+  except (builders.BuildError, ValueError) as e:
+    raise PipelineError(f'{name} split {split!r}: {e}') from e
 
 
 def source_num_classes(source) -> int | None:
@@ -320,8 +322,22 @@ def open_dataset(d, seed: int, process_index: int = 0,
                       num_workers=d.num_workers)
   data_dir = d.data_dir or None
   train_src = open_source(d.name, d.train_split, data_dir)
-  eval_src = open_source(d.name, d.eval_split, data_dir)
-  num_classes = int(d.num_classes) or source_num_classes(train_src)
+  # Label-free training sets (CC3M-style shards) evaluate on another,
+  # labelled dataset, e.g. ImageNet's validation split.
+  eval_name = d.get('eval_name') or d.name
+  try:
+    eval_src = open_source(eval_name, d.eval_split, data_dir)
+  except PipelineError as e:
+    hint = '' if d.get('eval_name') else (
+        '; to evaluate on another dataset set data.eval_name (e.g. '
+        'tfds:imagenet2012)')
+    raise PipelineError(f'{e}{hint}') from e
+  if 'label' not in eval_src[0]:
+    raise PipelineError(f'the evaluation split {eval_name}/{d.eval_split} '
+                        'has no labels; set data.eval_name to a labelled '
+                        'dataset (e.g. tfds:imagenet2012)')
+  num_classes = (int(d.num_classes) or source_num_classes(train_src)
+                 or source_num_classes(eval_src))
   if not num_classes:
     raise PipelineError(f'{d.name} records no label count; set '
                         'data.num_classes')
@@ -344,7 +360,7 @@ def open_dataset(d, seed: int, process_index: int = 0,
 
   def batches(src, max_batches=None):
     fn = example_fn(eval_view, SkipCounter('undecodable evaluation images'),
-                    labelled)
+                    src is eval_src or labelled)
     it = eval_batches(src, d.eval_batch_size, fn,
                       process_index=process_index,
                       process_count=process_count, read=read)

@@ -28,7 +28,8 @@ _DISTRIBUTED = flags.DEFINE_bool(
     'Call jax.distributed.initialize() (multi-host TPU/GPU launches).')
 
 
-def _fail(message: str) -> None:
+def fail(message: str) -> None:
+  """Prints one `error:` line and exits with status 2."""
   print(f'error: {message}', file=sys.stderr, flush=True)
   sys.exit(2)
 
@@ -38,28 +39,29 @@ def _parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    _fail(str(e).splitlines()[0] if str(e) else repr(e))
+    fail(str(e).splitlines()[0] if str(e) else repr(e))
   except (AttributeError, KeyError) as e:
     key = str(e).strip('"\'')
-    _fail(f'unknown config key {key!r} in a --config.* override (see the '
+    fail(f'unknown config key {key!r} in a --config.* override (see the '
           'config file for the available keys)')
   except (TypeError, ValueError) as e:
-    _fail(f'bad configuration: {e}')
+    fail(f'bad configuration: {e}')
   return argv
 
 
-def main(argv: list[str]) -> None:
+def config_and_workdir(argv: list[str]):
+  """The parsed `(config, absolute workdir)`; sets up logging and JAX."""
   if len(argv) > 1:
-    _fail(f'unexpected arguments: {" ".join(argv[1:])}')
+    fail(f'unexpected arguments: {" ".join(argv[1:])}')
   try:
     config = _CONFIG.value
     if config is not None:
       config.get('stage')  # A file that failed to load raises on access.
   except OSError as e:  # config_flags defers file errors to first access.
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    _fail(f'could not load the config file: {lines[-1] if lines else e}')
+    fail(f'could not load the config file: {lines[-1] if lines else e}')
   if config is None or _WORKDIR.value is None:
-    _fail('both --config and --workdir are required')
+    fail('both --config and --workdir are required')
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # Keep library INFO logs out.
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
@@ -67,14 +69,17 @@ def main(argv: list[str]) -> None:
   import jax  # pylint: disable=g-import-not-at-top
   if _DISTRIBUTED.value:
     jax.distributed.initialize()
-  from gendd_jax import errors  # pylint: disable=g-import-not-at-top
-  from gendd_jax import pipeline  # pylint: disable=g-import-not-at-top
-  from gendd_jax import train  # pylint: disable=g-import-not-at-top
-
-  workdir = os.path.abspath(_WORKDIR.value)
   print(f'JAX {jax.__version__}: {jax.device_count()} device(s) '
         f'({jax.devices()[0].platform}), {jax.process_count()} process(es)',
         flush=True)
+  return config, os.path.abspath(_WORKDIR.value)
+
+
+def main(argv: list[str]) -> None:
+  config, workdir = config_and_workdir(argv)
+  from gendd_jax import errors  # pylint: disable=g-import-not-at-top
+  from gendd_jax import pipeline  # pylint: disable=g-import-not-at-top
+  from gendd_jax import train  # pylint: disable=g-import-not-at-top
   try:
     if config.stage == 'pipeline':
       pipeline.run(config, workdir)
@@ -84,7 +89,7 @@ def main(argv: list[str]) -> None:
       print(f'{config.stage}: {accs} (results in {workdir}/results.json)',
             flush=True)
   except errors.USER_ERRORS as e:
-    _fail(str(e))
+    fail(str(e))
 
 
 if __name__ == '__main__':

@@ -82,13 +82,18 @@ class StepSpec:
   clip_to_data: bool = False
   # Also evaluate the data-clipped sampler beside the configured one.
   also_clipped: bool = False
+  # Teacher outputs come precomputed in the batch (`teacher_feature`,
+  # `teacher_logits`); the training step runs no teacher forward.
+  precomputed: bool = False
 
 
 def _merge(graphdef, variables):
   return nnx.merge(graphdef, variables['params'], variables['batch_stats'])
 
 
-def _teacher_forward(spec: StepSpec, teacher, image):
+def _teacher_forward(spec: StepSpec, teacher, image, batch=None):
+  if spec.precomputed and batch is not None:
+    return batch.get('teacher_feature'), batch.get('teacher_logits')
   model = _merge(spec.teacher_graphdef, teacher)
   feat, logits = model(image, train=False)
   return jax.lax.stop_gradient(feat), jax.lax.stop_gradient(logits)
@@ -120,7 +125,7 @@ def _losses(spec: StepSpec, schedule, params, batch_stats, teacher, batch,
     if spec.stage in ('teacher', 'scratch'):
       loss = gendd.cross_entropy(logits, labels, mask)
     else:
-      _, t_logits = _teacher_forward(spec, teacher, image)
+      _, t_logits = _teacher_forward(spec, teacher, image, batch)
       kl = gendd.distill_kl(logits, t_logits, spec.kd_temperature)
       metrics['kl'] = kl
       loss = spec.kd_weight * kl
@@ -133,7 +138,7 @@ def _losses(spec: StepSpec, schedule, params, batch_stats, teacher, batch,
     logits = model(image, w, b, train=True)
     loss = gendd.cross_entropy(logits, labels, mask)
   else:  # gendd, gendd_unsup
-    t_feat, _ = _teacher_forward(spec, teacher, image)
+    t_feat, _ = _teacher_forward(spec, teacher, image, batch)
     w, _ = _classifier(teacher)
     target = gendd.contract_target(t_feat, labels, w, spec.smooth, mask)
     if 'target_stats' in teacher:
@@ -233,7 +238,8 @@ def build_steps(spec: StepSpec) -> tuple[Callable, Callable]:
 def create_backbone(cfg: ml_collections.ConfigDict, info, seed: int):
   """The backbone named by a `teacher`/`student` config block."""
   kwargs = {k: v for k, v in cfg.items()
-            if k not in ('model', 'checkpoint', 'init_from')}
+            if k not in ('model', 'checkpoint', 'init_from', 'source',
+                         'features')}
   return models.create_backbone(
       cfg.model, num_classes=info['num_classes'],
       input_shape=info['input_shape'], rngs=nnx.Rngs(seed), **kwargs)
@@ -414,14 +420,27 @@ def target_stats(config, teacher, teacher_graphdef, batches, mesh
 # ---------------------------------------------------------------------------
 
 
+def _teacher_source(config, stage: str) -> bool:
+  """Whether `stage` reads precomputed teacher outputs."""
+  source = config.teacher.get('source', 'model')
+  if source not in ('model', 'precomputed'):
+    raise ConfigError(f"teacher.source={source!r}; expected 'model' or "
+                      "'precomputed'")
+  if source == 'model' or stage not in NEEDS_TEACHER or stage == 'stage1':
+    return False
+  if not config.teacher.get('features'):
+    raise ConfigError("teacher.source='precomputed' needs "
+                      'teacher.features=<output dir of gendd_jax.precompute>')
+  return True
+
+
 def _strip_labels(stage: str, batch: dict[str, np.ndarray]
                   ) -> dict[str, np.ndarray]:
   use = LABELS[stage]
-  if use == 'none':
-    return {'image': batch['image']}
-  if use == 'all':
-    return {'image': batch['image'], 'label': batch['label']}
-  return {k: batch[k] for k in ('image', 'label', 'label_mask') if k in batch}
+  keep = {'none': ('image',), 'all': ('image', 'label'),
+          'subset': ('image', 'label', 'label_mask')}[use]
+  keep += ('teacher_feature', 'teacher_logits')
+  return {k: batch[k] for k in keep if k in batch}
 
 
 def evaluate(eval_step, state, teacher, batches, mesh) -> dict[str, Any]:
@@ -497,6 +516,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   dataset = data_lib.open_dataset(d, config.seed, jax.process_index(),
                                   jax.process_count())
   info, stream = dataset.info, dataset.train
+  precomputed = _teacher_source(config, stage)
+  if precomputed:
+    from gendd_jax import precompute  # pylint: disable=g-import-not-at-top
+    stream, pmeta = precompute.train_stream(config, jax.process_index(),
+                                            jax.process_count())
+    if stage in ('kd', 'kl') and not pmeta['logits']:
+      raise ConfigError(f'stage {stage!r} needs teacher logits; the features '
+                        f'at {config.teacher.features} were written without '
+                        '(set precompute.logits=True)')
   if LABELS[stage] != 'none' and not info['labelled']:
     raise ConfigError(f'stage {stage!r} needs labels; dataset {d.name!r} '
                       'has none (use kl or gendd_unsup)')
@@ -511,6 +539,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   graphdef, params, batch_stats = nnx.split(module, nnx.Param, nnx.BatchStat)
   ospec = optim_spec(config, stage, stream.steps_per_epoch)
   spec = make_spec(config, stage, graphdef, teacher_graphdef, ospec, mesh)
+  spec = dataclasses.replace(spec, precomputed=precomputed)
   if stage in ('gendd', 'gendd_unsup'):
     stats, bound = target_stats(config, teacher, teacher_graphdef,
                                 dataset.train_eval_batches(

@@ -30,6 +30,11 @@ class BenchTest(absltest.TestCase):
     self.assertEqual(out['setting']['teacher'], 'resnet8')
     for part in ('train', 'eval'):
       self.assertGreater(out[part]['images_per_sec'], 0.0)
+    pre = bench.bench_cifar(1, 1, teacher='resnet8', student='resnet8',
+                            batch=8, eval_batch=8, width=32, depth=1, mul=2,
+                            sampling_steps='4', precomputed=True)
+    self.assertEqual(pre['setting']['teacher_source'], 'precomputed')
+    self.assertGreater(pre['train']['images_per_sec'], 0.0)
 
 
 if __name__ == '__main__':

@@ -71,9 +71,7 @@ class MobileNetV2(cl.CifarBackbone):
 
   def features(self, x: jax.Array, train: bool = False) -> jax.Array:
     h = cl.run_layers(self.conv1, x, train)
-    for stage in self.blocks:
-      for blk in stage:
-        h = blk(h, train)
+    h = cl.run_stages(self.blocks, h, train)
     return cl.global_pool(cl.run_layers(self.conv2, h, train))
 
 
@@ -142,9 +140,7 @@ class ShuffleNetV1(cl.CifarBackbone):
 
   def features(self, x: jax.Array, train: bool = False) -> jax.Array:
     h = jax.nn.relu(self.bn1(self.conv1(x), use_running_average=not train))
-    for stage in (self.layer1, self.layer2, self.layer3):
-      for blk in stage:
-        h = blk(h, train)
+    h = cl.run_stages((self.layer1, self.layer2, self.layer3), h, train)
     return cl.global_pool(h)
 
 
@@ -227,9 +223,7 @@ class ShuffleNetV2(cl.CifarBackbone):
   def features(self, x: jax.Array, train: bool = False) -> jax.Array:
     ura = not train
     h = jax.nn.relu(self.bn1(self.conv1(x), use_running_average=ura))
-    for stage in (self.layer1, self.layer2, self.layer3):
-      for blk in stage:
-        h = blk(h, train)
+    h = cl.run_stages((self.layer1, self.layer2, self.layer3), h, train)
     h = jax.nn.relu(self.bn2(self.conv2(h), use_running_average=ura))
     return cl.global_pool(h)
 

@@ -102,9 +102,7 @@ class CifarResNet(cl.CifarBackbone):
 
   def features(self, x: jax.Array, train: bool = False) -> jax.Array:
     h = jax.nn.relu(self.bn1(self.conv1(x), use_running_average=not train))
-    for stage in (self.layer1, self.layer2, self.layer3):
-      for blk in stage:
-        h = blk(h, train)
+    h = cl.run_stages((self.layer1, self.layer2, self.layer3), h, train)
     return cl.global_pool(h)
 
 
@@ -126,9 +124,8 @@ class CifarResNet50(cl.CifarBackbone):
 
   def features(self, x: jax.Array, train: bool = False) -> jax.Array:
     h = jax.nn.relu(self.bn1(self.conv1(x), use_running_average=not train))
-    for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
-      for blk in stage:
-        h = blk(h, train)
+    h = cl.run_stages((self.layer1, self.layer2, self.layer3, self.layer4),
+                      h, train)
     return cl.global_pool(h)
 
 
@@ -182,9 +179,7 @@ class WideResNet(cl.CifarBackbone):
 
   def features(self, x: jax.Array, train: bool = False) -> jax.Array:
     h = self.conv1(x)
-    for stage in (self.block1, self.block2, self.block3):
-      for blk in stage:
-        h = blk(h, train)
+    h = cl.run_stages((self.block1, self.block2, self.block3), h, train)
     h = jax.nn.relu(self.bn1(h, use_running_average=not train))
     return cl.global_pool(h)
 

@@ -94,6 +94,15 @@ def run_layers(layers: Sequence[nnx.Module], x: jax.Array,
   return x
 
 
+def run_stages(stages: Sequence[Sequence[nnx.Module]], x: jax.Array,
+               train: bool) -> jax.Array:
+  """Applies every block of every stage in order (`block(x, train)`)."""
+  for stage in stages:
+    for block in stage:
+      x = block(x, train)
+  return x
+
+
 def channel_shuffle(x: jax.Array, groups: int) -> jax.Array:
   """ShuffleNet channel shuffle on `[..., C]`: channel `i * C/g + j` moves to
   `j * g + i`, as torch's view(g, C/g) -> transpose -> flatten does."""

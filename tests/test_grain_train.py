@@ -1,0 +1,179 @@
+"""Training end to end on a built TFDS dataset through grain: augmentation,
+mixup/cutmix soft labels, precomputed-free teacher stage, and a resumed run
+that continues the exact example stream (bit-for-bit on CPU)."""
+
+import io
+import os
+import tempfile
+from unittest import mock
+
+from absl.testing import absltest
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from PIL import Image
+
+from gendd_jax import builders
+from gendd_jax import config_lib
+from gendd_jax import data as data_lib
+from gendd_jax import input_pipeline as ip
+from gendd_jax import train
+
+_TMP = None
+
+
+def setUpModule():
+  global _TMP
+  _TMP = tempfile.TemporaryDirectory(prefix='gendd_test_grain_')
+  src = os.path.join(_TMP.name, 'src')
+  rng = np.random.default_rng(0)
+  for split, n in (('train', 10), ('val', 4)):
+    for c in range(3):
+      folder = os.path.join(src, split, f'class{c}')
+      os.makedirs(folder)
+      for i in range(n):
+        base = np.zeros((40, 48, 3), np.uint8)
+        base[..., c] = 200
+        img = np.clip(base + rng.integers(0, 50, base.shape), 0,
+                      255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format='JPEG', quality=90)
+        with open(os.path.join(folder, f'{i}.jpg'), 'wb') as f:
+          f.write(buf.getvalue())
+  with open(os.path.join(src, 'train', 'class0', 'broken.jpg'), 'wb') as f:
+    f.write(b'not a jpeg')
+  builders.build('folder', src, os.path.join(_TMP.name, 'tfds'), 'tiny',
+                 log=lambda *a, **k: None)
+
+
+def tearDownModule():
+  _TMP.cleanup()
+
+
+def _config(**data):
+  c = config_lib.cifar100('resnet8', 'resnet8')
+  c.data = config_lib.image_data('folder:tiny', image_size=32,
+                                 augment='regular', batch_size=6,
+                                 eval_batch_size=8, mixup=0.2, cutmix=1.0,
+                                 label_smoothing=0.1, eval_split='val')
+  c.data.data_dir = os.path.join(_TMP.name, 'tfds')
+  c.data.num_threads = 2
+  c.data.prefetch = 8
+  for k, v in data.items():
+    c.data[k] = v
+  c.stage = 'teacher'
+  c.stages.teacher.epochs = 3.0
+  c.stages.teacher.decay_epochs = (2.0,)
+  c.log_every_steps = 1
+  c.checkpoint_every_steps = 4
+  c.keep_checkpoints = 5
+  return c
+
+
+def _params(workdir):
+  return ocp.StandardCheckpointer().restore(
+      os.path.join(workdir, 'export', 'weights'))['params']
+
+
+class GrainTrainTest(absltest.TestCase):
+
+  def test_batches_have_soft_labels_and_normalised_images(self):
+    ds = data_lib.open_dataset(_config().data, seed=0)
+    self.assertEqual(ds.info['num_classes'], 3)
+    self.assertEqual(ds.train.steps_per_epoch, 30 // 6)  # 30 decodable.
+    b = next(ds.train)
+    self.assertEqual(b['image'].shape, (6, 32, 32, 3))
+    self.assertEqual(b['label'].shape, (6, 3))
+    np.testing.assert_allclose(b['label'].sum(-1), 1.0, rtol=1e-6)
+    self.assertLess(abs(float(b['image'].mean())), 3.0)
+    evals = list(ds.eval_batches())
+    ids = np.concatenate([e['id'][e['valid'] > 0] for e in evals])
+    self.assertEqual(sorted(ids.tolist()), list(range(12)))
+
+  def test_teacher_resumes_on_the_exact_stream(self):
+    dir_a = os.path.join(_TMP.name, 'a')
+    res_a = train.train_and_evaluate(_config(), dir_a, quiet=True)
+    self.assertEqual(res_a['steps'], 15)
+    self.assertBetween(res_a['accuracy']['acc'], 0.0, 100.0)
+    self.assertLen(res_a['labels'], 12)
+
+    dir_b = os.path.join(_TMP.name, 'b')
+    original = ip.TrainStream.__next__
+    calls = []
+
+    def crash_at_10(stream):
+      if len(calls) == 10:
+        raise KeyboardInterrupt()  # As if the process were killed.
+      calls.append(1)
+      return original(stream)
+
+    with mock.patch.object(ip.TrainStream, '__next__', crash_at_10):
+      with self.assertRaises(KeyboardInterrupt):
+        train.train_and_evaluate(_config(), dir_b, quiet=True)
+    res_b = train.train_and_evaluate(_config(), dir_b, quiet=True)
+    self.assertEqual(res_b['steps'], 15)
+    for a, b in zip(jax.tree.leaves(_params(dir_a)),
+                    jax.tree.leaves(_params(dir_b))):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+  def test_missing_or_unknown_dataset(self):
+    c = _config(name='folder:nope')
+    with self.assertRaisesRegex(data_lib.DataError, 'not built'):
+      train.train_and_evaluate(c, os.path.join(_TMP.name, 'missing'),
+                               quiet=True)
+    c = _config(name='imagenet2012')
+    with self.assertRaisesRegex(data_lib.DataError, 'unknown dataset'):
+      train.train_and_evaluate(c, os.path.join(_TMP.name, 'bad'),
+                               quiet=True)
+
+
+if __name__ == '__main__':
+  absltest.main()
+
+
+class MockCatalogueTest(absltest.TestCase):
+  """`tfds:` catalogue datasets through the same pipeline, on
+  `tfds.testing.mock_data` (random image sizes, no files)."""
+
+  def test_mock_imagenet2012_batches(self):
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    c = _config(name='tfds:imagenet2012', eval_split='validation',
+                mixup=0.0, cutmix=0.0, label_smoothing=0.0, augment='rand')
+    with tfds.testing.mock_data(num_examples=12):
+      ds = data_lib.open_dataset(c.data, seed=0)
+      self.assertEqual(ds.info['num_classes'], 1000)
+      b = next(ds.train)
+      evals = list(ds.eval_batches())
+    self.assertEqual(b['image'].shape, (6, 32, 32, 3))
+    self.assertEqual(b['label'].shape, (6,))
+    self.assertEqual(sum(int(e['valid'].sum()) for e in evals), 12)
+
+
+class UnlabelledTest(absltest.TestCase):
+
+  def test_unlabelled_shards_train_without_labels_and_eval_elsewhere(self):
+    import tarfile  # pylint: disable=g-import-not-at-top
+    shard = os.path.join(_TMP.name, 'shard-0.tar')
+    with tarfile.open(shard, 'w') as tar:
+      for i in range(8):
+        buf = io.BytesIO()
+        Image.fromarray(np.full((36, 36, 3), 20 * i, np.uint8)).save(
+            buf, format='JPEG')
+        info = tarfile.TarInfo(f'{i:04d}.jpg')
+        info.size = len(buf.getvalue())
+        tar.addfile(info, io.BytesIO(buf.getvalue()))
+    data_dir = os.path.join(_TMP.name, 'tfds')
+    builders.build('unlabeled', shard, data_dir, 'cc', log=lambda *a: None)
+    c = _config(name='unlabeled:cc', mixup=0.0, cutmix=0.0,
+                label_smoothing=0.0, batch_size=4)
+    with self.assertRaisesRegex(data_lib.DataError, 'set data.eval_name'):
+      data_lib.open_dataset(c.data, seed=0)
+    c.data.eval_name = 'folder:tiny'
+    ds = data_lib.open_dataset(c.data, seed=0)
+    self.assertFalse(ds.info['labelled'])
+    self.assertEqual(ds.info['num_classes'], 3)
+    self.assertNotIn('label', next(ds.train))
+    self.assertIn('label', next(iter(ds.eval_batches())))
+    with self.assertRaisesRegex(train.ConfigError, 'needs labels'):
+      train.train_and_evaluate(c, os.path.join(_TMP.name, 'unlab'),
+                               quiet=True)

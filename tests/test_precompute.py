@@ -1,0 +1,195 @@
+"""Precomputed teacher features: written records, identical targets to the
+on-the-fly teacher for the deterministic view, recorded augmented views, and
+training that skips the teacher forward."""
+
+import dataclasses
+import functools
+import json
+import os
+import tempfile
+
+from absl.testing import absltest
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gendd_jax import data as data_lib
+from gendd_jax import precompute
+from gendd_jax import sharding
+from gendd_jax import train
+import test_train
+
+_TMP = None
+
+
+def setUpModule():
+  global _TMP
+  _TMP = tempfile.TemporaryDirectory(prefix='gendd_test_precompute_')
+  test_train.setUpModule()
+
+
+def tearDownModule():
+  features.cache_clear()
+  test_train.tearDownModule()
+  _TMP.cleanup()
+
+
+def _config(stage='gendd'):
+  return test_train.gendd_config(stage)
+
+
+@functools.lru_cache(maxsize=None)
+def features(dtype):
+  c = _config()
+  c.precompute.dtype = dtype
+  out = os.path.join(_TMP.name, f'features_{dtype}')
+  meta = precompute.run(c, out, quiet=True)
+  return out, meta
+
+
+def _teacher(config):
+  info = dict(num_classes=10, input_shape=(64,))
+  graphdef, variables = train.load_teacher(config, info,
+                                           sharding.create_mesh(1))
+  return graphdef, variables
+
+
+class PrecomputeTest(absltest.TestCase):
+
+  def test_deterministic_view_equals_on_the_fly_teacher(self):
+    out, meta = features('float32')
+    c = _config()
+    records, stored = precompute.open_features(out)
+    self.assertEqual(stored['records'], meta['records'])
+    source = precompute.image_source(c)
+    self.assertEqual(len(records), len(source.ids))
+    self.assertEqual(meta['views'], 0)
+    graphdef, variables = _teacher(c)
+    model = nnx.merge(graphdef, variables['params'], variables['batch_stats'])
+    fwd = jax.jit(lambda x: model(x)[0])
+    batch = int(c.data.eval_batch_size)
+    got = np.stack([records[i]['feature'] for i in range(len(records))])
+    ids = np.array([records[i]['id'] for i in range(len(records))])
+    labels = np.array([records[i]['label'] for i in range(len(records))])
+    np.testing.assert_array_equal(ids, source.ids)
+    np.testing.assert_array_equal(labels, source.labels)
+    want = np.concatenate([
+        np.asarray(fwd(jnp.asarray(np.stack(
+            [source.view(int(i), 0, 0) for i in source.ids[s:s + batch]]))))
+        for s in range(0, len(source.ids), batch)])
+    np.testing.assert_array_equal(got, want)  # Identical, float32.
+
+  def test_float16_storage(self):
+    out32, _ = features('float32')
+    out16, _ = features('float16')
+    r32, _ = precompute.open_features(out32)
+    r16, _ = precompute.open_features(out16)
+    self.assertEqual(r16[3]['feature'].dtype, np.float16)
+    np.testing.assert_array_equal(
+        r16[3]['feature'], r32[3]['feature'].astype(np.float16))
+
+  def test_training_loss_equals_on_the_fly(self):
+    c = _config()
+    out, _ = features('float32')
+    c.teacher.source = 'precomputed'
+    c.teacher.features = out
+    stream, _ = precompute.train_stream(c)
+    batch = next(stream)
+    self.assertIn('teacher_feature', batch)
+    info = dict(num_classes=10, input_shape=(64,))
+    graphdef_t, teacher = _teacher(c)
+    module = train.create_model(c, info, 'gendd')
+    graphdef, params, bs = nnx.split(module, nnx.Param, nnx.BatchStat)
+    ospec = train.optim_spec(c, 'gendd', 7)
+    spec = train.make_spec(c, 'gendd', graphdef, graphdef_t, ospec,
+                           sharding.create_mesh(1))
+    sched = train.diffusion.create_schedule('cosine', 1000, '')
+    key = jax.random.key(0)
+    stripped = train._strip_labels('gendd', batch)
+    loss_fly, _ = train._losses(spec, sched, params, bs, teacher,
+                                {k: v for k, v in stripped.items()
+                                 if k != 'teacher_feature'}, key)
+    spec_pre = dataclasses.replace(spec, precomputed=True)
+    loss_pre, _ = train._losses(spec_pre, sched, params, bs, teacher,
+                                stripped, key)
+    self.assertEqual(float(loss_fly), float(loss_pre))
+
+  def test_training_from_precomputed_runs_and_resumes(self):
+    out, _ = features('float32')
+    c = _config()
+    c.teacher.source = 'precomputed'
+    c.teacher.features = out
+    workdir = os.path.join(_TMP.name, 'run_pre')
+    res = train.train_and_evaluate(c, workdir, quiet=True)
+    self.assertEqual(res['steps'], 14)
+    self.assertIn('sampled_acc', res['accuracy'])
+    with open(os.path.join(workdir, 'results.json')) as f:
+      self.assertEqual(json.load(f)['steps'], 14)
+
+  def test_errors(self):
+    c = _config()
+    c.precompute.views = 2  # digits has no training augmentation.
+    with self.assertRaisesRegex(precompute.PrecomputeError,
+                                'needs a training augmentation'):
+      precompute.run(c, os.path.join(_TMP.name, 'views'), quiet=True)
+    out, _ = features('float32')
+    with self.assertRaisesRegex(precompute.PrecomputeError,
+                                'already holds precomputed features'):
+      precompute.run(_config(), out, quiet=True)
+    c = _config()
+    c.teacher.source = 'precomputed'
+    with self.assertRaisesRegex(train.ConfigError, 'teacher.features'):
+      train.train_and_evaluate(c, os.path.join(_TMP.name, 'nofeat'),
+                               quiet=True)
+    c.teacher.features = os.path.join(_TMP.name, 'nowhere')
+    with self.assertRaisesRegex(data_lib.DataError, 'no precomputed'):
+      train.train_and_evaluate(c, os.path.join(_TMP.name, 'nofeat2'),
+                               quiet=True)
+
+
+class AugmentedViewsTest(absltest.TestCase):
+
+  def test_views_are_recorded_and_reproducible(self):
+    split = data_lib.ArraySplit(
+        np.random.default_rng(0).normal(size=(6, 8, 8, 3)).astype(
+            np.float32), np.arange(6, dtype=np.int32),
+        np.ones(6, bool), np.arange(6) * 10)
+    pos = {int(i): p for p, i in enumerate(split.index)}
+
+    def view(i, k, seed):
+      img = split.images[pos[i]]
+      if k == 0:
+        return img
+      return data_lib.pad_crop_flip(
+          img[None], precompute.view_rng(seed, i, k))[0]
+
+    src = precompute.ImageSource(ids=split.index, labels=split.labels,
+                                 label_mask=split.label_mask, view=view,
+                                 has_augmentation=True)
+    out = os.path.join(_TMP.name, 'views')
+    calls = []
+
+    def teacher_fn(images):
+      calls.append(images.copy())
+      return images.reshape(len(images), -1), np.zeros((len(images), 3))
+    meta = precompute.write_features(
+        out, teacher_fn, src, views=2, aug_seed=7, batch=4,
+        dtype='float32', with_logits=True, shard_size=5, num_classes=3,
+        quiet=True)
+    self.assertEqual(meta['records'], 18)
+    records, stored = precompute.open_features(out)
+    self.assertEqual((stored['aug_seed'], stored['views']), (7, 2))
+    self.assertLen(records, 18)
+    for r in (records[i] for i in range(18)):
+      again = view(int(r['id']), int(r['view']), 7)
+      np.testing.assert_array_equal(r['feature'], again.reshape(-1))
+      self.assertEqual(r['logits'].shape, (3,))
+    # Views 1 and 2 differ from view 0 and from each other.
+    by = {(int(r['id']), int(r['view'])): r['feature']
+          for r in (records[i] for i in range(18))}
+    self.assertFalse(np.array_equal(by[(10, 1)], by[(10, 2)]))
+
+
+if __name__ == '__main__':
+  absltest.main()
