@@ -1,7 +1,8 @@
 r"""Precompute teacher features once, then train without the teacher forward.
 
-  python -m gendd_jax.precompute --config=configs/cifar100_gendd.py \
-      --workdir=features/r32x4 [--config.precompute.views=4]
+  python -m gendd_jax.precompute --config=configs/digits.py \
+      --workdir=features/digits --config.teacher.checkpoint=<teacher export> \
+      [--config.precompute.views=4] [--config.precompute.dtype=float16]
 
 runs the frozen teacher (`config.teacher.checkpoint`) over the training split
 and writes a TFDS dataset (`array_record` shards plus `dataset_info.json`,
