@@ -483,7 +483,8 @@ def check_workdir(workdir: str) -> None:
   """Fails with one clear message if `workdir` cannot be written."""
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, '.write_test')
+    # One probe per process: hosts may share the directory.
+    probe = os.path.join(workdir, f'.write_test.{jax.process_index()}')
     with open(probe, 'w') as f:
       f.write('ok')
     os.remove(probe)
