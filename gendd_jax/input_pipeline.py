@@ -318,6 +318,9 @@ def open_dataset(d, seed: int, process_index: int = 0,
   `data.Dataset` read through grain."""
   from gendd_jax import augment  # pylint: disable=g-import-not-at-top
   from gendd_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  if d.label_fraction < 1.0:
+    raise PipelineError('data.label_fraction < 1 is only supported for the '
+                        'in-memory datasets')
   read = ReadSettings(num_threads=d.num_threads, prefetch=d.prefetch,
                       num_workers=d.num_workers)
   data_dir = d.data_dir or None
@@ -354,9 +357,6 @@ def open_dataset(d, seed: int, process_index: int = 0,
                                                 labelled),
       _mixer(d, num_classes) if labelled else None,
       process_index=process_index, process_count=process_count, read=read)
-  if d.label_fraction < 1.0:
-    raise PipelineError('data.label_fraction < 1 is only supported for the '
-                        'in-memory datasets')
 
   def batches(src, max_batches=None):
     fn = example_fn(eval_view, SkipCounter('undecodable evaluation images'),

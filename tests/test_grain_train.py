@@ -177,3 +177,54 @@ class UnlabelledTest(absltest.TestCase):
     with self.assertRaisesRegex(train.ConfigError, 'needs labels'):
       train.train_and_evaluate(c, os.path.join(_TMP.name, 'unlab'),
                                quiet=True)
+
+
+_WORKERS_SCRIPT = r'''
+import json, sys
+sys.path.insert(0, {root!r})
+from absl import app
+
+
+def main(argv):
+  del argv
+  from gendd_jax import config_lib, data as data_lib
+  c = config_lib.image_data('folder:tiny', image_size=32, augment='regular',
+                            batch_size=4, eval_batch_size=8, mixup=0.2,
+                            cutmix=1.0, label_smoothing=0.1,
+                            eval_split='val')
+  c.data_dir, c.num_threads, c.prefetch, c.num_workers = {data_dir!r}, 1, 4, 2
+  ds = data_lib.open_dataset(c, seed=0)
+  ids = [next(ds.train)['id'].tolist() for _ in range(3)]
+  state = ds.train.get_state()
+  want = next(ds.train)['id'].tolist()
+  again = data_lib.open_dataset(c, seed=0)
+  again.train.set_state(state)
+  print('RESULT', json.dumps(dict(ids=ids, want=want,
+                                  got=next(again.train)['id'].tolist())))
+
+
+if __name__ == '__main__':
+  app.run(main)
+'''
+
+
+class WorkerProcessesTest(absltest.TestCase):
+
+  def test_worker_processes_stream_and_resume(self):
+    import json  # pylint: disable=g-import-not-at-top
+    import subprocess  # pylint: disable=g-import-not-at-top
+    import sys  # pylint: disable=g-import-not-at-top
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = os.path.join(_TMP.name, 'workers.py')
+    with open(script, 'w') as f:
+      f.write(_WORKERS_SCRIPT.format(
+          root=root, data_dir=os.path.join(_TMP.name, 'tfds')))
+    proc = subprocess.run([sys.executable, script], capture_output=True,
+                          text=True, timeout=300,
+                          env=dict(os.environ, JAX_PLATFORMS='cpu'))
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith('RESULT')]
+    out = json.loads(line[0][len('RESULT '):])
+    self.assertEqual(out['got'], out['want'])
+    seen = sum(out['ids'], []) + out['want']
+    self.assertLen(set(seen), 16)  # 4 batches of one epoch: no repeats.
