@@ -67,6 +67,7 @@ from etils import epath
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from gendd_jax.augment import CorruptImageError
 from gendd_jax.data import DataError
 
 KINDS = ('folder', 'imagenet_lt', 'unlabeled', 'npz')
@@ -94,10 +95,6 @@ _OBJECT_REPR_RE = re.compile(r'\s*<[^<>]* at 0x[0-9a-fA-F]+>')
 
 class BuildError(DataError):
   """A dataset cannot be built from the given source (one-line message)."""
-
-
-class CorruptImageError(ValueError):
-  """Pillow cannot decode an image."""
 
 
 # ---------------------------------------------------------------------------

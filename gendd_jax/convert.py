@@ -68,20 +68,22 @@ def torch_key(path: tuple[Any, ...], renames=()) -> str:
   return f'{prefix}.{leaf}' if prefix else leaf
 
 
-def _to_nnx(leaf: str, value: np.ndarray) -> np.ndarray:
+def _relayout(leaf: str, value: np.ndarray, to_nnx: bool) -> np.ndarray:
+  """Torch <-> NNX array layout: conv OIHW <-> HWIO, linear [out, in] <->
+  [in, out]; everything else is shared."""
   if leaf == 'kernel' and value.ndim == 4:
-    return value.transpose(2, 3, 1, 0)
+    return value.transpose((2, 3, 1, 0) if to_nnx else (3, 2, 0, 1))
   if leaf == 'kernel' and value.ndim == 2:
     return value.T
   return value
+
+
+def _to_nnx(leaf: str, value: np.ndarray) -> np.ndarray:
+  return _relayout(leaf, value, to_nnx=True)
 
 
 def _to_torch(leaf: str, value: np.ndarray) -> np.ndarray:
-  if leaf == 'kernel' and value.ndim == 4:
-    return value.transpose(3, 2, 0, 1)
-  if leaf == 'kernel' and value.ndim == 2:
-    return value.T
-  return value
+  return _relayout(leaf, value, to_nnx=False)
 
 
 def model_key_map(model: nnx.Module) -> dict[str, tuple[Any, ...]]:

@@ -57,21 +57,21 @@ def view_rng(aug_seed: int, example_id: int, view: int
 
 @dataclasses.dataclass
 class ImageSource:
-  """Random access to the training images by example id, and their views.
+  """Random access to the training examples by id, in any view.
 
   Attributes:
     ids: `[N]` example ids, in a fixed order.
-    labels: `[N]` labels (-1 where there is none).
-    label_mask: `[N]` whether a student stage may use the label.
-    view: `(id, k, aug_seed) -> image`: view 0 is the evaluation view, view
-      k >= 1 the training augmentation drawn with `view_rng(aug_seed, id, k)`.
+    example: `(id, k, aug_seed) -> (image, label, label_mask)`: view 0 is
+      the evaluation view, view k >= 1 the training augmentation drawn with
+      `view_rng(aug_seed, id, k)`; the label is -1 where there is none. One
+      record read per call, so nothing is scanned ahead of time.
     has_augmentation: whether views >= 1 differ from view 0.
+    info: `num_classes` and `input_shape` of the dataset.
   """
   ids: np.ndarray
-  labels: np.ndarray
-  label_mask: np.ndarray
-  view: Callable[[int, int, int], np.ndarray]
+  example: Callable[[int, int, int], tuple[np.ndarray, int, bool]]
   has_augmentation: bool
+  info: dict[str, Any]
 
 
 def in_memory_source(d, seed: int) -> ImageSource:
@@ -83,17 +83,16 @@ def in_memory_source(d, seed: int) -> ImageSource:
   position = {int(i): p for p, i in enumerate(train.index)}
   fill = info.get('black', 0.0)
 
-  def view(example_id: int, k: int, aug_seed: int) -> np.ndarray:
-    image = train.images[position[int(example_id)]]
-    if k == 0 or d.augment == 'none':
-      return image
-    rng = view_rng(aug_seed, example_id, k)
-    return data_lib.pad_crop_flip(image[None], rng, fill=fill)[0]
+  def example(example_id: int, k: int, aug_seed: int):
+    p = position[int(example_id)]
+    image = train.images[p]
+    if k and d.augment != 'none':
+      rng = view_rng(aug_seed, example_id, k)
+      image = data_lib.pad_crop_flip(image[None], rng, fill=fill)[0]
+    return image, int(train.labels[p]), bool(train.label_mask[p])
 
-  return ImageSource(ids=train.index.astype(np.int64),
-                     labels=train.labels.astype(np.int64),
-                     label_mask=train.label_mask, view=view,
-                     has_augmentation=d.augment != 'none')
+  return ImageSource(ids=train.index.astype(np.int64), example=example,
+                     has_augmentation=d.augment != 'none', info=info)
 
 
 def grain_source(d) -> ImageSource:
@@ -103,25 +102,25 @@ def grain_source(d) -> ImageSource:
   src = ip.open_source(d.name, d.train_split, d.data_dir or None)
   train_view = augment.train_transform(d.augment, d.image_size)
   eval_view = augment.eval_transform(d.augment, d.image_size)
-  n = len(src)
 
-  def raw(example_id: int) -> np.ndarray:
-    image = src[int(example_id)]['image']
+  def example(example_id: int, k: int, aug_seed: int):
+    record = src[int(example_id)]
+    image = record['image']
     if isinstance(image, (bytes, np.bytes_)):
       image = augment.decode(bytes(image))
-    return np.asarray(image)
-
-  def view(example_id: int, k: int, aug_seed: int) -> np.ndarray:
-    image = raw(example_id)
     if k == 0:
-      return eval_view(image, np.random.default_rng(0))
-    return train_view(image, view_rng(aug_seed, example_id, k))
+      image = eval_view(np.asarray(image), np.random.default_rng(0))
+    else:
+      image = train_view(np.asarray(image),
+                         view_rng(aug_seed, example_id, k))
+    label = int(record.get('label', -1))
+    return image, label, label >= 0
 
-  labels = np.array([int(src[i].get('label', -1)) for i in range(n)],
-                    np.int64)
-  return ImageSource(ids=np.arange(n, dtype=np.int64), labels=labels,
-                     label_mask=labels >= 0, view=view,
-                     has_augmentation=d.augment != 'none')
+  info = dict(num_classes=int(d.num_classes) or ip.source_num_classes(src),
+              input_shape=(d.image_size, d.image_size, 3))
+  return ImageSource(ids=np.arange(len(src), dtype=np.int64),
+                     example=example, has_augmentation=d.augment != 'none',
+                     info=info)
 
 
 def image_source(config) -> ImageSource:
@@ -148,21 +147,24 @@ def _features_spec(dim: int, num_classes: int, dtype: str, logits: bool):
 
 
 def _batches(source: ImageSource, views: int, aug_seed: int, batch: int
-             ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-  """`(ids, view ids, images)` in record order: view-major, then id."""
+             ) -> Iterator[tuple[np.ndarray, int, np.ndarray, np.ndarray]]:
+  """`(ids, view, images, labels)` in record order: view-major, then id."""
   for k in range(views + 1):
     for start in range(0, len(source.ids), batch):
       ids = source.ids[start:start + batch]
-      images = np.stack([source.view(int(i), k, aug_seed) for i in ids])
-      yield ids, np.full(len(ids), k, np.int32), images
+      images, labels, _ = zip(*(source.example(int(i), k, aug_seed)
+                                for i in ids))
+      yield ids, k, np.stack(images), np.asarray(labels, np.int64)
 
 
 def write_features(out_dir: str, teacher_fn, source: ImageSource, *,
                    views: int, aug_seed: int, batch: int, dtype: str,
                    with_logits: bool, shard_size: int, num_classes: int,
+                   extra_meta: dict[str, Any] | None = None,
                    quiet: bool = False) -> dict[str, Any]:
   """Runs `teacher_fn(images) -> (feature, logits)` over every view and
-  writes the dataset; returns its metadata."""
+  writes the dataset; returns its metadata (`precompute.json`, with
+  `extra_meta` added)."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
   if views and not source.has_augmentation:
@@ -175,10 +177,9 @@ def write_features(out_dir: str, teacher_fn, source: ImageSource, *,
   total = len(source.ids) * (views + 1)
   num_shards = max(1, -(-total // shard_size))
   spec = None
-  pos = {int(i): p for p, i in enumerate(source.ids)}
   writers, lengths = [], [0] * num_shards
   written, t0 = 0, time.time()
-  for ids, view_ids, images in _batches(source, views, aug_seed, batch):
+  for ids, view, images, labels in _batches(source, views, aug_seed, batch):
     feat, logits = teacher_fn(images)
     feat = np.asarray(feat).astype(dtype)
     if spec is None:
@@ -189,8 +190,7 @@ def write_features(out_dir: str, teacher_fn, source: ImageSource, *,
         writers.append(array_record_module.ArrayRecordWriter(
             os.path.join(version_dir, name), 'group_size:1'))
     for j, example_id in enumerate(ids):
-      rec = dict(id=int(example_id), view=int(view_ids[j]),
-                 label=int(source.labels[pos[int(example_id)]]),
+      rec = dict(id=int(example_id), view=view, label=int(labels[j]),
                  feature=feat[j])
       if with_logits:
         rec['logits'] = np.asarray(logits[j], np.float32)
@@ -215,7 +215,7 @@ def write_features(out_dir: str, teacher_fn, source: ImageSource, *,
   meta = dict(records=written, examples=len(source.ids), views=views,
               aug_seed=aug_seed, dtype=dtype, logits=with_logits,
               feature_dim=int(spec['feature'].shape[0]),
-              seconds=time.time() - t0)
+              seconds=time.time() - t0, **(extra_meta or {}))
   with open(os.path.join(out_dir, 'precompute.json'), 'w') as f:
     json.dump(meta, f, indent=1)
   return meta
@@ -244,21 +244,7 @@ def run(config, workdir: str, quiet: bool = False) -> dict[str, Any]:
     raise PrecomputeError('run precompute as a single process')
   p = config.precompute
   source = image_source(config)
-  info = dict(num_classes=None, input_shape=None)
-  sample = source.view(int(source.ids[0]), 0, p.aug_seed)
-  if config.data.name in data_lib.AVAILABLE:
-    _, _, info = data_lib.create_splits(
-        config.data.name, fold=config.data.fold,
-        num_folds=config.data.num_folds,
-        label_fraction=config.data.label_fraction, seed=config.seed,
-        data_dir=config.data.data_dir or None)
-  else:
-    from gendd_jax import input_pipeline as ip  # pylint: disable=g-import-not-at-top
-    src = ip.open_source(config.data.name, config.data.train_split,
-                         config.data.data_dir or None)
-    info = dict(num_classes=int(config.data.num_classes)
-                or ip.source_num_classes(src),
-                input_shape=tuple(sample.shape))
+  info = source.info
   mesh = sharding.create_mesh(config.num_devices or None)
   graphdef, variables = train.load_teacher(config, info, mesh)
   model = nnx.merge(graphdef, variables['params'], variables['batch_stats'])
@@ -268,10 +254,9 @@ def run(config, workdir: str, quiet: bool = False) -> dict[str, Any]:
       views=int(p.views), aug_seed=int(p.aug_seed),
       batch=int(config.data.eval_batch_size), dtype=str(p.dtype),
       with_logits=bool(p.logits), shard_size=int(p.shard_size),
-      num_classes=int(info['num_classes']), quiet=quiet)
-  meta.update(dataset=config.data.name, teacher=config.teacher.checkpoint)
-  with open(os.path.join(workdir, 'precompute.json'), 'w') as f:
-    json.dump(meta, f, indent=1)
+      num_classes=int(info['num_classes']),
+      extra_meta=dict(dataset=config.data.name,
+                      teacher=config.teacher.checkpoint), quiet=quiet)
   return meta
 
 
@@ -306,9 +291,9 @@ def train_stream(config, process_index: int = 0, process_count: int = 1):
   from gendd_jax import input_pipeline as ip  # pylint: disable=g-import-not-at-top
   records, meta = open_features(config.teacher.features)
   source = image_source(config)
-  pos = {int(i): p for p, i in enumerate(source.ids)}
+  known = set(source.ids.tolist())
   missing = [int(r) for r in (records[0]['id'], records[len(records) - 1]['id'])
-             if int(r) not in pos]
+             if int(r) not in known]
   if missing or meta['examples'] != len(source.ids):
     raise PrecomputeError(
         f'features at {config.teacher.features} were computed for '
@@ -319,14 +304,13 @@ def train_stream(config, process_index: int = 0, process_count: int = 1):
   def join(record, rng):
     del rng  # The view's randomness is fixed by (aug_seed, id, view).
     example_id, view = int(record['id']), int(record['view'])
-    p = pos[example_id]
-    out = dict(image=np.asarray(source.view(example_id, view, aug_seed),
-                                np.float32),
+    image, label, usable = source.example(example_id, view, aug_seed)
+    out = dict(image=np.asarray(image, np.float32),
                id=np.int64(example_id),
                teacher_feature=np.asarray(record['feature'], np.float32))
-    if source.labels[p] >= 0:
-      out['label'] = np.int32(source.labels[p])
-      out['label_mask'] = np.bool_(source.label_mask[p])
+    if label >= 0:
+      out['label'] = np.int32(label)
+      out['label_mask'] = np.bool_(usable)
     if 'logits' in record:
       out['teacher_logits'] = np.asarray(record['logits'], np.float32)
     return out

@@ -73,10 +73,12 @@ class PrecomputeTest(absltest.TestCase):
     ids = np.array([records[i]['id'] for i in range(len(records))])
     labels = np.array([records[i]['label'] for i in range(len(records))])
     np.testing.assert_array_equal(ids, source.ids)
-    np.testing.assert_array_equal(labels, source.labels)
+    np.testing.assert_array_equal(
+        labels, [source.example(int(i), 0, 0)[1] for i in source.ids])
     want = np.concatenate([
         np.asarray(fwd(jnp.asarray(np.stack(
-            [source.view(int(i), 0, 0) for i in source.ids[s:s + batch]]))))
+            [source.example(int(i), 0, 0)[0]
+             for i in source.ids[s:s + batch]]))))
         for s in range(0, len(source.ids), batch)])
     np.testing.assert_array_equal(got, want)  # Identical, float32.
 
@@ -164,9 +166,13 @@ class AugmentedViewsTest(absltest.TestCase):
       return data_lib.pad_crop_flip(
           img[None], precompute.view_rng(seed, i, k))[0]
 
-    src = precompute.ImageSource(ids=split.index, labels=split.labels,
-                                 label_mask=split.label_mask, view=view,
-                                 has_augmentation=True)
+    def example(i, k, seed):
+      return view(i, k, seed), int(split.labels[pos[i]]), True
+
+    src = precompute.ImageSource(ids=split.index, example=example,
+                                 has_augmentation=True,
+                                 info=dict(num_classes=3,
+                                           input_shape=(8, 8, 3)))
     out = os.path.join(_TMP.name, 'views')
     calls = []
 
