@@ -15,6 +15,10 @@ distillation run points at. The argument after ':' is any registered model
 
 from gendd_jax import config_lib
 
+# The teachers of the paper's CIFAR-100 pairs (any registered model works).
+VARIANTS = ('resnet32x4', 'resnet56', 'resnet110', 'wrn_40_2', 'vgg13',
+            'cifar_resnet50')
+
 
 def get_config(arg: str = ''):
   return config_lib.cifar100(teacher=arg or 'resnet32x4')

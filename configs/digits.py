@@ -30,12 +30,14 @@ from gendd_jax import config_lib
 from gendd_jax.config_lib import stage
 
 
+VARIANTS = ('', 'quick')
+
+
 def get_config(arg: str = ''):
   """The digits configuration; `arg='quick'` shrinks it for tests."""
   c = ml_collections.ConfigDict()
   c.stage = 'pipeline'
   c.seed = 0
-  c.num_devices = 0  # 0: every visible device.
 
   c.data = ml_collections.ConfigDict(dict(
       name='digits', data_dir='', augment='none', fold=0, num_folds=5,
@@ -74,16 +76,15 @@ def get_config(arg: str = ''):
                         beta2_min=0.95),
   ))
 
+  # protocol 'kfold': every stage for every (seed, fold), then the table.
   c.pipeline = ml_collections.ConfigDict(dict(
-      seeds=(0, 1),
+      protocol='kfold', seeds=(0, 1),
       stages=('teacher', 'scratch', 'kd', 'stage1', 'gendd', 'kl',
               'gendd_unsup')))
 
   c.precompute = config_lib.precompute_block()
-  c.log_every_steps = 100
-  c.eval_every_steps = 0
-  c.checkpoint_every_steps = 0
-  c.keep_checkpoints = 2
+  # mesh, precision, grad_accum_steps and logging/checkpoint cadence.
+  config_lib.runtime(c, log_every_steps=100, checkpoint_every_steps=0)
 
   if arg == 'quick':
     c.data.num_folds = 2

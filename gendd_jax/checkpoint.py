@@ -64,6 +64,20 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self._mngr.latest_step()
 
+  def all_steps(self) -> list[int]:
+    return sorted(self._mngr.all_steps())
+
+  def metadata(self, step: int) -> dict[str, Any]:
+    """The JSON `meta` item of checkpoint `step` (no arrays are read)."""
+    try:
+      out = self._mngr.restore(step, args=ocp.args.Composite(
+          meta=ocp.args.JsonRestore()))
+    except Exception as e:  # orbax raises many types; report one clearly.
+      raise CheckpointError(
+          f'checkpoint {self.directory}/{step} metadata could not be read '
+          f'({type(e).__name__}: {_first_line(e)})') from e
+    return dict(out['meta'])
+
   def save(self, step: int, state: Any, meta: dict[str, Any],
            data_state: dict[str, Any] | None = None) -> None:
     """Saves `state`, `meta` and (per process) the data iterator's state."""

@@ -155,6 +155,8 @@ class SampleSettings(NamedTuple):
   temperature: float = 1.0
   # A number, a traced scalar (a data-derived bound) or None (no clipping).
   clip_x0: float | jax.Array | None = None
+  # 'ancestral' (the paper's), 'ddim' (eta 0) or 'posterior_mean' (one step).
+  sampler: str = 'ancestral'
 
 
 def sample_features(head: Any, schedule: diffusion.Schedule, key: jax.Array,

@@ -25,7 +25,17 @@ _WORKDIR = flags.DEFINE_string(
     'workdir', None, 'Directory for checkpoints, logs, exports and results.')
 _DISTRIBUTED = flags.DEFINE_bool(
     'distributed', False,
-    'Call jax.distributed.initialize() (multi-host TPU/GPU launches).')
+    'Call jax.distributed.initialize() (multi-host TPU/GPU launches). On a '
+    'TPU pod slice and under SLURM or Open MPI the cluster is detected; '
+    'elsewhere also pass --coordinator_address, --num_processes and '
+    '--process_id.')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None,
+    'host:port of process 0 (multi-node GPU without a cluster manager).')
+_NUM_PROCESSES = flags.DEFINE_integer(
+    'num_processes', None, 'Total number of processes (one per host).')
+_PROCESS_ID = flags.DEFINE_integer(
+    'process_id', None, 'This process\'s index in [0, num_processes).')
 
 
 def fail(message: str) -> None:
@@ -68,7 +78,16 @@ def config_and_workdir(argv: list[str]):
   # Imported after flag parsing: JAX must see XLA_FLAGS etc. first.
   import jax  # pylint: disable=g-import-not-at-top
   if _DISTRIBUTED.value:
-    jax.distributed.initialize()
+    try:
+      jax.distributed.initialize(
+          coordinator_address=_COORDINATOR.value,
+          num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+    except (RuntimeError, ValueError) as e:
+      fail(f'jax.distributed.initialize failed: {e}')
+  elif any(f.value is not None
+           for f in (_COORDINATOR, _NUM_PROCESSES, _PROCESS_ID)):
+    fail('--coordinator_address/--num_processes/--process_id need '
+         '--distributed')
   print(f'JAX {jax.__version__}: {jax.device_count()} device(s) '
         f'({jax.devices()[0].platform}), {jax.process_count()} process(es)',
         flush=True)

@@ -1,4 +1,14 @@
-"""The k-fold x seeds distillation protocol and its results table.
+"""Multi-stage runs: a plain sequence of stages, or the k-fold protocol.
+
+`pipeline.protocol = 'sequence'` (the ImageNet and CIFAR configs): the
+stages of `pipeline.stages` run in order, each in `workdir/<stage>`; a
+'teacher' stage's export becomes the teacher of later stages (else
+`config.teacher.checkpoint` is used) and stage-1's export initialises the
+GenDD student. Run the same command again to resume: finished stages are
+skipped and an interrupted one resumes from its checkpoint.
+
+`pipeline.protocol = 'kfold'` (the bundled example): the k-fold x seeds
+distillation protocol and its results table, described below.
 
 For each seed and each fold it runs the configured stages in order (teacher,
 few-label scratch student, KD, stage-1, GenDD, KL, unsupervised GenDD), each in
@@ -19,6 +29,7 @@ import os
 import time
 from typing import Any
 
+import jax
 import numpy as np
 
 from gendd_jax import train
@@ -61,7 +72,77 @@ def stage_config(config, stage: str, seed: int, fold: int, unit_dir: str):
 
 
 def run(config, workdir: str) -> dict[str, Any]:
-  """Runs the protocol and writes `results.json` and `results.md`."""
+  """Runs `config.pipeline` (see the module docstring)."""
+  protocol = config.pipeline.get('protocol', 'kfold')
+  if protocol == 'sequence':
+    return run_sequence(config, workdir)
+  if protocol != 'kfold':
+    raise train.ConfigError(f"pipeline.protocol={protocol!r}; expected "
+                            "'sequence' or 'kfold'")
+  return run_kfold(config, workdir)
+
+
+def sequence_stage_config(config, stage: str, workdir: str):
+  """The single-stage config of `stage` in a sequence run."""
+  stages = tuple(config.pipeline.stages)
+  c = copy.deepcopy(config)
+  with c.unlocked():
+    c.stage = stage
+    if stage in train.NEEDS_TEACHER and 'teacher' in stages:
+      c.teacher.checkpoint = os.path.join(workdir, 'teacher', 'export')
+    if (stage in ('gendd', 'gendd_unsup') and 'stage1' in stages and
+        stages.index('stage1') < stages.index(stage)):
+      c.student.init_from = os.path.join(workdir, 'stage1', 'export')
+  return c
+
+
+def run_sequence(config, workdir: str) -> dict[str, Any]:
+  """Runs `config.pipeline.stages` in order; writes `results.json`."""
+  stages = tuple(config.pipeline.stages)
+  if not stages:
+    raise train.ConfigError('pipeline.stages is empty')
+  for s in stages:
+    if s not in train.STAGES:
+      raise train.ConfigError(f'unknown stage {s!r} in pipeline.stages; '
+                              f'expected some of {", ".join(train.STAGES)}')
+    if s not in config.stages:
+      raise train.ConfigError(f'pipeline stage {s!r} has no optimiser '
+                              f'settings (config.stages.{s})')
+  if (any(s in train.NEEDS_TEACHER for s in stages) and
+      'teacher' not in stages and not config.teacher.checkpoint):
+    raise train.ConfigError(
+        'this run distils from a teacher: set --config.teacher.checkpoint='
+        '<export dir> (python -m gendd_jax.convert makes one from a PyTorch '
+        'checkpoint)')
+  train.check_workdir(workdir)
+  t_start = time.time()
+  summary = {}
+  for i, stage in enumerate(stages):
+    run_dir = os.path.join(workdir, stage)
+    res_path = os.path.join(run_dir, 'results.json')
+    if os.path.exists(res_path):
+      with open(res_path) as f:
+        res = json.load(f)
+      note = 'done earlier'
+    else:
+      print(f'== stage {i + 1}/{len(stages)}: {stage} -> {run_dir}',
+            flush=True)
+      res = train.train_and_evaluate(
+          sequence_stage_config(config, stage, workdir), run_dir)
+      note = f'{res["train_seconds"] + res["eval_seconds"]:.0f}s'
+    summary[stage] = dict(accuracy=res['accuracy'], steps=res['steps'])
+    accs = ', '.join(f'{k} {v:.2f}%' for k, v in res['accuracy'].items())
+    print(f'== {stage}: {accs} ({note})', flush=True)
+  out = dict(protocol='sequence', stages=summary,
+             wall_seconds=time.time() - t_start)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'results.json'), 'w') as f:
+      json.dump(out, f, indent=1)
+  return out
+
+
+def run_kfold(config, workdir: str) -> dict[str, Any]:
+  """Runs the k-fold protocol and writes `results.json` and `results.md`."""
   stages = tuple(config.pipeline.stages)
   for s in stages:
     if s not in train.STAGES:

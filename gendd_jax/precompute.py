@@ -245,7 +245,7 @@ def run(config, workdir: str, quiet: bool = False) -> dict[str, Any]:
   p = config.precompute
   source = image_source(config)
   info = source.info
-  mesh = sharding.create_mesh(config.num_devices or None)
+  mesh = sharding.mesh_from_config(config.mesh)
   graphdef, variables = train.load_teacher(config, info, mesh)
   model = nnx.merge(graphdef, variables['params'], variables['batch_stats'])
   fwd = jax.jit(lambda x: model(x, train=False))

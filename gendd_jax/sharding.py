@@ -1,8 +1,10 @@
 """The device mesh, sharding specs and global-batch assembly.
 
-One 1-D mesh axis, `data`: parameters are replicated and the batch is split
-along it, so the same program runs on one CPU, simulated CPU devices, a GPU
-host or a TPU slice.
+The mesh is described in the config (`config.mesh`: axis name -> size, -1
+for every remaining device). Today one axis, `data`: parameters are
+replicated and the batch is split along it, so the same program runs on one
+CPU, simulated CPU devices, a GPU host or a TPU pod slice. Other axis names
+are reserved for model parallelism and rejected until implemented.
 """
 
 from __future__ import annotations
@@ -27,6 +29,37 @@ def create_mesh(num_devices: int | None = None) -> Mesh:
                        f'{len(devices)} are visible')
     devices = devices[:num_devices]
   return Mesh(np.asarray(devices), ('data',))
+
+
+AXES = ('data',)
+
+
+def mesh_from_config(mesh_cfg) -> Mesh:
+  """The mesh described by `config.mesh` (`{'data': n}`; n = -1 or 0: all
+  devices of every process)."""
+  axes = dict(mesh_cfg)
+  extra = sorted(set(axes) - set(AXES))
+  if extra:
+    raise ValueError(f'mesh axes {extra} are not implemented; only data '
+                     'parallelism (mesh.data) is supported')
+  n = int(axes.get('data', -1))
+  if n < -1:
+    raise ValueError(f'mesh.data must be -1 (all devices) or positive, got '
+                     f'{n}')
+  if n > 0 and jax.process_count() > 1 and n != jax.device_count():
+    raise ValueError(f'mesh.data={n} on a {jax.process_count()}-process run '
+                     f'must span all {jax.device_count()} devices (use -1)')
+  return create_mesh(n if n > 0 else None)
+
+
+def describe(mesh: Mesh) -> str:
+  """E.g. `data=8 (8 tpu devices, 2 processes)`."""
+  devs = mesh.devices.reshape(-1)
+  shape = ' x '.join(f'{k}={v}' for k, v in mesh.shape.items())
+  procs = len({d.process_index for d in devs})
+  kind = getattr(devs[0], 'device_kind', devs[0].platform)
+  return (f'{shape} ({len(devs)} {devs[0].platform} device(s): {kind}; '
+          f'{procs} process(es))')
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -37,20 +37,22 @@ from gendd_jax import checkpoint as ckpt_lib
 from gendd_jax import data as data_lib
 from gendd_jax import diffusion
 from gendd_jax import gendd
+from gendd_jax import modeling
 from gendd_jax import models
 from gendd_jax import optim
+from gendd_jax import precision
 from gendd_jax import sharding
-from gendd_jax.models import distill
+from gendd_jax.modeling import ConfigError
+from gendd_jax.modeling import compute_dtypes
+from gendd_jax.modeling import create_backbone
+from gendd_jax.modeling import create_model
+from gendd_jax.modeling import teacher_feature_dim  # noqa: F401 (API)
 
 STAGES = ('teacher', 'scratch', 'kd', 'kl', 'stage1', 'gendd', 'gendd_unsup')
 # Label use per stage: every label, the student's labelled subset, or none.
 LABELS = dict(teacher='all', scratch='subset', kd='subset', kl='none',
               stage1='subset', gendd='subset', gendd_unsup='none')
 NEEDS_TEACHER = ('kd', 'kl', 'stage1', 'gendd', 'gendd_unsup')
-
-
-class ConfigError(ValueError):
-  """The configuration is inconsistent."""
 
 
 # ---------------------------------------------------------------------------
@@ -85,6 +87,9 @@ class StepSpec:
   # Teacher outputs come precomputed in the batch (`teacher_feature`,
   # `teacher_logits`); the training step runs no teacher forward.
   precomputed: bool = False
+  # Gradient accumulation: the batch is split into this many micro-batches
+  # whose gradients are averaged before one optimizer update.
+  accum_steps: int = 1
 
 
 def _merge(graphdef, variables):
@@ -93,15 +98,15 @@ def _merge(graphdef, variables):
 
 def _teacher_forward(spec: StepSpec, teacher, image, batch=None):
   if spec.precomputed and batch is not None:
-    return batch.get('teacher_feature'), batch.get('teacher_logits')
+    return precision.to_float32((batch.get('teacher_feature'),
+                                 batch.get('teacher_logits')))
   model = _merge(spec.teacher_graphdef, teacher)
-  feat, logits = model(image, train=False)
+  feat, logits = precision.to_float32(model(image, train=False))
   return jax.lax.stop_gradient(feat), jax.lax.stop_gradient(logits)
 
 
 def _classifier(teacher) -> tuple[jax.Array, jax.Array]:
-  fc = teacher['params']['fc']
-  return jnp.transpose(fc['kernel'][...]), fc['bias'][...]
+  return modeling.classifier(teacher['params'])
 
 
 def _normalise(teacher, target):
@@ -121,7 +126,7 @@ def _losses(spec: StepSpec, schedule, params, batch_stats, teacher, batch,
   mask = batch.get('label_mask')
   metrics = {}
   if spec.stage in ('teacher', 'scratch', 'kd', 'kl'):
-    _, logits = model(image, train=True)
+    _, logits = precision.to_float32(model(image, train=True))
     if spec.stage in ('teacher', 'scratch'):
       loss = gendd.cross_entropy(logits, labels, mask)
     else:
@@ -135,7 +140,7 @@ def _losses(spec: StepSpec, schedule, params, batch_stats, teacher, batch,
         loss = loss + spec.ce_weight * ce
   elif spec.stage == 'stage1':
     w, b = _classifier(teacher)
-    logits = model(image, w, b, train=True)
+    logits = precision.to_float32(model(image, w, b, train=True))
     loss = gendd.cross_entropy(logits, labels, mask)
   else:  # gendd, gendd_unsup
     t_feat, _ = _teacher_forward(spec, teacher, image, batch)
@@ -143,7 +148,8 @@ def _losses(spec: StepSpec, schedule, params, batch_stats, teacher, batch,
     target = gendd.contract_target(t_feat, labels, w, spec.smooth, mask)
     if 'target_stats' in teacher:
       target = _normalise(teacher, target)
-    z, probe_logits, _ = model.student(image, train=True)
+    z, probe_logits, _ = precision.to_float32(model.student(image,
+                                                            train=True))
     k_mix, k_diff = jax.random.split(key)
     z, target = gendd.mix_features(k_mix, z, target, spec.beta)
     loss, aux = gendd.diffusion_loss(model.head, schedule,
@@ -170,13 +176,44 @@ def build_steps(spec: StepSpec) -> tuple[Callable, Callable]:
   sample_sched = diffusion.create_schedule(
       spec.noise_schedule, spec.diffusion_steps, spec.sampling_steps)
 
+  grad_fn = jax.grad(functools.partial(_losses, spec, train_sched),
+                     has_aux=True)
+
+  def accumulated_grads(params, batch_stats, teacher, batch, key):
+    """Mean gradient and metrics over `accum_steps` micro-batches.
+
+    Micro-batch `i` takes rows `i, i + A, i + 2A, ...` of the batch, so on a
+    data-sharded batch every device contributes its own rows to each
+    micro-batch (no data movement). BatchNorm statistics are threaded through
+    the micro-batches in order.
+    """
+    a = spec.accum_steps
+    micro = jax.tree.map(
+        lambda x: jnp.swapaxes(
+            x.reshape((x.shape[0] // a, a) + x.shape[1:]), 0, 1), batch)
+
+    def body(carry, inp):
+      acc, bs = carry
+      mb, i = inp
+      g, (m, bs) = grad_fn(params, bs, teacher, mb,
+                           jax.random.fold_in(key, i))
+      return (jax.tree.map(jnp.add, acc, g), bs), m
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (acc, new_bs), ms = jax.lax.scan(body, (zeros, batch_stats),
+                                     (micro, jnp.arange(a)))
+    grads = jax.tree.map(lambda g: g / a, acc)
+    return grads, (jax.tree.map(lambda m: jnp.mean(m, 0), ms), new_bs)
+
   def train_step(state, teacher, batch):
     step = state['step']
     key = jax.random.fold_in(base_key, step)
-    grad_fn = jax.grad(functools.partial(_losses, spec, train_sched),
-                       has_aux=True)
-    grads, (metrics, new_bs) = grad_fn(state['params'], state['batch_stats'],
-                                       teacher, batch, key)
+    if spec.accum_steps == 1:
+      grads, (metrics, new_bs) = grad_fn(
+          state['params'], state['batch_stats'], teacher, batch, key)
+    else:
+      grads, (metrics, new_bs) = accumulated_grads(
+          state['params'], state['batch_stats'], teacher, batch, key)
     updates, opt_state = tx.update(grads, state['opt_state'],
                                    state['params'])
     params = optax.apply_updates(state['params'], updates)
@@ -196,7 +233,7 @@ def build_steps(spec: StepSpec) -> tuple[Callable, Callable]:
       w, b = _classifier(teacher)
       out['acc'] = model(image, w, b)
     else:
-      z, probe_logits, _ = model.student(image)
+      z, probe_logits, _ = precision.to_float32(model.student(image))
       key = jax.random.fold_in(jax.random.fold_in(base_key, 1 << 30), index)
       w, b = _classifier(teacher)
       variants = {'sampled_acc': spec.sample}
@@ -235,39 +272,6 @@ def build_steps(spec: StepSpec) -> tuple[Callable, Callable]:
 # ---------------------------------------------------------------------------
 
 
-def create_backbone(cfg: ml_collections.ConfigDict, info, seed: int):
-  """The backbone named by a `teacher`/`student` config block."""
-  kwargs = {k: v for k, v in cfg.items()
-            if k not in ('model', 'checkpoint', 'init_from', 'source',
-                         'features')}
-  return models.create_backbone(
-      cfg.model, num_classes=info['num_classes'],
-      input_shape=info['input_shape'], rngs=nnx.Rngs(seed), **kwargs)
-
-
-def teacher_feature_dim(config, info) -> int:
-  m = nnx.eval_shape(lambda: create_backbone(config.teacher, info, 0))
-  return m.feature_dim
-
-
-def create_model(config, info, stage: str) -> nnx.Module:
-  """The trainable module of `stage` with freshly initialised weights."""
-  role = config.teacher if stage == 'teacher' else config.student
-  backbone = create_backbone(role, info, config.seed)
-  if stage in ('teacher', 'scratch', 'kd', 'kl'):
-    return backbone
-  t_dim = teacher_feature_dim(config, info)
-  rngs = nnx.Rngs(config.seed + 1)
-  if stage == 'stage1':
-    return distill.Stage1Model(backbone, t_dim, rngs=rngs)
-  g = config.gendd
-  if t_dim % g.token_dim:
-    raise ConfigError(f'gendd.token_dim={g.token_dim} does not divide the '
-                      f'teacher feature width {t_dim}')
-  return distill.GenDDModel(backbone, t_dim, g.token_dim, g.width, g.depth,
-                            remat=g.remat, rngs=rngs)
-
-
 def _variables(module) -> dict[str, Any]:
   _, params, bs = nnx.split(module, nnx.Param, nnx.BatchStat)
   return dict(params=params, batch_stats=bs)
@@ -282,7 +286,9 @@ def load_teacher(config, info, mesh) -> tuple[Any, dict[str, Any]]:
                       '--config.teacher.checkpoint=<export dir of a teacher '
                       'run>')
   graphdef, params, bs = nnx.split(
-      nnx.eval_shape(lambda: create_backbone(config.teacher, info, 0)),
+      precision.set_compute_dtype(
+          nnx.eval_shape(lambda: create_backbone(config.teacher, info, 0)),
+          compute_dtypes(config)['teacher']),
       nnx.Param, nnx.BatchStat)
   abstract = dict(params=params, batch_stats=bs)
   meta = ckpt_lib.load_export_meta(path)
@@ -318,6 +324,10 @@ def load_backbone_init(config, info, module, mesh) -> None:
 
 def optim_spec(config, stage: str, steps_per_epoch: int) -> optim.OptimSpec:
   """The optimizer settings of `stage`, validated."""
+  if stage not in config.stages:
+    raise ConfigError(f'this config has no optimiser settings for stage '
+                      f'{stage!r} (config.stages has '
+                      f'{", ".join(config.stages)})')
   s = config.stages[stage]
   total = int(s.epochs * steps_per_epoch)
   if total <= 0:
@@ -373,6 +383,7 @@ def make_spec(config, stage, graphdef, teacher_graphdef, ospec, mesh
   return StepSpec(stage=stage, graphdef=graphdef,
                   teacher_graphdef=teacher_graphdef, optim=ospec,
                   seed=config.seed, mesh=mesh,
+                  accum_steps=int(config.grad_accum_steps),
                   kd_temperature=float(config.kd.temperature),
                   ce_weight=float(config.kd.ce_weight),
                   kd_weight=float(config.kd.kd_weight), **kw)
@@ -413,6 +424,85 @@ def target_stats(config, teacher, teacher_graphdef, batches, mesh
   stats = dict(mean=jax.device_put(jnp.asarray(mean), rep),
                std=jax.device_put(jnp.asarray(std), rep))
   return stats, float(bound)
+
+
+def create_mesh(config):
+  """The mesh of `config.mesh`, with the batch sizes checked against it."""
+  accum = config.grad_accum_steps
+  if not isinstance(accum, int) or accum < 1:
+    raise ConfigError(f'grad_accum_steps must be a positive integer, got '
+                      f'{accum!r}')
+  try:
+    mesh = sharding.mesh_from_config(config.mesh)
+    sharding.check_batch_size(config.data.batch_size, mesh)
+    sharding.check_batch_size(config.data.eval_batch_size, mesh,
+                              'eval batch size')
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+  n = mesh.devices.size
+  if config.data.batch_size % (n * accum):
+    raise ConfigError(
+        f'batch size {config.data.batch_size} is not divisible by '
+        f'{n} devices x grad_accum_steps {accum}')
+  return mesh
+
+
+def _nbytes(tree) -> int:
+  return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+             for x in jax.tree.leaves(tree))
+
+
+def _count(tree) -> int:
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def _mb(n: int) -> str:
+  return f'{n / 2**20:,.1f} MiB' if n < 2**30 else f'{n / 2**30:,.2f} GiB'
+
+
+def startup_summary(config, stage: str, mesh, module, teacher, info,
+                    steps_per_epoch: int) -> str:
+  """What the run is about to do: devices, batch split, parameters and a
+  per-device memory estimate of the persistent state (parameters, optimizer
+  state, frozen teacher, one input batch; activations not included)."""
+  n = mesh.devices.size
+  accum = config.grad_accum_steps
+  gb = config.data.batch_size
+  params = nnx.state(module, nnx.Param)
+  counts = {}
+  for name in ('backbone', 'head', 'cls_projector', 'proj'):
+    sub = getattr(module, name, None)
+    if isinstance(sub, nnx.Module):
+      counts[name] = models.param_count(sub)
+  total = models.param_count(module)
+  ospec = optim_spec(config, stage, steps_per_epoch)
+  opt_bytes = _nbytes(jax.eval_shape(optim.create_optimizer(ospec).init,
+                                     params))
+  p_bytes = _nbytes(params) + _nbytes(nnx.state(module, nnx.BatchStat))
+  t_bytes = _nbytes(teacher) if teacher else 0
+  in_bytes = (gb // n // accum) * int(np.prod(info['input_shape'])) * 4
+  dtypes = compute_dtypes(config)
+  parts = ', '.join(f'{k} {v / 1e6:.2f}M' for k, v in counts.items())
+  lines = [
+      f'[{stage}] mesh {sharding.describe(mesh)}',
+      f'[{stage}] global batch {gb} = {n} device(s) x {gb // n // accum} '
+      f'per device x {accum} accumulation step(s); {steps_per_epoch} '
+      f'steps/epoch x {config.stages[stage].epochs:g} epochs = '
+      f'{ospec.total_steps} steps',
+      f'[{stage}] trainable parameters {total / 1e6:.2f}M'
+      + (f' ({parts})' if parts else '')
+      + (f'; frozen teacher {_count(teacher["params"]) / 1e6:.2f}M'
+         if teacher else ''),
+      f'[{stage}] compute dtypes student {dtypes["student"]}, head '
+      f'{dtypes["head"]}, teacher {dtypes["teacher"]}; parameters and '
+      'optimizer state float32',
+      f'[{stage}] memory per device (persistent state): parameters '
+      f'{_mb(p_bytes)} + optimizer {_mb(opt_bytes)} + gradients '
+      f'{_mb(p_bytes)} + teacher {_mb(t_bytes)} + input micro-batch '
+      f'{_mb(in_bytes)} = {_mb(2 * p_bytes + opt_bytes + t_bytes + in_bytes)}'
+      ' (activations not included)',
+  ]
+  return '\n'.join(lines)
 
 
 # ---------------------------------------------------------------------------
@@ -506,13 +596,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                       f'{", ".join(STAGES)} (or "pipeline" in configs that '
                       'define one)')
   check_workdir(workdir)
-  try:
-    mesh = sharding.create_mesh(config.num_devices or None)
-    sharding.check_batch_size(config.data.batch_size, mesh)
-    sharding.check_batch_size(config.data.eval_batch_size, mesh,
-                              'eval batch size')
-  except ValueError as e:
-    raise ConfigError(str(e)) from e
+  mesh = create_mesh(config)
   d = config.data
   dataset = data_lib.open_dataset(d, config.seed, jax.process_index(),
                                   jax.process_count())
@@ -538,6 +622,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     load_backbone_init(config, info, module, mesh)
   rep = sharding.replicated(mesh)
   graphdef, params, batch_stats = nnx.split(module, nnx.Param, nnx.BatchStat)
+  if not quiet and jax.process_index() == 0:
+    print(startup_summary(config, stage, mesh, module, teacher, info,
+                          stream.steps_per_epoch), flush=True)
   ospec = optim_spec(config, stage, stream.steps_per_epoch)
   spec = make_spec(config, stage, graphdef, teacher_graphdef, ospec, mesh)
   spec = dataclasses.replace(spec, precomputed=precomputed)
@@ -572,6 +659,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       print(f'[{stage}] resumed from step {start} ({workdir})', flush=True)
 
   total = ospec.total_steps
+  # What a standalone export/evaluation of a checkpoint needs besides the
+  # weights: the config and the target space of the diffusion head.
+  ckpt_meta = dict(stage=stage, config=json.loads(config.to_json()),
+                   num_classes=info['num_classes'],
+                   input_shape=list(info['input_shape']))
+  if 'clip_bound' in teacher:
+    ckpt_meta['clip_bound'] = float(teacher['clip_bound'])
+  if 'target_stats' in teacher:
+    ckpt_meta['target_stats'] = {
+        k: np.asarray(v).tolist() for k, v in teacher['target_stats'].items()}
   writer = _writer(workdir)
   if start == 0 and jax.process_index() == 0:
     writer.write_hparams({'stage': stage, 'total_steps': total,
@@ -604,7 +701,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 flush=True)
       every = config.checkpoint_every_steps
       if every and done % every == 0 and done < total:
-        ckpt.save(done, state, {'stage': stage},
+        ckpt.save(done, state, ckpt_meta,
                   data_state=stream.get_state())
       if (config.eval_every_steps and done % config.eval_every_steps == 0 and
           done < total):
@@ -617,7 +714,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           print(f'[{stage}] eval at step {done}: {accs}', flush=True)
     train_time = time.time() - t0
     if start < total:
-      ckpt.save(total, state, {'stage': stage},
+      ckpt.save(total, state, ckpt_meta,
                 data_state=stream.get_state())
     t1 = time.time()
     res = evaluate(eval_step, state, teacher, dataset.eval_batches(), mesh)
@@ -631,8 +728,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   export_tree = dict(params=state['params'],
                      batch_stats=state['batch_stats'])
   role = config.teacher if stage == 'teacher' else config.student
-  meta = dict(stage=stage, model=role.model, num_classes=info['num_classes'],
-              config=json.loads(config.to_json()))
+  meta = dict(ckpt_meta, model=role.model)
   # Every process takes part in the orbax save; process 0 writes the JSON.
   ckpt_lib.save_export(os.path.join(workdir, 'export'), export_tree, meta)
   results = dict(

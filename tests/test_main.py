@@ -171,7 +171,7 @@ class UserErrorTest(parameterized.TestCase):
     self.assertUserError(proc, teacher_export())
 
   @parameterized.named_parameters(
-      ('num_devices', '--config.num_devices=4', 'teacher', 'devices'),
+      ('num_devices', '--config.mesh.data=4', 'teacher', 'devices'),
       ('lr_schedule', '--config.stages.teacher.schedule=nope', 'teacher',
        'nope'),
       ('noise_schedule', '--config.gendd.noise_schedule=nope', 'gendd',

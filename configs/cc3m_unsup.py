@@ -1,0 +1,34 @@
+r"""Unsupervised distillation on CC3M, evaluated on ImageNet (no labels used).
+
+Variants (`--config=configs/cc3m_unsup.py:<variant>`):
+  r18     ResNet-34 -> ResNet-18, unsupervised GenDD (smooth 0);
+  r18_kl  the same pair, KL-to-teacher baseline;
+  mbv1    ResNet-50 -> MobileNetV1, unsupervised GenDD;
+  mbv1_kl the same pair, KL baseline.
+100 epochs, lr 2e-3, weight decay 2e-2, batch 512, warm-up 10, cosine.
+CC3M is built once from its image shards:
+
+  python -m gendd_jax.build_dataset unlabeled --src '/data/cc3m/*.tar' \
+      --name cc3m --data_dir <tfds dir>
+"""
+
+from gendd_jax import config_lib
+
+VARIANTS = ('r18', 'r18_kl', 'mbv1', 'mbv1_kl')
+_PAIRS = {'r18': ('resnet34', 'resnet18'), 'mbv1': ('resnet50',
+                                                    'mobilenet_v1')}
+
+
+def get_config(variant: str = 'r18'):
+  if variant not in VARIANTS:
+    raise ValueError(f'unknown variant {variant!r} of configs/cc3m_unsup.py; '
+                     f'expected one of {", ".join(VARIANTS)}')
+  teacher, student = _PAIRS[variant.split('_')[0]]
+  c = config_lib.imagenet(
+      teacher, student, epochs=100, weight_decay=2e-2, warmup_epochs=10,
+      dataset='unlabeled:cc3m', eval_name='tfds:imagenet2012',
+      unsupervised=True)
+  c.data.num_classes = 1000  # From the teacher; CC3M has no labels.
+  if variant.endswith('_kl'):
+    c.pipeline.stages = ('kl',)
+  return c

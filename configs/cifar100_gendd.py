@@ -1,0 +1,23 @@
+r"""CIFAR-100 GenDD for every teacher-student pair of the paper.
+
+`--config=configs/cifar100_gendd.py:<teacher>-<student>`, e.g.
+`resnet32x4-resnet8x4` (default), `resnet56-resnet20`, `resnet110-resnet32`,
+`wrn_40_2-wrn_16_2`, `wrn_40_2-wrn_40_1`, `vgg13-vgg8`,
+`resnet32x4-shufflev1`, `resnet32x4-shufflev2`, `vgg13-mobilenetv2`,
+`cifar_resnet50-mobilenetv2`. Stage-1 (50 epochs, lr 3e-3, weight decay
+5e-2, batch 64) then GenDD (240 epochs, lr 1e-3, warm-up 50,
+diffusion_batch_mul 30, smooth per pair as in the released scripts,
+100-step CFG sampling), float32. The teacher comes from
+`configs/cifar100_teacher.py` or `python -m gendd_jax.convert`:
+
+  python -m gendd_jax.main --config=configs/cifar100_gendd.py:vgg13-vgg8 \
+      --workdir=runs/vgg8 --config.teacher.checkpoint=runs/vgg13/export
+"""
+
+from gendd_jax import config_lib
+
+VARIANTS = tuple(config_lib.CIFAR_PAIRS)
+
+
+def get_config(pair: str = 'resnet32x4-resnet8x4'):
+  return config_lib.cifar100_gendd(pair)

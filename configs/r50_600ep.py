@@ -1,0 +1,25 @@
+r"""ImageNet: BEiT-v2-L teacher -> ResNet-50, A1 recipe: the paper's 82.28%.
+
+Stage-1 (20 epochs, lr 2e-3) then GenDD: 600 epochs, lr 2e-3, weight decay
+1e-2, batch 512, 10 warm-up epochs, mixup 0.2, cutmix 1.0, label smoothing
+0.1, RandAugment, smooth 0.9, beta 0; 64-step CFG (scale 2) sampling.
+bfloat16 compute, float32 parameters and optimizer state.
+
+On a TPU pod slice (see launch/README.md):
+
+  python -m gendd_jax.main --distributed --config=configs/r50_600ep.py \
+      --workdir=gs://bucket/runs/r50_600ep \
+      --config.teacher.checkpoint=gs://bucket/teachers/beitv2_large \
+      --config.data.data_dir=gs://bucket/tfds
+
+A smaller slice keeps the global batch with `--config.grad_accum_steps=N`.
+"""
+
+from gendd_jax import config_lib
+
+
+def get_config():
+  return config_lib.imagenet(
+      'beitv2_large_patch16_224', 'resnet50', epochs=600, weight_decay=1e-2,
+      augment='rand', mixup=0.2, cutmix=1.0, label_smoothing=0.1,
+      smooth=0.9, beta=0.0)

@@ -1,0 +1,312 @@
+r"""Standalone evaluation of an export (no training code).
+
+  python -m gendd_jax.evaluate --checkpoint=exports/r50 \
+      [--config=configs/r50_600ep.py] [--mode=both] [--steps=64] \
+      [--sampler=ancestral] [--cfg_scale=2] [--temperature=1] \
+      [--num_sampling=5] [--data_dir=...] [--output=eval.json]
+
+Loads an export written by `python -m gendd_jax.export` and evaluates it on
+the eval split of the config's dataset (the config stored in the export
+unless `--config` is given; its model settings must match the export).
+Modes: `sample` generates the teacher-space feature with the diffusion head
+(`--sampler`, `--steps`, `--cfg_scale`, `--temperature`, `--num_sampling`
+draws averaged) and classifies it with the teacher classifier; `probe` uses
+the linear probe (no sampling); `both`; `logits` for the classifier networks
+of the other stages. Prints top-1/top-5 and images/s (timed after
+compilation) per mode. Sampler settings left unset come from the config.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import time
+from typing import Any, Iterable, NamedTuple
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+_CHECKPOINT = flags.DEFINE_string('checkpoint', None,
+                                  'Export directory (gendd_jax.export).')
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Optional config file; default: the exported config.',
+    lock_config=True)
+_MODE = flags.DEFINE_enum('mode', None, ['sample', 'probe', 'both', 'logits'],
+                          'What to evaluate (default: both for GenDD, '
+                          'logits otherwise).')
+_SAMPLER = flags.DEFINE_string('sampler', None, 'ancestral, ddim or '
+                               'posterior_mean (default: the config\'s).')
+_STEPS = flags.DEFINE_string('steps', None, 'Sampling steps (respacing).')
+_CFG = flags.DEFINE_float('cfg_scale', None, 'Classifier-free guidance.')
+_TEMP = flags.DEFINE_float('temperature', None, 'Per-step noise scale.')
+_NUM = flags.DEFINE_integer('num_sampling', None, 'Draws averaged per image.')
+_BATCH = flags.DEFINE_integer('batch_size', None, 'Evaluation batch size.')
+_MAX_BATCHES = flags.DEFINE_integer('max_batches', 0, 'Stop after this many '
+                                    'batches (0: the whole split).')
+_DATA_DIR = flags.DEFINE_string('data_dir', None, 'Overrides data.data_dir.')
+_SEED = flags.DEFINE_integer('seed', None, 'Seed of the sampler noise '
+                             '(default: the config\'s seed, which draws the '
+                             'same noise as training-time evaluation).')
+_OUTPUT = flags.DEFINE_string('output', None, 'Also write results as JSON.')
+
+
+class Exported(NamedTuple):
+  """A loaded export: the model and what classifies its features."""
+  stage: str
+  config: Any
+  graphdef: Any
+  variables: dict[str, Any]
+  classifier: dict[str, Any] | None
+  target_stats: dict[str, Any] | None
+  meta: dict[str, Any]
+
+
+class SamplerSpec(NamedTuple):
+  sampler: str
+  steps: str
+  cfg_scale: float
+  temperature: float
+  num_sampling: int
+
+
+def load(directory: str, config=None) -> Exported:
+  """Rebuilds the exported model (`config` defaults to the stored one)."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from gendd_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from gendd_jax import modeling  # pylint: disable=g-import-not-at-top
+  from gendd_jax import export as export_lib  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+
+  meta = ckpt_lib.load_export_meta(directory)
+  if meta.get('kind') != export_lib.EXPORT_KIND:
+    raise ckpt_lib.CheckpointError(
+        f'{directory} is not an evaluation export (write one with python -m '
+        'gendd_jax.export --workdir=<run> --out=<dir>)')
+  if config is None:
+    config = ml_collections.ConfigDict(meta['config'])
+  stage = meta['stage']
+  info = dict(num_classes=meta['num_classes'],
+              input_shape=tuple(meta['input_shape']))
+  module = nnx.eval_shape(lambda: modeling.create_model(config, info, stage))
+  graphdef, params, bs = nnx.split(module, nnx.Param, nnx.BatchStat)
+  abstract = dict(model=dict(params=params, batch_stats=bs))
+  d = None
+  if stage in ('stage1', 'gendd', 'gendd_unsup'):
+    d = modeling.teacher_feature_dim(config, info)
+    abstract['classifier'] = dict(
+        weight=jax.ShapeDtypeStruct((info['num_classes'], d), 'float32'),
+        bias=jax.ShapeDtypeStruct((info['num_classes'],), 'float32'))
+  if meta.get('config', {}).get('gendd', {}).get('target_norm') == \
+      'standardize':
+    abstract['target_stats'] = dict(
+        mean=jax.ShapeDtypeStruct((d,), 'float32'),
+        std=jax.ShapeDtypeStruct((d,), 'float32'))
+  tree, _ = ckpt_lib.load_export(directory, ckpt_lib.abstract_like(abstract))
+  return Exported(stage, config, graphdef, tree['model'],
+                  tree.get('classifier'), tree.get('target_stats'), meta)
+
+
+def sampler_spec(config, sampler=None, steps=None, cfg_scale=None,
+                 temperature=None, num_sampling=None) -> SamplerSpec:
+  """The sampler settings: arguments given, else the config's."""
+  s = config.sampler
+  pick = lambda v, d: d if v is None else v  # noqa: E731
+  return SamplerSpec(pick(sampler, s.get('sampler', 'ancestral')),
+                     str(pick(steps, s.steps)),
+                     float(pick(cfg_scale, s.cfg_scale)),
+                     float(pick(temperature, s.temperature)),
+                     int(pick(num_sampling, s.num_sampling)))
+
+
+@functools.lru_cache(maxsize=None)
+def _logits_fn(ex_key, mode: str, spec: SamplerSpec | None, seed: int):
+  """A jitted `(variables, classifier, stats, image, index) -> logits`."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from gendd_jax import diffusion  # pylint: disable=g-import-not-at-top
+  from gendd_jax import gendd  # pylint: disable=g-import-not-at-top
+  from gendd_jax import precision  # pylint: disable=g-import-not-at-top
+  stage, graphdef, g = ex_key
+  # The derivation of the training loop's evaluation noise.
+  base = jax.random.fold_in(jax.random.key(seed), 1 << 30)
+  sched = None
+  if mode == 'sample':
+    sched = diffusion.create_schedule(g['noise_schedule'],
+                                      g['diffusion_steps'], spec.steps)
+    settings = gendd.SampleSettings(
+        g['token_dim'], spec.num_sampling, spec.cfg_scale, spec.temperature,
+        sampler=spec.sampler)
+
+  def fn(variables, classifier, stats, image, index):
+    model = nnx.merge(graphdef, variables['params'],
+                      variables['batch_stats'])
+    if mode == 'logits':
+      if stage == 'stage1':
+        return model(image, classifier['weight'], classifier['bias'])
+      return model(image)[1]
+    z, probe, _ = precision.to_float32(model.student(image))
+    if mode == 'probe':
+      return probe
+    key = jax.random.fold_in(base, index)
+    feat = gendd.sample_features(model.head, sched, key, z, settings)
+    if stats is not None:
+      feat = feat * stats['std'] + stats['mean']
+    return feat @ classifier['weight'].T + classifier['bias']
+
+  return jax.jit(fn)
+
+
+def _key(ex: Exported):
+  g = ex.config.gendd
+  return (ex.stage, ex.graphdef,
+          _Frozen(token_dim=int(g.token_dim),
+                  noise_schedule=str(g.noise_schedule),
+                  diffusion_steps=int(g.diffusion_steps)))
+
+
+class _Frozen(dict):
+  def __hash__(self):
+    return hash(tuple(sorted(self.items())))
+
+
+def modes_of(ex: Exported, mode: str | None) -> tuple[str, ...]:
+  gen = ex.stage in ('gendd', 'gendd_unsup')
+  mode = mode or ('both' if gen else 'logits')
+  if mode == 'logits' and gen:
+    raise ValueError("mode 'logits' is for classifier exports; a GenDD "
+                     "export takes 'sample', 'probe' or 'both'")
+  if mode != 'logits' and not gen:
+    raise ValueError(f'a {ex.stage} export has no diffusion head or probe; '
+                     "use --mode=logits")
+  if mode == 'probe' and ex.stage == 'gendd_unsup':
+    raise ValueError('an unsupervised GenDD export has no trained probe')
+  return {'both': ('sample', 'probe'), 'sample': ('sample',),
+          'probe': ('probe',), 'logits': ('logits',)}[mode]
+
+
+def evaluate(ex: Exported, batches: Iterable[dict[str, Any]], mode: str,
+             spec: SamplerSpec | None = None, seed: int | None = None,
+             max_batches: int = 0) -> dict[str, float]:
+  """Top-1/top-5 (%) and images/s of one mode over `batches` (each with
+  `image`, `label`, `valid`). `seed` defaults to the config's."""
+  seed = int(ex.config.seed) if seed is None else seed
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  fn = _logits_fn(_key(ex), mode, spec if mode == 'sample' else None, seed)
+  args = (ex.variables, ex.classifier, ex.target_stats)
+  batches = list(b for i, b in enumerate(batches)
+                 if not max_batches or i < max_batches)
+  if not batches:
+    raise ValueError('the evaluation split is empty')
+  # Compile (and warm up) outside the timed pass.
+  jax.block_until_ready(fn(*args, jnp.asarray(batches[0]['image']),
+                           jnp.int32(0)))
+  top1 = top5 = n = 0
+  t0 = time.perf_counter()
+  for i, b in enumerate(batches):
+    logits = fn(*args, jnp.asarray(b['image']), jnp.int32(i))
+    k = min(5, logits.shape[-1])
+    top = np.asarray(jax.lax.top_k(logits, k)[1])
+    valid = np.asarray(b['valid']) > 0
+    hit = top == np.asarray(b['label'])[:, None]
+    top1 += int(hit[:, 0][valid].sum())
+    top5 += int(hit.any(-1)[valid].sum())
+    n += int(valid.sum())
+  seconds = time.perf_counter() - t0
+  return dict(top1=100.0 * top1 / n, top5=100.0 * top5 / n, images=n,
+              seconds=seconds, images_per_sec=n / seconds)
+
+
+def sample_features(ex: Exported, images, spec: SamplerSpec, seed: int = 0):
+  """Generated teacher-space features `[N, D]` for `images` (one batch)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from gendd_jax import diffusion  # pylint: disable=g-import-not-at-top
+  from gendd_jax import gendd  # pylint: disable=g-import-not-at-top
+  g = ex.config.gendd
+  sched = diffusion.create_schedule(g.noise_schedule, g.diffusion_steps,
+                                    spec.steps)
+  settings = gendd.SampleSettings(int(g.token_dim), spec.num_sampling,
+                                  spec.cfg_scale, spec.temperature,
+                                  sampler=spec.sampler)
+
+  @jax.jit
+  def fn(variables, stats, image):
+    model = nnx.merge(ex.graphdef, variables['params'],
+                      variables['batch_stats'])
+    z = model.student(image)[0].astype(jnp.float32)
+    feat = gendd.sample_features(model.head, sched, jax.random.key(seed), z,
+                                 settings)
+    if stats is not None:
+      feat = feat * stats['std'] + stats['mean']
+    return feat
+
+  return fn(ex.variables, ex.target_stats, jnp.asarray(images))
+
+
+def eval_batches(ex: Exported, batch_size: int | None = None,
+                 data_dir: str | None = None):
+  """The eval split of the export's (or given) config, every image once."""
+  import copy  # pylint: disable=g-import-not-at-top
+  from gendd_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  d = copy.deepcopy(ex.config.data)
+  with d.unlocked():
+    if batch_size:
+      d.eval_batch_size = batch_size
+    if data_dir is not None:
+      d.data_dir = data_dir
+  return data_lib.open_dataset(d, ex.config.seed).eval_batches()
+
+
+def _fail(message: str) -> None:
+  print(f'error: {message}', file=sys.stderr, flush=True)
+  sys.exit(2)
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    _fail(f'unexpected arguments: {" ".join(argv[1:])}')
+  if not _CHECKPOINT.value:
+    _fail('--checkpoint=<export dir> is required')
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)  # Keep library INFO logs out.
+  from gendd_jax import errors  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  try:
+    ex = load(_CHECKPOINT.value, _CONFIG.value)
+    modes = modes_of(ex, _MODE.value)
+    spec = sampler_spec(ex.config, _SAMPLER.value, _STEPS.value, _CFG.value,
+                        _TEMP.value, _NUM.value)
+    results = {}
+    print(f'{ex.stage} export of {ex.meta["model"]} (step '
+          f'{ex.meta.get("step")}), {jax.device_count()} '
+          f'{jax.devices()[0].platform} device(s)', flush=True)
+    for mode in modes:
+      res = evaluate(ex, eval_batches(ex, _BATCH.value, _DATA_DIR.value),
+                     mode, spec, _SEED.value, _MAX_BATCHES.value)
+      if mode == 'sample':
+        res['sampler'] = spec._asdict()
+      results[mode] = res
+      detail = (f' ({spec.sampler}, {spec.steps} steps, cfg '
+                f'{spec.cfg_scale:g}, T {spec.temperature:g}, '
+                f'{spec.num_sampling} draw(s))' if mode == 'sample' else '')
+      print(f'{mode}{detail}: top-1 {res["top1"]:.2f}%  top-5 '
+            f'{res["top5"]:.2f}%  {res["images_per_sec"]:.1f} images/s '
+            f'({res["images"]} images)', flush=True)
+  except errors.USER_ERRORS + (ValueError,) as e:
+    _fail(str(e))
+  if _OUTPUT.value:
+    with open(_OUTPUT.value, 'w') as f:
+      json.dump(results, f, indent=1)
+
+
+if __name__ == '__main__':
+  app.run(main)

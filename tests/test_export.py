@@ -1,0 +1,138 @@
+"""Export a run and evaluate it standalone: same accuracy as training-time
+evaluation, top-5, images/s, and one clear error for each bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+from absl.testing import absltest
+
+from gendd_jax import checkpoint as ckpt_lib
+from gendd_jax import evaluate
+from gendd_jax import export as export_lib
+import test_train
+
+_TMP = None
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def setUpModule():
+  global _TMP
+  _TMP = tempfile.TemporaryDirectory(prefix='gendd_test_export_')
+  test_train.setUpModule()
+
+
+def tearDownModule():
+  test_train.tearDownModule()
+  _TMP.cleanup()
+
+
+def _run(*args):
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  return subprocess.run([sys.executable, '-m', *args], capture_output=True,
+                        text=True, cwd=_ROOT, env=env, timeout=300)
+
+
+class ExportEvaluateTest(absltest.TestCase):
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.workdir, cls.results = test_train.gendd_run()
+    cls.out = os.path.join(_TMP.name, 'export_gendd')
+    cls.meta = export_lib.export(cls.workdir, cls.out)
+
+  def test_export_holds_what_evaluation_needs(self):
+    self.assertEqual(self.meta['stage'], 'gendd')
+    self.assertEqual(self.meta['step'], 14)
+    tree = ckpt_lib.load_export_meta(self.out)
+    self.assertEqual(tree['kind'], export_lib.EXPORT_KIND)
+    ex = evaluate.load(self.out)
+    self.assertEqual(ex.classifier['weight'].shape, (10, 64))
+    self.assertIn('head', ex.variables['params'])
+    self.assertIn('fc', ex.variables['params']['backbone'])  # The probe.
+
+  def test_matches_training_time_evaluation(self):
+    ex = evaluate.load(self.out)
+    spec = evaluate.sampler_spec(ex.config)
+    probe = evaluate.evaluate(ex, evaluate.eval_batches(ex), 'probe')
+    sample = evaluate.evaluate(ex, evaluate.eval_batches(ex), 'sample', spec)
+    acc = self.results['accuracy']
+    self.assertAlmostEqual(probe['top1'], acc['probe_acc'], places=6)
+    # Same weights, data and noise; only XLA's fusion may differ.
+    self.assertLessEqual(abs(sample['top1'] - acc['sampled_acc']), 0.25)
+    for res in (probe, sample):
+      self.assertGreaterEqual(res['top5'], res['top1'])
+      self.assertEqual(res['images'], len(self.results['labels']))
+      self.assertGreater(res['images_per_sec'], 0)
+
+  def test_cli_prints_top1_top5_and_speed(self):
+    out_json = os.path.join(_TMP.name, 'eval.json')
+    p = _run('gendd_jax.evaluate', f'--checkpoint={self.out}', '--steps=2',
+             '--num_sampling=2', '--cfg_scale=1.5', f'--output={out_json}')
+    self.assertEqual(p.returncode, 0, p.stderr[-2000:])
+    self.assertRegex(p.stdout, r'sample \(ancestral, 2 steps, cfg 1.5, T 1, '
+                     r'2 draw\(s\)\): top-1 [\d.]+%  top-5 [\d.]+%  '
+                     r'[\d.]+ images/s')
+    self.assertRegex(p.stdout, r'probe: top-1 [\d.]+%')
+    with open(out_json) as f:
+      res = json.load(f)
+    self.assertEqual(res['sample']['sampler']['steps'], '2')
+    self.assertEqual(res['sample']['sampler']['num_sampling'], 2)
+
+  def test_bad_inputs(self):
+    cases = [
+        (('gendd_jax.export', f'--workdir={self.workdir}',
+          f'--out={self.out}'), 'already exists'),
+        (('gendd_jax.export', f'--workdir={_TMP.name}/none',
+          f'--out={_TMP.name}/x'), 'no checkpoint or final export'),
+        (('gendd_jax.export', f'--workdir={self.workdir}',
+          f'--out={_TMP.name}/y', '--step=3'), 'no checkpoint for step 3'),
+        (('gendd_jax.evaluate', f'--checkpoint={self.workdir}/export'),
+         'not an evaluation export'),
+        (('gendd_jax.evaluate', f'--checkpoint={self.out}', '--mode=logits'),
+         "mode 'logits' is for classifier exports"),
+        (('gendd_jax.evaluate', f'--checkpoint={_TMP.name}/missing'),
+         'missing meta.json'),
+    ]
+    for args, message in cases:
+      p = _run(*args)
+      self.assertEqual(p.returncode, 2, (args, p.stderr[-1500:]))
+      self.assertIn(message, p.stderr)
+      self.assertEqual(p.stderr.count('error:'), 1, p.stderr)
+    self.assertFalse(os.path.exists(f'{_TMP.name}/x'))
+
+  def test_corrupt_export_weights(self):
+    bad = os.path.join(_TMP.name, 'corrupt')
+    export_lib.export(self.workdir, bad)
+    for root, _, files in os.walk(os.path.join(bad, 'weights')):
+      for f in files:
+        if not f.endswith('.json'):
+          with open(os.path.join(root, f), 'wb') as fh:
+            fh.write(b'garbage')
+    with self.assertRaises(ckpt_lib.CheckpointError):
+      ex = evaluate.load(bad)
+      evaluate.evaluate(ex, evaluate.eval_batches(ex), 'probe')
+
+
+class BackboneExportTest(absltest.TestCase):
+
+  def test_teacher_export_evaluates_logits(self):
+    export_dir, res = test_train.teacher_export()
+    workdir = os.path.dirname(export_dir)
+    out = os.path.join(_TMP.name, 'export_teacher')
+    export_lib.export(workdir, out)
+    ex = evaluate.load(out)
+    self.assertEqual(evaluate.modes_of(ex, None), ('logits',))
+    r = evaluate.evaluate(ex, evaluate.eval_batches(ex), 'logits')
+    self.assertAlmostEqual(r['top1'], res['accuracy']['acc'], places=6)
+    with self.assertRaisesRegex(ValueError, 'no diffusion head'):
+      evaluate.modes_of(ex, 'sample')
+
+
+if __name__ == '__main__':
+  absltest.main()
