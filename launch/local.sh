@@ -4,25 +4,25 @@
 #   launch/local.sh CONFIG WORKDIR [--config.key=value ...]
 #   launch/local.sh --dry-run configs/digits.py runs/digits
 #
-# With --dry-run it prints the command instead of running it.
+# With --dry-run it prints the command instead of running it. The command
+# runs from the repository root, so relative paths are relative to it.
 set -euo pipefail
-dry_run=0
-if [[ "${1:-}" == "--dry-run" ]]; then
-  dry_run=1
+# shellcheck source-path=SCRIPTDIR
+# shellcheck source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+usage() {
+  echo 'usage: launch/local.sh [--dry-run] CONFIG WORKDIR' \
+    '[--config.key=value ...]'
+}
+
+if [[ ${1:-} == --dry-run ]]; then
+  DRY_RUN=1
   shift
 fi
-if [[ $# -lt 2 ]]; then
-  echo "usage: $0 [--dry-run] CONFIG WORKDIR [--config.key=value ...]" >&2
-  exit 2
+if (( $# < 2 )); then
+  die_usage 'CONFIG and WORKDIR are required'
 fi
-config=$1
-workdir=$2
-shift 2
-cmd=(python -m gendd_jax.main "--config=${config}" "--workdir=${workdir}" "$@")
-if (( dry_run )); then
-  printf '%q ' "${cmd[@]}"
-  echo
-else
-  cd "$(dirname "$0")/.."
-  exec "${cmd[@]}"
-fi
+cmd=(python -m gendd_jax.main "--config=$1" "--workdir=$2" "${@:3}")
+cd "$(repo_root)"
+run_exec "${cmd[@]}"
