@@ -57,7 +57,8 @@ def get_config(arg: str = ''):
   # also_eval_clipped: with clip_x0 'none', also report the 'data'-clipped
   # sampler on the same head and noise, so both are measured.
   c.sampler = ml_collections.ConfigDict(dict(
-      steps='64', cfg_scale=2.0, temperature=1.0, num_sampling=1,
+      kind='ancestral', steps='64', cfg_scale=2.0, temperature=1.0,
+      num_sampling=1,
       clip_x0='none', also_eval_clipped=True))
   c.kd = ml_collections.ConfigDict(dict(
       temperature=4.0, ce_weight=1.0, kd_weight=1.0))

@@ -13,6 +13,7 @@ import json
 import os
 from typing import Any
 
+from etils import epath
 import grain
 import jax
 import orbax.checkpoint as ocp
@@ -20,6 +21,38 @@ import orbax.checkpoint as ocp
 
 class CheckpointError(RuntimeError):
   """A checkpoint is missing, unreadable or does not fit the model."""
+
+
+# Paths may be local or remote (`gs://...`): everything goes through epath.
+
+
+def absolute(path: str) -> str:
+  """`path` made absolute, unless it is a URL such as `gs://bucket/run`."""
+  return path if '://' in path else os.path.abspath(path)
+
+
+def exists(path: str) -> bool:
+  return epath.Path(path).exists()
+
+
+def isdir(path: str) -> bool:
+  return epath.Path(path).is_dir()
+
+
+def makedirs(path: str) -> None:
+  epath.Path(path).mkdir(parents=True, exist_ok=True)
+
+
+def read_text(path: str) -> str:
+  return epath.Path(path).read_text()
+
+
+def write_text(path: str, text: str) -> None:
+  """Writes `text` to `path` via a temporary file and a rename (atomic on
+  local disks), so a reader never sees a partial file."""
+  tmp = epath.Path(path + '.tmp')
+  tmp.write_text(text)
+  tmp.replace(path)
 
 
 def abstract_like(tree: Any, sharding: Any = None) -> Any:
@@ -51,15 +84,58 @@ class Checkpointer:
 
   def __init__(self, directory: str, max_to_keep: int = 2,
                async_save: bool = True):
-    self.directory = os.path.abspath(directory)
-    self._mngr = ocp.CheckpointManager(
+    self.directory = absolute(directory)
+    self._options = dict(max_to_keep=max_to_keep, async_save=async_save)
+    self._mngr = self._manager()
+
+  def _manager(self) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, create=True,
-            enable_async_checkpointing=async_save),
+            max_to_keep=self._options['max_to_keep'], create=True,
+            enable_async_checkpointing=self._options['async_save']),
         item_handlers={'state': ocp.StandardCheckpointHandler(),
                        'meta': ocp.JsonCheckpointHandler(),
                        'data': grain.checkpoint.CheckpointHandler()})
+
+  def restore_latest_valid(self, abstract_state: Any, log=None
+                           ) -> tuple[Any, dict[str, Any]]:
+    """`restore` of the newest checkpoint that can be read.
+
+    An unreadable (corrupt or partially written) checkpoint is renamed to
+    `<step>.corrupt` (kept for inspection, ignored from then on) and the
+    previous one is tried, with a message through `log`.
+    """
+    errors = []
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        out = self.restore(abstract_state, step)
+      except CheckpointError as e:
+        errors.append(str(e))
+        aside = self._move_aside(step)
+        if log:
+          log(f'warning: {e}; moved it to {aside} and trying the previous '
+              'checkpoint')
+        continue
+      if errors and log:
+        log(f'resuming from checkpoint {step} (the newer one(s) could not be '
+            'read)')
+      return out
+    raise CheckpointError(f'no readable checkpoint in {self.directory}: '
+                          + '; '.join(errors))
+
+  def _move_aside(self, step: int) -> str:
+    src = epath.Path(self.directory) / str(step)
+    dest = epath.Path(self.directory) / f'{step}.corrupt'
+    n = 1
+    while dest.exists():
+      dest = epath.Path(self.directory) / f'{step}.corrupt{n}'
+      n += 1
+    if jax.process_index() == 0:
+      src.rename(dest)
+    self._mngr.close()
+    self._mngr = self._manager()  # Forget the moved step.
+    return str(dest)
 
   def latest_step(self) -> int | None:
     return self._mngr.latest_step()
@@ -86,7 +162,10 @@ class Checkpointer:
     if data_state is not None:
       items['data'] = grain.checkpoint.CheckpointSave(
           _StateSnapshot(data_state))
-    self._mngr.save(step, args=ocp.args.Composite(**items), force=True)
+    try:
+      self._mngr.save(step, args=ocp.args.Composite(**items), force=True)
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointError(self._save_failure(step, e)) from e
 
   def restore(self, abstract_state: Any, step: int | None = None
               ) -> tuple[Any, dict[str, Any]]:
@@ -97,7 +176,7 @@ class Checkpointer:
       raise CheckpointError(f'no checkpoint in {self.directory}')
     items = dict(state=ocp.args.StandardRestore(abstract_state),
                  meta=ocp.args.JsonRestore())
-    has_data = os.path.isdir(os.path.join(self.directory, str(step), 'data'))
+    has_data = isdir(os.path.join(self.directory, str(step), 'data'))
     snapshot = _StateSnapshot()
     if has_data:
       items['data'] = grain.checkpoint.CheckpointRestore(snapshot)
@@ -112,12 +191,28 @@ class Checkpointer:
       meta['data_state'] = snapshot.state
     return out['state'], meta
 
+  def _save_failure(self, step: int, e: BaseException) -> str:
+    cause = e
+    while cause is not None and not isinstance(cause, OSError):
+      cause = cause.__cause__ or cause.__context__
+    reason = (cause.strerror or str(cause)) if cause is not None else (
+        f'{type(e).__name__}: {_first_line(e)}')
+    return (f'could not save checkpoint {step} in {self.directory}: '
+            f'{reason}; the earlier checkpoints are intact')
+
   def wait(self) -> None:
-    self._mngr.wait_until_finished()
+    """Blocks until pending saves are written (raises if one failed)."""
+    try:
+      self._mngr.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointError(self._save_failure(
+          self._mngr.latest_step() or 0, e)) from e
 
   def close(self) -> None:
-    self._mngr.wait_until_finished()
-    self._mngr.close()
+    try:
+      self.wait()
+    finally:
+      self._mngr.close()
 
 
 def _first_line(e: BaseException) -> str:
@@ -132,17 +227,15 @@ def save_export(directory: str, tree: Any, meta: dict[str, Any]) -> None:
   0 writes the metadata, last, so a complete `meta.json` marks a complete
   export.
   """
-  directory = os.path.abspath(directory)
-  os.makedirs(directory, exist_ok=True)
+  directory = absolute(directory)
+  makedirs(directory)
   ckptr = ocp.StandardCheckpointer()
   ckptr.save(os.path.join(directory, 'weights'), tree, force=True)
   ckptr.wait_until_finished()
   if jax.process_index() != 0:
     return
-  tmp = os.path.join(directory, 'meta.json.tmp')
-  with open(tmp, 'w') as f:
-    json.dump(meta, f, indent=1, sort_keys=True)
-  os.replace(tmp, os.path.join(directory, 'meta.json'))
+  write_text(os.path.join(directory, 'meta.json'),
+             json.dumps(meta, indent=1, sort_keys=True))
 
 
 def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
@@ -162,12 +255,11 @@ def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
 
 def load_export_meta(directory: str) -> dict[str, Any]:
   path = os.path.join(directory, 'meta.json')
-  if not os.path.exists(path):
+  if not exists(path):
     raise CheckpointError(f'no exported model at {directory} (missing '
                           'meta.json)')
   try:
-    with open(path) as f:
-      return json.load(f)
+    return json.loads(read_text(path))
   except (OSError, ValueError) as e:
     raise CheckpointError(f'corrupt export metadata {path}: {e}') from e
 
@@ -176,7 +268,7 @@ def load_export(directory: str, abstract_tree: Any
                 ) -> tuple[Any, dict[str, Any]]:
   """Restores an export into the structure of `abstract_tree`."""
   meta = load_export_meta(directory)
-  path = os.path.join(os.path.abspath(directory), 'weights')
+  path = os.path.join(absolute(directory), 'weights')
   ckptr = ocp.StandardCheckpointer()
   try:
     stored = ckptr.metadata(path).item_metadata.tree

@@ -109,7 +109,8 @@ def cifar100(teacher: str = 'resnet32x4', student: str = 'resnet8x4'
       beta=1.0, cond_drop_prob=0.2, use_vb=True, noise_schedule='cosine',
       diffusion_steps=1000, target_norm='none', remat=False))
   c.sampler = ml_collections.ConfigDict(dict(
-      steps='100', cfg_scale=2.0, temperature=1.0, num_sampling=1,
+      kind='ancestral', steps='100', cfg_scale=2.0, temperature=1.0,
+      num_sampling=1,
       clip_x0='none', also_eval_clipped=True))
   c.kd = ml_collections.ConfigDict(dict(
       temperature=4.0, ce_weight=1.0, kd_weight=1.0))
@@ -179,7 +180,8 @@ def _sampler(steps: str) -> ml_collections.ConfigDict:
   The paper averages 5 draws (`num_sampling`); training-time evaluation uses
   one, `python -m gendd_jax.evaluate --num_sampling=5` the paper's five."""
   return ml_collections.ConfigDict(dict(
-      steps=steps, cfg_scale=2.0, temperature=1.0, num_sampling=1,
+      kind='ancestral', steps=steps, cfg_scale=2.0, temperature=1.0,
+      num_sampling=1,
       clip_x0='none', also_eval_clipped=False))
 
 

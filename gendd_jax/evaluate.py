@@ -116,7 +116,7 @@ def sampler_spec(config, sampler=None, steps=None, cfg_scale=None,
   """The sampler settings: arguments given, else the config's."""
   s = config.sampler
   pick = lambda v, d: d if v is None else v  # noqa: E731
-  return SamplerSpec(pick(sampler, s.get('sampler', 'ancestral')),
+  return SamplerSpec(pick(sampler, s.get('kind', 'ancestral')),
                      str(pick(steps, s.steps)),
                      float(pick(cfg_scale, s.cfg_scale)),
                      float(pick(temperature, s.temperature)),
@@ -128,7 +128,6 @@ def _logits_fn(ex_key, mode: str, spec: SamplerSpec | None, seed: int):
   """A jitted `(variables, classifier, stats, image, index) -> logits`."""
   import jax  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  from gendd_jax import diffusion  # pylint: disable=g-import-not-at-top
   from gendd_jax import gendd  # pylint: disable=g-import-not-at-top
   from gendd_jax import precision  # pylint: disable=g-import-not-at-top
   stage, graphdef, g = ex_key
@@ -136,8 +135,9 @@ def _logits_fn(ex_key, mode: str, spec: SamplerSpec | None, seed: int):
   base = jax.random.fold_in(jax.random.key(seed), 1 << 30)
   sched = None
   if mode == 'sample':
-    sched = diffusion.create_schedule(g['noise_schedule'],
-                                      g['diffusion_steps'], spec.steps)
+    sched = gendd.sampling_schedule(g['noise_schedule'],
+                                    g['diffusion_steps'], spec.steps,
+                                    spec.sampler)
     settings = gendd.SampleSettings(
         g['token_dim'], spec.num_sampling, spec.cfg_scale, spec.temperature,
         sampler=spec.sampler)
@@ -228,11 +228,10 @@ def sample_features(ex: Exported, images, spec: SamplerSpec, seed: int = 0):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  from gendd_jax import diffusion  # pylint: disable=g-import-not-at-top
   from gendd_jax import gendd  # pylint: disable=g-import-not-at-top
   g = ex.config.gendd
-  sched = diffusion.create_schedule(g.noise_schedule, g.diffusion_steps,
-                                    spec.steps)
+  sched = gendd.sampling_schedule(g.noise_schedule, g.diffusion_steps,
+                                  spec.steps, spec.sampler)
   settings = gendd.SampleSettings(int(g.token_dim), spec.num_sampling,
                                   spec.cfg_scale, spec.temperature,
                                   sampler=spec.sampler)

@@ -44,7 +44,7 @@ def _source(workdir: str, step: int | None) -> tuple[str, int | None]:
   from."""
   from gendd_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   ckpt_dir = os.path.join(workdir, 'checkpoints')
-  if os.path.isdir(ckpt_dir):
+  if ckpt_lib.isdir(ckpt_dir):
     ckpt = ckpt_lib.Checkpointer(ckpt_dir, async_save=False)
     try:
       steps = ckpt.all_steps()
@@ -58,8 +58,8 @@ def _source(workdir: str, step: int | None) -> tuple[str, int | None]:
       return 'checkpoint', step
     if steps:
       return 'checkpoint', max(steps)
-  if step is None and os.path.exists(os.path.join(workdir, 'export',
-                                                  'meta.json')):
+  if step is None and ckpt_lib.exists(os.path.join(workdir, 'export',
+                                                   'meta.json')):
     return 'export', None
   raise ckpt_lib.CheckpointError(f'{workdir} holds no checkpoint or final '
                                  'export (is it a training run directory?)')
@@ -77,7 +77,7 @@ def export(workdir: str, out: str, step: int | None = None
   from gendd_jax import sharding  # pylint: disable=g-import-not-at-top
   from gendd_jax import train  # pylint: disable=g-import-not-at-top
 
-  if os.path.exists(out):
+  if ckpt_lib.exists(out):
     raise ckpt_lib.CheckpointError(f'{out} already exists; choose a new '
                                    '--out (exports are never overwritten)')
   kind, step = _source(workdir, step)
@@ -128,7 +128,7 @@ def export(workdir: str, out: str, step: int | None = None
       kind=EXPORT_KIND, stage=stage, model=role.model,
       teacher_model=config.teacher.model, num_classes=info['num_classes'],
       input_shape=list(info['input_shape']), step=step,
-      source=os.path.abspath(workdir), clip_bound=meta.get('clip_bound'),
+      source=ckpt_lib.absolute(workdir), clip_bound=meta.get('clip_bound'),
       config=meta['config'],
       created=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()))
   ckpt_lib.save_export(out, tree, out_meta)
@@ -143,15 +143,16 @@ def main(argv: list[str]) -> None:
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # Keep library INFO logs out.
+  from gendd_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   from gendd_jax import errors  # pylint: disable=g-import-not-at-top
   try:
-    meta = export(os.path.abspath(_WORKDIR.value), os.path.abspath(_OUT.value),
-                  _STEP.value)
+    meta = export(ckpt_lib.absolute(_WORKDIR.value),
+                  ckpt_lib.absolute(_OUT.value), _STEP.value)
   except errors.USER_ERRORS as e:
     _fail(str(e))
   print(json.dumps({k: meta[k] for k in ('stage', 'model', 'teacher_model',
                                          'num_classes', 'step')}))
-  print(f'exported to {os.path.abspath(_OUT.value)}', flush=True)
+  print(f'exported to {ckpt_lib.absolute(_OUT.value)}', flush=True)
 
 
 if __name__ == '__main__':

@@ -155,8 +155,27 @@ class SampleSettings(NamedTuple):
   temperature: float = 1.0
   # A number, a traced scalar (a data-derived bound) or None (no clipping).
   clip_x0: float | jax.Array | None = None
-  # 'ancestral' (the paper's), 'ddim' (eta 0) or 'posterior_mean' (one step).
+  # 'ancestral' (the paper's), 'ddim' (eta 0) or 'posterior_mean' (one
+  # network call at the schedule's noisiest step; see `sampling_schedule`).
   sampler: str = 'ancestral'
+
+
+def sampling_schedule(noise_schedule: str, diffusion_steps: int,
+                      steps: str, sampler: str = 'ancestral'
+                      ) -> diffusion.Schedule:
+  """The respaced schedule a sampler runs on.
+
+  Respacing to N steps keeps both ends of the schedule for N >= 2, but only
+  t = 0 for N = 1 (the reference's spacing rule), so a one-step estimate
+  from noise needs the full schedule: 'posterior_mean' always uses it (its
+  single network call is at t = T - 1, whatever `steps` says).
+  """
+  if sampler not in diffusion.SAMPLERS:
+    raise ValueError(f'unknown sampler {sampler!r}; expected one of '
+                     f'{", ".join(diffusion.SAMPLERS)}')
+  if sampler == 'posterior_mean':
+    steps = ''
+  return diffusion.create_schedule(noise_schedule, diffusion_steps, steps)
 
 
 def sample_features(head: Any, schedule: diffusion.Schedule, key: jax.Array,
@@ -183,9 +202,9 @@ def sample_features(head: Any, schedule: diffusion.Schedule, key: jax.Array,
     return head.trunk(x, head.embed_time(t_net) + c_null + pos)
 
   model_fn = diffusion.cfg_model_fn(cond_fn, uncond_fn, settings.cfg_scale)
-  tokens = diffusion.p_sample_loop(
-      schedule, model_fn, x_T, key=k_loop, temperature=settings.temperature,
-      clip_x0=settings.clip_x0)
+  tokens = diffusion.sample_loop(
+      settings.sampler, schedule, model_fn, x_T, key=k_loop,
+      temperature=settings.temperature, clip_x0=settings.clip_x0)
   return jnp.mean(merge_tokens(tokens), axis=0)
 
 

@@ -91,7 +91,9 @@ def config_and_workdir(argv: list[str]):
   print(f'JAX {jax.__version__}: {jax.device_count()} device(s) '
         f'({jax.devices()[0].platform}), {jax.process_count()} process(es)',
         flush=True)
-  return config, os.path.abspath(_WORKDIR.value)
+  workdir = _WORKDIR.value
+  # Local paths become absolute; remote ones (gs://...) stay as given.
+  return config, workdir if '://' in workdir else os.path.abspath(workdir)
 
 
 def main(argv: list[str]) -> None:
@@ -107,8 +109,14 @@ def main(argv: list[str]) -> None:
       accs = ', '.join(f'{k} {v:.2f}%' for k, v in res['accuracy'].items())
       print(f'{config.stage}: {accs} (results in {workdir}/results.json)',
             flush=True)
+  except train.Preempted as e:  # SIGTERM: checkpoint saved, exit cleanly.
+    print(str(e), flush=True)
+    sys.exit(0)
   except errors.USER_ERRORS as e:
     fail(str(e))
+  except train.NonFiniteError as e:
+    print(f'error: {e}', file=sys.stderr, flush=True)
+    sys.exit(3)
 
 
 if __name__ == '__main__':

@@ -32,6 +32,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from gendd_jax import checkpoint as ckpt_lib
 from gendd_jax import train
 
 # Table rows: (key, label, stage, prediction name).
@@ -120,9 +121,8 @@ def run_sequence(config, workdir: str) -> dict[str, Any]:
   for i, stage in enumerate(stages):
     run_dir = os.path.join(workdir, stage)
     res_path = os.path.join(run_dir, 'results.json')
-    if os.path.exists(res_path):
-      with open(res_path) as f:
-        res = json.load(f)
+    if ckpt_lib.exists(res_path):
+      res = json.loads(ckpt_lib.read_text(res_path))
       note = 'done earlier'
     else:
       print(f'== stage {i + 1}/{len(stages)}: {stage} -> {run_dir}',
@@ -136,8 +136,8 @@ def run_sequence(config, workdir: str) -> dict[str, Any]:
   out = dict(protocol='sequence', stages=summary,
              wall_seconds=time.time() - t_start)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'results.json'), 'w') as f:
-      json.dump(out, f, indent=1)
+    ckpt_lib.write_text(os.path.join(workdir, 'results.json'),
+                        json.dumps(out, indent=1))
   return out
 
 
@@ -166,9 +166,8 @@ def run_kfold(config, workdir: str) -> dict[str, Any]:
         run_dir = os.path.join(unit_dir, stage)
         res_path = os.path.join(run_dir, 'results.json')
         t0 = time.time()
-        if os.path.exists(res_path):
-          with open(res_path) as f:
-            res = json.load(f)
+        if ckpt_lib.exists(res_path):
+          res = json.loads(ckpt_lib.read_text(res_path))
           note = 'done earlier'
         else:
           cfg = stage_config(config, stage, seed, fold, unit_dir)
@@ -187,11 +186,10 @@ def run_kfold(config, workdir: str) -> dict[str, Any]:
       label_fraction=config.data.label_fraction, num_folds=folds,
       seeds=list(seeds), sampler=config.sampler.to_dict(),
       gendd=config.gendd.to_dict())
-  with open(os.path.join(workdir, 'results.json'), 'w') as f:
-    json.dump(summary, f, indent=1)
+  ckpt_lib.write_text(os.path.join(workdir, 'results.json'),
+                      json.dumps(summary, indent=1))
   table = markdown_table(summary)
-  with open(os.path.join(workdir, 'results.md'), 'w') as f:
-    f.write(table)
+  ckpt_lib.write_text(os.path.join(workdir, 'results.md'), table)
   print('\n' + table, flush=True)
   return summary
 

@@ -22,9 +22,12 @@ import functools
 import json
 import math
 import os
+import signal
+import threading
 import time
 from typing import Any, Callable
 
+from etils import epath
 import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
@@ -173,8 +176,9 @@ def build_steps(spec: StepSpec) -> tuple[Callable, Callable]:
   # Built eagerly (numpy tables), then closed over as constants.
   train_sched = diffusion.create_schedule(spec.noise_schedule,
                                           spec.diffusion_steps, '')
-  sample_sched = diffusion.create_schedule(
-      spec.noise_schedule, spec.diffusion_steps, spec.sampling_steps)
+  sample_sched = gendd.sampling_schedule(
+      spec.noise_schedule, spec.diffusion_steps, spec.sampling_steps,
+      spec.sample.sampler if spec.sample else 'ancestral')
 
   grad_fn = jax.grad(functools.partial(_losses, spec, train_sched),
                      has_aux=True)
@@ -219,6 +223,15 @@ def build_steps(spec: StepSpec) -> tuple[Callable, Callable]:
     params = optax.apply_updates(state['params'], updates)
     metrics['grad_norm'] = optax.global_norm(grads)
     metrics['lr'] = optim.learning_rate(spec.optim)(step)
+    # A non-finite loss or gradient leaves the state as it was (the host
+    # stops or skips, see `on_nonfinite`); finite steps are unaffected.
+    finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(metrics['grad_norm'])
+    keep = functools.partial(jax.tree.map,
+                             lambda new, old: jnp.where(finite, new, old))
+    params = keep(params, state['params'])
+    opt_state = keep(opt_state, state['opt_state'])
+    new_bs = keep(new_bs, state['batch_stats'])
+    metrics['nonfinite'] = jnp.logical_not(finite).astype(jnp.int32)
     new_state = dict(step=step + 1, params=params, batch_stats=new_bs,
                      opt_state=opt_state)
     return new_state, metrics
@@ -360,6 +373,9 @@ def make_spec(config, stage, graphdef, teacher_graphdef, ospec, mesh
                                 str(smp.steps))
     except ValueError as e:
       raise ConfigError(f'gendd.noise_schedule / sampler.steps: {e}') from e
+    if smp.get('kind', 'ancestral') not in diffusion.SAMPLERS:
+      raise ConfigError(f'sampler.kind={smp.kind!r}; expected one of '
+                        f'{", ".join(diffusion.SAMPLERS)}')
     clip = None
     if smp.clip_x0 not in ('none', '', 'data'):
       try:
@@ -374,7 +390,8 @@ def make_spec(config, stage, graphdef, teacher_graphdef, ospec, mesh
                                 float(g.cond_drop_prob), bool(g.use_vb)),
         sample=gendd.SampleSettings(g.token_dim, smp.num_sampling,
                                     float(smp.cfg_scale),
-                                    float(smp.temperature), clip),
+                                    float(smp.temperature), clip,
+                                    sampler=smp.get('kind', 'ancestral')),
         noise_schedule=g.noise_schedule, diffusion_steps=g.diffusion_steps,
         sampling_steps=str(smp.steps),
         clip_to_data=smp.clip_x0 == 'data',
@@ -572,12 +589,11 @@ def _writer(workdir: str):
 def check_workdir(workdir: str) -> None:
   """Fails with one clear message if `workdir` cannot be written."""
   try:
-    os.makedirs(workdir, exist_ok=True)
+    ckpt_lib.makedirs(workdir)
     # One probe per process: hosts may share the directory.
-    probe = os.path.join(workdir, f'.write_test.{jax.process_index()}')
-    with open(probe, 'w') as f:
-      f.write('ok')
-    os.remove(probe)
+    probe = epath.Path(workdir) / f'.write_test.{jax.process_index()}'
+    probe.write_text('ok')
+    probe.unlink()
   except OSError as e:
     raise ConfigError(f'workdir {workdir!r} is not writable: '
                       f'{e.strerror or e}') from e
@@ -645,7 +661,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                max_to_keep=config.keep_checkpoints)
   start = 0
   if ckpt.latest_step() is not None:
-    state, ckpt_meta = ckpt.restore(ckpt_lib.abstract_like(state, rep))
+    # Falls back past unreadable checkpoints (moved aside, not deleted).
+    state, ckpt_meta = ckpt.restore_latest_valid(
+        ckpt_lib.abstract_like(state, rep),
+        log=None if quiet else functools.partial(print, flush=True))
     start = int(state['step'])
     if 'data_state' in ckpt_meta:
       stream.set_state(ckpt_meta['data_state'])
@@ -673,6 +692,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if start == 0 and jax.process_index() == 0:
     writer.write_hparams({'stage': stage, 'total_steps': total,
                           'batch_size': d.batch_size})
+  on_nonfinite = config.get('on_nonfinite', 'stop')
+  if on_nonfinite not in ('stop', 'skip'):
+    raise ConfigError(f"on_nonfinite={on_nonfinite!r}; expected 'stop' or "
+                      "'skip'")
+  pending, skipped = [], []  # Non-finite flags not yet looked at.
+  check = functools.partial(_check_finite, pending, workdir, ckpt,
+                            on_nonfinite, skipped)
+  watch = _PreemptionWatch().__enter__()
   try:
     t0 = time.time()
     last_t, last_step = t0, start
@@ -682,12 +709,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       batch = sharding.shard_batch(_strip_labels(stage, next(stream)), mesh)
       state, metrics = train_step(state, teacher, batch)
       done = step + 1
+      pending.append((done, metrics['nonfinite']))
       if done % log_every == 0 or done == total:
+        check()
         metrics = jax.device_get(metrics)  # The only host sync in the loop.
-        if not np.isfinite(metrics['loss']):
-          raise FloatingPointError(
-              f'non-finite loss at step {done} of {workdir}; last checkpoint: '
-              f'{ckpt.latest_step()}')
         now = time.time()
         rate = (done - last_step) / max(now - last_t, 1e-9)
         last_t, last_step = now, done
@@ -701,8 +726,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 flush=True)
       every = config.checkpoint_every_steps
       if every and done % every == 0 and done < total:
+        check()  # Never checkpoint past an unnoticed bad step.
         ckpt.save(done, state, ckpt_meta,
                   data_state=stream.get_state())
+      if done < total and watch.should_stop(done):
+        check()
+        if ckpt.latest_step() != done:
+          ckpt.save(done, state, ckpt_meta, data_state=stream.get_state())
+        ckpt.wait()
+        waited = time.time() - (watch.received_at or time.time())
+        raise Preempted(
+            f'[{stage}] SIGTERM: saved checkpoint {done} of {workdir} '
+            f'{waited:.1f}s after the signal; run the same command to '
+            'resume')
       if (config.eval_every_steps and done % config.eval_every_steps == 0 and
           done < total):
         res = evaluate(eval_step, state, teacher, dataset.eval_batches(), mesh)
@@ -713,6 +749,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           accs = ', '.join(f'{k} {v:.2f}%' for k, v in res['accuracy'].items())
           print(f'[{stage}] eval at step {done}: {accs}', flush=True)
     train_time = time.time() - t0
+    check()
     if start < total:
       ckpt.save(total, state, ckpt_meta,
                 data_state=stream.get_state())
@@ -723,6 +760,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                  for k, v in res['accuracy'].items()})
     writer.flush()
   finally:
+    watch.__exit__(None, None, None)
     ckpt.close()  # Waits for async saves, also on errors.
 
   export_tree = dict(params=state['params'],
@@ -733,14 +771,81 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   ckpt_lib.save_export(os.path.join(workdir, 'export'), export_tree, meta)
   results = dict(
       stage=stage, steps=total, train_seconds=train_time,
+      skipped_nonfinite_steps=skipped,
       eval_seconds=eval_time, accuracy=res['accuracy'],
       diagnostics=res['diagnostics'], periodic_eval=history,
       predictions={k: v.tolist() for k, v in res['predictions'].items()},
       labels=res['labels'].tolist(), index=res['index'].tolist())
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'results.json'), 'w') as f:
-      json.dump(results, f)
+    ckpt_lib.write_text(os.path.join(workdir, 'results.json'),
+                        json.dumps(results))
   return results
+
+
+class NonFiniteError(FloatingPointError):
+  """A training step produced a non-finite loss or gradient."""
+
+
+class Preempted(Exception):  # noqa: N818 (a signal, not an error)
+  """SIGTERM arrived; a checkpoint was saved and the run should exit 0."""
+
+
+class _PreemptionWatch:
+  """Turns SIGTERM into a flag the loop polls at step boundaries.
+
+  On a multi-process run every process must stop at the same step: JAX's
+  preemption sync point (which also hooks SIGTERM) decides there.
+  """
+
+  def __init__(self):
+    self.received_at = None
+    self._previous = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handler)
+    return self
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+  def _handler(self, signum, frame):  # pylint: disable=unused-argument
+    self.received_at = self.received_at or time.time()
+
+  def should_stop(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      try:
+        if multihost_utils.reached_preemption_sync_point(step):
+          return True
+      except (RuntimeError, ValueError):
+        pass  # No preemption service (e.g. a local multi-process test).
+    return self.received_at is not None
+
+
+def _check_finite(pending: list, workdir: str, ckpt, mode: str,
+                  skipped: list) -> None:
+  """Looks at the non-finite flags of the steps since the last check."""
+  if not pending:
+    return
+  flags = jax.device_get([f for _, f in pending])
+  bad = [s for (s, _), f in zip(pending, flags) if int(f)]
+  pending.clear()
+  if not bad:
+    return
+  if mode == 'skip':
+    skipped.extend(bad)
+    print(f'warning: skipped {len(bad)} step(s) with a non-finite loss or '
+          f'gradient (steps {", ".join(map(str, bad[:10]))}'
+          f'{"..." if len(bad) > 10 else ""}); {len(skipped)} so far',
+          flush=True)
+    return
+  raise NonFiniteError(
+      f'non-finite loss or gradient at step {bad[0]} of {workdir} (its '
+      f'update was not applied); last good checkpoint: '
+      f'{ckpt.latest_step() if ckpt.latest_step() is not None else "none"}.'
+      " Resume from it after fixing the cause, or set "
+      "--config.on_nonfinite=skip to skip such steps")
 
 
 def _hms(seconds: float) -> str:
