@@ -23,6 +23,11 @@ def get_config():
       name='digits32', data_dir='', augment='none', fold=0, num_folds=2,
       label_fraction=1.0, batch_size=64, eval_batch_size=300))
   c.gendd.smooth = 0.9
+  # Standalone evaluation's default: one posterior-mean call is within 0.2
+  # points of the 64- and 100-step samplers here
+  # (docs/results/sampling_digits32.md: 97.61% vs 97.72% / 97.77%).
+  c.sampler.eval_kind = 'posterior_mean'
+  c.sampler.eval_steps = '1'
   scale = 15 / 240
   c.stages.teacher.epochs = 15.0
   c.stages.teacher.decay_epochs = tuple(

@@ -69,11 +69,15 @@ def runtime(c: ml_collections.ConfigDict, *, log_every_steps: int = 200,
     parameters and optimizer state always stay float32.
   grad_accum_steps: micro-batches per optimizer step (the global batch
     `data.batch_size` is split into this many).
+  on_nonfinite: 'stop' (name the step and the last good checkpoint) or
+    'skip' (drop such steps and carry on); either way the update of a step
+    with a non-finite loss or gradient is never applied.
   """
   c.mesh = ml_collections.ConfigDict(dict(data=-1))
   c.precision = ml_collections.ConfigDict(dict(
       student='float32', teacher='float32', head='float32'))
   c.grad_accum_steps = 1
+  c.on_nonfinite = 'stop'
   c.log_every_steps = log_every_steps
   c.eval_every_steps = eval_every_steps
   c.checkpoint_every_steps = checkpoint_every_steps
@@ -109,8 +113,8 @@ def cifar100(teacher: str = 'resnet32x4', student: str = 'resnet8x4'
       beta=1.0, cond_drop_prob=0.2, use_vb=True, noise_schedule='cosine',
       diffusion_steps=1000, target_norm='none', remat=False))
   c.sampler = ml_collections.ConfigDict(dict(
-      kind='ancestral', steps='100', cfg_scale=2.0, temperature=1.0,
-      num_sampling=1,
+      kind='ancestral', steps='100', eval_kind='ancestral', eval_steps='100',
+      cfg_scale=2.0, temperature=1.0, num_sampling=1,
       clip_x0='none', also_eval_clipped=True))
   c.kd = ml_collections.ConfigDict(dict(
       temperature=4.0, ce_weight=1.0, kd_weight=1.0))
@@ -177,11 +181,15 @@ def _gendd_head(**overrides) -> ml_collections.ConfigDict:
 
 def _sampler(steps: str) -> ml_collections.ConfigDict:
   """CFG sampling as in the paper's evaluation (scale 2, temperature 1).
+  `kind`/`steps` are the training loop's evaluation sampler;
+  `eval_kind`/`eval_steps` the defaults of `python -m gendd_jax.evaluate`
+  (the paper's sampler here: the few-step study was not run at this scale;
+  `python -m gendd_jax.sweep_sampling` measures it on a trained model).
   The paper averages 5 draws (`num_sampling`); training-time evaluation uses
   one, `python -m gendd_jax.evaluate --num_sampling=5` the paper's five."""
   return ml_collections.ConfigDict(dict(
-      kind='ancestral', steps=steps, cfg_scale=2.0, temperature=1.0,
-      num_sampling=1,
+      kind='ancestral', steps=steps, eval_kind='ancestral', eval_steps=steps,
+      cfg_scale=2.0, temperature=1.0, num_sampling=1,
       clip_x0='none', also_eval_clipped=False))
 
 

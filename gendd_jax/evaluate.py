@@ -44,6 +44,9 @@ _STEPS = flags.DEFINE_string('steps', None, 'Sampling steps (respacing).')
 _CFG = flags.DEFINE_float('cfg_scale', None, 'Classifier-free guidance.')
 _TEMP = flags.DEFINE_float('temperature', None, 'Per-step noise scale.')
 _NUM = flags.DEFINE_integer('num_sampling', None, 'Draws averaged per image.')
+_CLIP = flags.DEFINE_string('clip_x0', None, "'none', 'data' (the training "
+                            "targets' range) or a number (default: the "
+                            "config's).")
 _BATCH = flags.DEFINE_integer('batch_size', None, 'Evaluation batch size.')
 _MAX_BATCHES = flags.DEFINE_integer('max_batches', 0, 'Stop after this many '
                                     'batches (0: the whole split).')
@@ -71,6 +74,7 @@ class SamplerSpec(NamedTuple):
   cfg_scale: float
   temperature: float
   num_sampling: int
+  clip_x0: float | None = None  # Bound on the x0 estimate (None: off).
 
 
 def load(directory: str, config=None) -> Exported:
@@ -112,27 +116,47 @@ def load(directory: str, config=None) -> Exported:
 
 
 def sampler_spec(config, sampler=None, steps=None, cfg_scale=None,
-                 temperature=None, num_sampling=None) -> SamplerSpec:
-  """The sampler settings: arguments given, else the config's."""
+                 temperature=None, num_sampling=None, clip_x0=None,
+                 clip_bound=None) -> SamplerSpec:
+  """The sampler settings: arguments given, else the config's evaluation
+  defaults (`sampler.eval_kind`, `sampler.eval_steps`, then the rest of
+  `config.sampler`).
+
+  `clip_x0` is 'none', 'data' (the training targets' range, `clip_bound`,
+  stored in the export) or a number.
+  """
   s = config.sampler
   pick = lambda v, d: d if v is None else v  # noqa: E731
-  return SamplerSpec(pick(sampler, s.get('kind', 'ancestral')),
-                     str(pick(steps, s.steps)),
+  clip = str(pick(clip_x0, s.get('clip_x0', 'none')))
+  if clip in ('none', ''):
+    bound = None
+  elif clip == 'data':
+    if clip_bound is None:
+      raise ValueError("clip_x0='data' needs the export's clip_bound (this "
+                       'export has none)')
+    bound = float(clip_bound)
+  else:
+    try:
+      bound = float(clip)
+    except ValueError:
+      raise ValueError(f"clip_x0 must be 'none', 'data' or a number, got "
+                       f'{clip!r}') from None
+  return SamplerSpec(pick(sampler, s.get('eval_kind',
+                                         s.get('kind', 'ancestral'))),
+                     str(pick(steps, s.get('eval_steps', s.steps))),
                      float(pick(cfg_scale, s.cfg_scale)),
                      float(pick(temperature, s.temperature)),
-                     int(pick(num_sampling, s.num_sampling)))
+                     int(pick(num_sampling, s.num_sampling)), bound)
 
 
 @functools.lru_cache(maxsize=None)
-def _logits_fn(ex_key, mode: str, spec: SamplerSpec | None, seed: int):
-  """A jitted `(variables, classifier, stats, image, index) -> logits`."""
+def _logits_fn(ex_key, mode: str, spec: SamplerSpec | None):
+  """A jitted `(variables, classifier, stats, image, key) -> logits`."""
   import jax  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from gendd_jax import gendd  # pylint: disable=g-import-not-at-top
   from gendd_jax import precision  # pylint: disable=g-import-not-at-top
   stage, graphdef, g = ex_key
-  # The derivation of the training loop's evaluation noise.
-  base = jax.random.fold_in(jax.random.key(seed), 1 << 30)
   sched = None
   if mode == 'sample':
     sched = gendd.sampling_schedule(g['noise_schedule'],
@@ -140,9 +164,9 @@ def _logits_fn(ex_key, mode: str, spec: SamplerSpec | None, seed: int):
                                     spec.sampler)
     settings = gendd.SampleSettings(
         g['token_dim'], spec.num_sampling, spec.cfg_scale, spec.temperature,
-        sampler=spec.sampler)
+        spec.clip_x0, sampler=spec.sampler)
 
-  def fn(variables, classifier, stats, image, index):
+  def fn(variables, classifier, stats, image, key):
     model = nnx.merge(graphdef, variables['params'],
                       variables['batch_stats'])
     if mode == 'logits':
@@ -152,7 +176,6 @@ def _logits_fn(ex_key, mode: str, spec: SamplerSpec | None, seed: int):
     z, probe, _ = precision.to_float32(model.student(image))
     if mode == 'probe':
       return probe
-    key = jax.random.fold_in(base, index)
     feat = gendd.sample_features(model.head, sched, key, z, settings)
     if stats is not None:
       feat = feat * stats['std'] + stats['mean']
@@ -198,19 +221,21 @@ def evaluate(ex: Exported, batches: Iterable[dict[str, Any]], mode: str,
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  fn = _logits_fn(_key(ex), mode, spec if mode == 'sample' else None, seed)
+  fn = _logits_fn(_key(ex), mode, spec if mode == 'sample' else None)
   args = (ex.variables, ex.classifier, ex.target_stats)
+  # The derivation of the training loop's evaluation noise.
+  base = jax.random.fold_in(jax.random.key(seed), 1 << 30)
   batches = list(b for i, b in enumerate(batches)
                  if not max_batches or i < max_batches)
   if not batches:
     raise ValueError('the evaluation split is empty')
   # Compile (and warm up) outside the timed pass.
   jax.block_until_ready(fn(*args, jnp.asarray(batches[0]['image']),
-                           jnp.int32(0)))
+                           jax.random.fold_in(base, 0)))
   top1 = top5 = n = 0
   t0 = time.perf_counter()
   for i, b in enumerate(batches):
-    logits = fn(*args, jnp.asarray(b['image']), jnp.int32(i))
+    logits = fn(*args, jnp.asarray(b['image']), jax.random.fold_in(base, i))
     k = min(5, logits.shape[-1])
     top = np.asarray(jax.lax.top_k(logits, k)[1])
     valid = np.asarray(b['valid']) > 0
@@ -234,7 +259,7 @@ def sample_features(ex: Exported, images, spec: SamplerSpec, seed: int = 0):
                                   spec.steps, spec.sampler)
   settings = gendd.SampleSettings(int(g.token_dim), spec.num_sampling,
                                   spec.cfg_scale, spec.temperature,
-                                  sampler=spec.sampler)
+                                  spec.clip_x0, sampler=spec.sampler)
 
   @jax.jit
   def fn(variables, stats, image):
@@ -283,7 +308,8 @@ def main(argv: list[str]) -> None:
     ex = load(_CHECKPOINT.value, _CONFIG.value)
     modes = modes_of(ex, _MODE.value)
     spec = sampler_spec(ex.config, _SAMPLER.value, _STEPS.value, _CFG.value,
-                        _TEMP.value, _NUM.value)
+                        _TEMP.value, _NUM.value, _CLIP.value,
+                        ex.meta.get('clip_bound'))
     results = {}
     print(f'{ex.stage} export of {ex.meta["model"]} (step '
           f'{ex.meta.get("step")}), {jax.device_count()} '
@@ -294,9 +320,14 @@ def main(argv: list[str]) -> None:
       if mode == 'sample':
         res['sampler'] = spec._asdict()
       results[mode] = res
-      detail = (f' ({spec.sampler}, {spec.steps} steps, cfg '
+      clip = ('' if spec.clip_x0 is None else
+              f', x0 clipped to ±{spec.clip_x0:.3g}')
+      steps = ('1 call' if spec.sampler == 'posterior_mean' else
+               f'{spec.steps} steps')
+      detail = (f' ({spec.sampler}, {steps}, cfg '
                 f'{spec.cfg_scale:g}, T {spec.temperature:g}, '
-                f'{spec.num_sampling} draw(s))' if mode == 'sample' else '')
+                f'{spec.num_sampling} draw(s){clip})' if mode == 'sample'
+                else '')
       print(f'{mode}{detail}: top-1 {res["top1"]:.2f}%  top-5 '
             f'{res["top5"]:.2f}%  {res["images_per_sec"]:.1f} images/s '
             f'({res["images"]} images)', flush=True)

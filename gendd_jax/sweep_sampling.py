@@ -1,8 +1,9 @@
 r"""Accuracy against sampling steps, per sampler: the few-step study.
 
   python -m gendd_jax.sweep_sampling --runs='runs/digits/seed0/fold*/gendd' \
-      --steps=1,2,4,8,16,32,64,100 --samplers=ancestral,ddim,posterior_mean \
-      --seeds=3 --out=docs/results/sampling_digits
+      --step_counts=1,2,4,8,16,32,64,100 \
+      --samplers=ancestral,ddim,posterior_mean --seeds=3 \
+      --output_prefix=docs/results/sampling_digits
 
 Exports each GenDD training run (to `<run>/eval_export`, once), evaluates
 every (sampler, steps) setting on each run's evaluation split, pools the
@@ -29,7 +30,7 @@ from absl import app
 from absl import flags
 
 _RUNS = flags.DEFINE_string('runs', None, 'Glob of GenDD training run dirs.')
-_STEPS = flags.DEFINE_list('steps', ['1', '2', '4', '8', '16', '32', '64',
+_STEPS = flags.DEFINE_list('step_counts', ['1', '2', '4', '8', '16', '32', '64',
                                      '100'], 'Step counts.')
 _SAMPLERS = flags.DEFINE_list('samplers', ['ancestral', 'ddim',
                                            'posterior_mean'], 'Samplers.')
@@ -38,7 +39,11 @@ _REFERENCE = flags.DEFINE_string('reference', 'ancestral:64',
                                  'sampler:steps whose accuracy is the target.')
 _TOLERANCE = flags.DEFINE_float('tolerance', 0.2, 'Points below the '
                                 'reference still counted as equal.')
-_OUT = flags.DEFINE_string('out', None, 'Output path without extension.')
+_CLIP = flags.DEFINE_string('x0_clip', 'none', "x0 clipping of every "
+                            "sampler: 'none' (the paper's), 'data' or a "
+                            'number.')
+_OUT = flags.DEFINE_string('output_prefix', None,
+                           'Output path without extension.')
 
 
 def _settings(samplers, steps):
@@ -61,8 +66,8 @@ def choose(rows: list[dict], reference: dict, tolerance: float) -> dict:
   return min(ok, key=lambda r: (r['cost'], -r['top1']))
 
 
-def sweep(run_dirs, samplers, steps, seeds, reference, tolerance
-          ) -> dict:
+def sweep(run_dirs, samplers, steps, seeds, reference, tolerance,
+          clip_x0: str = 'none') -> dict:
   from gendd_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   from gendd_jax import evaluate  # pylint: disable=g-import-not-at-top
   from gendd_jax import export as export_lib  # pylint: disable=g-import-not-at-top
@@ -82,7 +87,9 @@ def sweep(run_dirs, samplers, steps, seeds, reference, tolerance
     for seed in range(seeds):
       hits1 = hits5 = total = 0
       for ex in exports:
-        spec = evaluate.sampler_spec(ex.config, sampler=sampler, steps=n)
+        spec = evaluate.sampler_spec(ex.config, sampler=sampler, steps=n,
+                                     clip_x0=clip_x0,
+                                     clip_bound=ex.meta.get('clip_bound'))
         r = evaluate.evaluate(ex, evaluate.eval_batches(ex), 'sample', spec,
                               seed=seed)
         hits1 += r['top1'] * r['images'] / 100.0
@@ -110,7 +117,7 @@ def sweep(run_dirs, samplers, steps, seeds, reference, tolerance
   ref = next(r for r in rows if (r['sampler'], r['steps']) ==
              (ref_sampler, ref_steps))
   best = choose(rows, ref, tolerance)
-  return dict(rows=rows, reference=ref, recommended=best,
+  return dict(rows=rows, reference=ref, recommended=best, clip_x0=clip_x0,
               tolerance=tolerance, probe_top1=probe_top1, seeds=seeds,
               runs=[os.path.abspath(r) for r in run_dirs],
               speedup_calls=ref['cost'] / best['cost'],
@@ -129,7 +136,8 @@ def markdown(res: dict) -> str:
                  f"{r['top1']:.2f} ± {r['top1_std']:.2f} | {r['top5']:.2f} | "
                  f"{r['images_per_sec']:.1f} |")
   ref, best = res['reference'], res['recommended']
-  lines += ['', f"Linear probe (no sampling): {res['probe_top1']:.2f}%. "
+  lines += ['', f"x0 clipping: {res['clip_x0']}. "
+            f"Linear probe (no sampling): {res['probe_top1']:.2f}%. "
             f"Reference: {ref['sampler']} {ref['steps']} steps "
             f"{ref['top1']:.2f}%. Cheapest within {res['tolerance']} points: "
             f"{best['sampler']} {best['steps']} step(s), {best['top1']:.2f}% "
@@ -164,14 +172,14 @@ def plot(res: dict, path: str) -> None:
 
 def main(argv):
   if len(argv) > 1 or not _RUNS.value or not _OUT.value:
-    print('error: --runs and --out are required', file=sys.stderr)
+    print('error: --runs and --output_prefix are required', file=sys.stderr)
     sys.exit(2)
   runs = sorted(glob.glob(_RUNS.value))
   if not runs:
     print(f'error: no run directory matches {_RUNS.value}', file=sys.stderr)
     sys.exit(2)
   res = sweep(runs, _SAMPLERS.value, _STEPS.value, _SEEDS.value,
-              _REFERENCE.value, _TOLERANCE.value)
+              _REFERENCE.value, _TOLERANCE.value, _CLIP.value)
   os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
   with open(_OUT.value + '.json', 'w') as f:
     json.dump(res, f, indent=1)

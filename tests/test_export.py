@@ -58,7 +58,12 @@ class ExportEvaluateTest(absltest.TestCase):
 
   def test_matches_training_time_evaluation(self):
     ex = evaluate.load(self.out)
-    spec = evaluate.sampler_spec(ex.config)
+    # The training loop's sampler (standalone evaluation defaults to
+    # `sampler.eval_kind`).
+    spec = evaluate.sampler_spec(ex.config, sampler=ex.config.sampler.kind,
+                                 steps=ex.config.sampler.steps)
+    self.assertEqual(evaluate.sampler_spec(ex.config).sampler,
+                     'posterior_mean')
     probe = evaluate.evaluate(ex, evaluate.eval_batches(ex), 'probe')
     sample = evaluate.evaluate(ex, evaluate.eval_batches(ex), 'sample', spec)
     acc = self.results['accuracy']
@@ -72,13 +77,18 @@ class ExportEvaluateTest(absltest.TestCase):
 
   def test_cli_prints_top1_top5_and_speed(self):
     out_json = os.path.join(_TMP.name, 'eval.json')
-    p = _run('gendd_jax.evaluate', f'--checkpoint={self.out}', '--steps=2',
+    p = _run('gendd_jax.evaluate', f'--checkpoint={self.out}',
+             '--sampler=ancestral', '--steps=2',
              '--num_sampling=2', '--cfg_scale=1.5', f'--output={out_json}')
     self.assertEqual(p.returncode, 0, p.stderr[-2000:])
     self.assertRegex(p.stdout, r'sample \(ancestral, 2 steps, cfg 1.5, T 1, '
                      r'2 draw\(s\)\): top-1 [\d.]+%  top-5 [\d.]+%  '
                      r'[\d.]+ images/s')
     self.assertRegex(p.stdout, r'probe: top-1 [\d.]+%')
+    default = _run('gendd_jax.evaluate', f'--checkpoint={self.out}',
+                   '--mode=sample')
+    self.assertEqual(default.returncode, 0, default.stderr[-2000:])
+    self.assertIn('sample (posterior_mean, 1 call, cfg 2', default.stdout)
     with open(out_json) as f:
       res = json.load(f)
     self.assertEqual(res['sample']['sampler']['steps'], '2')

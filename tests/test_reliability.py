@@ -55,7 +55,8 @@ def _args(workdir, *extra):
           '--config.stage=gendd',
           f'--config.teacher.checkpoint={test_train.teacher_export()[0]}',
           '--config.gendd.width=32', '--config.gendd.depth=1',
-          '--config.sampler.steps=4', '--config.sampler.also_eval_clipped=False',
+          '--config.sampler.steps=4',
+          '--config.sampler.also_eval_clipped=False',
           '--config.log_every_steps=1', '--config.checkpoint_every_steps=3',
           '--config.keep_checkpoints=10', *extra]
 

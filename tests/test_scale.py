@@ -3,7 +3,6 @@ description and the start-up summary."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import subprocess
 import sys
