@@ -30,31 +30,36 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-_CHECKPOINT = flags.DEFINE_string('checkpoint', None,
-                                  'Export directory (gendd_jax.export).')
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'Optional config file; default: the exported config.',
-    lock_config=True)
-_MODE = flags.DEFINE_enum('mode', None, ['sample', 'probe', 'both', 'logits'],
-                          'What to evaluate (default: both for GenDD, '
-                          'logits otherwise).')
-_SAMPLER = flags.DEFINE_string('sampler', None, 'ancestral, ddim or '
-                               'posterior_mean (default: the config\'s).')
-_STEPS = flags.DEFINE_string('steps', None, 'Sampling steps (respacing).')
-_CFG = flags.DEFINE_float('cfg_scale', None, 'Classifier-free guidance.')
-_TEMP = flags.DEFINE_float('temperature', None, 'Per-step noise scale.')
-_NUM = flags.DEFINE_integer('num_sampling', None, 'Draws averaged per image.')
-_CLIP = flags.DEFINE_string('clip_x0', None, "'none', 'data' (the training "
-                            "targets' range) or a number (default: the "
-                            "config's).")
-_BATCH = flags.DEFINE_integer('batch_size', None, 'Evaluation batch size.')
-_MAX_BATCHES = flags.DEFINE_integer('max_batches', 0, 'Stop after this many '
-                                    'batches (0: the whole split).')
-_DATA_DIR = flags.DEFINE_string('data_dir', None, 'Overrides data.data_dir.')
-_SEED = flags.DEFINE_integer('seed', None, 'Seed of the sampler noise '
-                             '(default: the config\'s seed, which draws the '
-                             'same noise as training-time evaluation).')
-_OUTPUT = flags.DEFINE_string('output', None, 'Also write results as JSON.')
+def define_flags() -> None:
+  """Defines the command-line flags (only when run as a command, so
+  importing this module next to other tools never clashes)."""
+  global _CHECKPOINT, _CONFIG, _MODE, _SAMPLER, _STEPS, _CFG, _TEMP, _NUM
+  global _CLIP, _BATCH, _MAX_BATCHES, _DATA_DIR, _SEED, _OUTPUT
+  _CHECKPOINT = flags.DEFINE_string('checkpoint', None,
+                                    'Export directory (gendd_jax.export).')
+  _CONFIG = config_flags.DEFINE_config_file(
+      'config', None, 'Optional config file; default: the exported config.',
+      lock_config=True)
+  _MODE = flags.DEFINE_enum('mode', None, ['sample', 'probe', 'both', 'logits'],
+                            'What to evaluate (default: both for GenDD, '
+                            'logits otherwise).')
+  _SAMPLER = flags.DEFINE_string('sampler', None, 'ancestral, ddim or '
+                                 'posterior_mean (default: the config\'s).')
+  _STEPS = flags.DEFINE_string('steps', None, 'Sampling steps (respacing).')
+  _CFG = flags.DEFINE_float('cfg_scale', None, 'Classifier-free guidance.')
+  _TEMP = flags.DEFINE_float('temperature', None, 'Per-step noise scale.')
+  _NUM = flags.DEFINE_integer('num_sampling', None, 'Draws averaged per image.')
+  _CLIP = flags.DEFINE_string('clip_x0', None, "'none', 'data' (the training "
+                              "targets' range) or a number (default: the "
+                              "config's).")
+  _BATCH = flags.DEFINE_integer('batch_size', None, 'Evaluation batch size.')
+  _MAX_BATCHES = flags.DEFINE_integer('max_batches', 0, 'Stop after this many '
+                                      'batches (0: the whole split).')
+  _DATA_DIR = flags.DEFINE_string('data_dir', None, 'Overrides data.data_dir.')
+  _SEED = flags.DEFINE_integer('seed', None, 'Seed of the sampler noise '
+                               '(default: the config\'s seed, which draws the '
+                               'same noise as training-time evaluation).')
+  _OUTPUT = flags.DEFINE_string('output', None, 'Also write results as JSON.')
 
 
 class Exported(NamedTuple):
@@ -339,4 +344,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

@@ -25,11 +25,16 @@ from absl import app
 from absl import flags
 from absl import logging
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'A training run directory.')
-_OUT = flags.DEFINE_string('out', None, 'Directory to write the export to '
-                           '(must not exist yet).')
-_STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: the '
-                             'latest).')
+def define_flags() -> None:
+  """Defines the command-line flags (only when run as a command, so
+  importing this module next to other tools never clashes)."""
+  global _WORKDIR, _OUT, _STEP
+  _WORKDIR = flags.DEFINE_string('workdir', None, 'A training run directory.')
+  _OUT = flags.DEFINE_string('out', None, 'Directory to write the export to '
+                             '(must not exist yet).')
+  _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: the '
+                               'latest).')
+
 
 EXPORT_KIND = 'gendd_jax_eval'
 
@@ -156,4 +161,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

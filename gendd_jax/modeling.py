@@ -62,9 +62,11 @@ def create_model(config, info, stage: str) -> nnx.Module:
 
 
 def compute_dtypes(config) -> dict[str, str]:
-  """`config.precision`'s compute dtype per role, validated."""
-  p = config.precision
-  out = dict(student=p.student, teacher=p.teacher, head=p.head)
+  """`config.precision`'s compute dtype per role (float32 where unset),
+  validated."""
+  p = config.get('precision') or {}  # No block: float32 everywhere.
+  out = {role: p.get(role, 'float32') for role in ('student', 'teacher',
+                                                    'head')}
   for role, name in out.items():
     try:
       precision.compute_dtype(name)

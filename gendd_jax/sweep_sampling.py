@@ -29,21 +29,27 @@ import sys
 from absl import app
 from absl import flags
 
-_RUNS = flags.DEFINE_string('runs', None, 'Glob of GenDD training run dirs.')
-_STEPS = flags.DEFINE_list('step_counts', ['1', '2', '4', '8', '16', '32', '64',
-                                     '100'], 'Step counts.')
-_SAMPLERS = flags.DEFINE_list('samplers', ['ancestral', 'ddim',
-                                           'posterior_mean'], 'Samplers.')
-_SEEDS = flags.DEFINE_integer('seeds', 3, 'Sampler-noise seeds averaged.')
-_REFERENCE = flags.DEFINE_string('reference', 'ancestral:64',
-                                 'sampler:steps whose accuracy is the target.')
-_TOLERANCE = flags.DEFINE_float('tolerance', 0.2, 'Points below the '
-                                'reference still counted as equal.')
-_CLIP = flags.DEFINE_string('x0_clip', 'none', "x0 clipping of every "
-                            "sampler: 'none' (the paper's), 'data' or a "
-                            'number.')
-_OUT = flags.DEFINE_string('output_prefix', None,
-                           'Output path without extension.')
+def define_flags() -> None:
+  """Defines the command-line flags (only when run as a command, so
+  importing this module next to other tools never clashes)."""
+  global _RUNS, _STEPS, _SAMPLERS, _SEEDS, _REFERENCE, _TOLERANCE, _CLIP, _OUT
+  _RUNS = flags.DEFINE_string('runs', None, 'Glob of GenDD training run dirs.')
+  _STEPS = flags.DEFINE_list(
+      'step_counts', ['1', '2', '4', '8', '16', '32', '64', '100'],
+      'Step counts.')
+  _SAMPLERS = flags.DEFINE_list('samplers', ['ancestral', 'ddim',
+                                             'posterior_mean'], 'Samplers.')
+  _SEEDS = flags.DEFINE_integer('seeds', 3, 'Sampler-noise seeds averaged.')
+  _REFERENCE = flags.DEFINE_string(
+      'reference', 'ancestral:64',
+      'sampler:steps whose accuracy is the target.')
+  _TOLERANCE = flags.DEFINE_float('tolerance', 0.2, 'Points below the '
+                                  'reference still counted as equal.')
+  _CLIP = flags.DEFINE_string('x0_clip', 'none', "x0 clipping of every "
+                              "sampler: 'none' (the paper's), 'data' or a "
+                              'number.')
+  _OUT = flags.DEFINE_string('output_prefix', None,
+                             'Output path without extension.')
 
 
 def _settings(samplers, steps):
@@ -191,4 +197,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

@@ -93,7 +93,8 @@ def shrink(config):
   """The shrunk copy described in the module docstring."""
   c = copy.deepcopy(config)
   with c.unlocked():
-    if c.data.name != 'digits':
+    in_memory = c.data.name in ('digits', 'digits32')
+    if not in_memory:
       old = c.data
       c.data = config_lib.image_data(
           'folder:mock', image_size=32, augment=old.augment, batch_size=4,
@@ -105,8 +106,9 @@ def shrink(config):
       c.data.num_threads = 1
       c.data.prefetch = 4
       c.data.stats_batches = 1
-    else:
+    else:  # 2 folds of the digits: 7 steps of 128 per epoch.
       c.data.num_folds = 2
+      c.data.batch_size = 128
       c.pipeline.seeds = (0,)
     for role in (c.teacher, c.student):
       if role.model.startswith('beit'):
@@ -119,7 +121,7 @@ def shrink(config):
     c.sampler.num_sampling = 1
     c.log_every_steps = 1
     c.checkpoint_every_steps = 0
-    spe = _CLASSES * _TRAIN_PER_CLASS // 4 if c.data.name != 'digits' else 0
+    spe = 0 if in_memory else _CLASSES * _TRAIN_PER_CLASS // 4
     for s in c.stages.values():
       scale = 1.0 / s.epochs
       if spe:  # Two steps per stage.
