@@ -1,6 +1,7 @@
 r"""Throughput benchmark: train-step and evaluation images/s, printed as JSON.
 
   python -m gendd_jax.bench [--settings=digits,head_only,cifar] [--repeats=5]
+  python -m gendd_jax.bench --settings=head_only,cifar --reference=PATH
 
 Settings:
   digits     the bundled example's GenDD stage (teacher MLP + student MLP +
@@ -19,15 +20,39 @@ Settings:
              at 224x224 (head token 64, width 1024, depth 3, mul 10, batch
              8), with and without the teacher forward (not run by default).
 Each figure is the median over `repeats` timed runs after compilation.
+
+Work and efficiency: every timed part reports `gflop_per_image`, the
+floating-point operations of its matrix products and convolutions (2 per
+multiply-add, backward included) counted from the step's jaxpr, loops
+multiplied by their trip counts (`matmul_flops`); train steps also report
+XLA's own cost analysis (`xla_gflop_per_image`, which adds elementwise
+work). `gflops_per_sec` is that work over the measured time and
+`pct_of_peak` its share of the machine's FP32 matrix-product peak, measured
+in the same run (`matmul_peak`: chains of products of large square and of
+the steps' own shapes, through JAX and, with a reference, torch; the best).
+
+`--reference=PATH` (a local copy of the authors' PyTorch code, see
+`bench_reference`) runs their implementation of `head_only` and `cifar` in
+the same invocation with the same batch, widths, steps, CFG scale and
+repeats, float32, and reports their images/s, their counted work and the
+ratios ours / theirs. For `cifar` our trainer's evaluation step also runs the
+teacher (a norm diagnostic); the equal-work evaluation (`eval_sampling`:
+student, CFG sampling, classifier, as theirs) gives the headline ratio.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
+import glob
 import json
+import math
+import os
+import re
 import platform
 import statistics
 import time
+from typing import Any, Callable
 
 from absl import app
 from absl import flags
@@ -36,10 +61,27 @@ _SETTINGS = flags.DEFINE_list('settings', ['digits', 'head_only', 'cifar'],
                               'Which settings to run.')
 _REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed repeats per figure.')
 _STEPS = flags.DEFINE_integer('steps', 5, 'Train steps per timed repeat.')
+_REFERENCE = flags.DEFINE_string(
+    'reference', '', 'Path of a local copy of the authors\' PyTorch code '
+    '(holding GenDD_cifar/); times it on head_only and cifar too.')
+_TORCH_THREADS = flags.DEFINE_integer(
+    'torch_threads', 0, 'torch intra-op threads (0: every core, as XLA).')
+_PEAK = flags.DEFINE_bool('peak', True,
+                          'Measure the FP32 matrix-product peak.')
+_TABLE_FROM = flags.DEFINE_string(
+    'table_from', '', 'Only print the markdown table of this results JSON.')
+_PROFILE_DIR = flags.DEFINE_string(
+    'profile_dir', '', 'Trace one extra call of each head_only/cifar part '
+    'there and report where its time goes.')
+
+# Settings the reference runner implements (cifar_precomputed reuses cifar's
+# reference figures: their code has no precomputed-teacher mode).
+_REFERENCE_OF = dict(head_only='head_only', cifar='cifar',
+                     cifar_precomputed='cifar')
 
 
-def _median_rate(fn, images_per_call: int, calls: int, repeats: int
-                 ) -> dict[str, float]:
+def median_rate(fn, images_per_call: int, calls: int, repeats: int
+                ) -> dict[str, float]:
   """Images/s of `calls` calls of `fn` (which blocks), median of repeats."""
   fn()  # Compile and warm up.
   rates = []
@@ -52,10 +94,323 @@ def _median_rate(fn, images_per_call: int, calls: int, repeats: int
               min=min(rates), max=max(rates))
 
 
+# ---------------------------------------------------------------------------
+# Work: FLOPs of matrix products and convolutions.
+# ---------------------------------------------------------------------------
+
+
+def _conv_macs(eqn) -> int:
+  """Multiply-adds of a `conv_general_dilated`, zero taps of an input
+  dilation (transposed convolutions in a backward pass) not counted."""
+  rhs = eqn.invars[1].aval.shape
+  spec = eqn.params['dimension_numbers'].rhs_spec  # (out, in, spatial...)
+  per_output = math.prod(rhs) // rhs[spec[0]]
+  dilation = math.prod(eqn.params.get('lhs_dilation') or (1,))
+  return math.prod(eqn.outvars[0].aval.shape) * per_output // dilation
+
+
+def _sub_jaxprs(eqn) -> list[Any]:
+  subs = []
+  for value in eqn.params.values():
+    for v in value if isinstance(value, (tuple, list)) else (value,):
+      if hasattr(v, 'eqns'):
+        subs.append(v)
+      elif hasattr(v, 'jaxpr') and hasattr(v.jaxpr, 'eqns'):
+        subs.append(v.jaxpr)
+  return subs
+
+
+def matmul_flops(jaxpr) -> int:
+  """FLOPs (2 per multiply-add) of the dot products and convolutions of
+  `jaxpr` (a `Jaxpr` or `ClosedJaxpr`), nested programs included: a `scan`
+  body counts `length` times, a `cond` its costliest branch, a `while` body
+  once (its trip count is not static)."""
+  jaxpr = getattr(jaxpr, 'jaxpr', jaxpr)
+  total = 0
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    if name == 'dot_general':
+      (contract, _), _ = eqn.params['dimension_numbers']
+      lhs = eqn.invars[0].aval.shape
+      total += 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(
+          lhs[d] for d in contract)
+    elif name == 'conv_general_dilated':
+      total += 2 * _conv_macs(eqn)
+    subs = [matmul_flops(j) for j in _sub_jaxprs(eqn)]
+    if not subs:
+      continue
+    if name == 'cond':
+      total += max(subs)
+    elif name == 'scan':
+      total += eqn.params['length'] * sum(subs)
+    else:
+      total += sum(subs)
+  return total
+
+
+def step_work(fn, *args, xla: bool = False) -> dict[str, float]:
+  """`{flops}` of one call of `fn(*args)` (jaxpr count) and, with `xla`,
+  `xla_flops` from the compiled program's cost analysis."""
+  import jax  # pylint: disable=g-import-not-at-top
+  out = dict(flops=float(matmul_flops(jax.make_jaxpr(fn)(*args))))
+  if xla:
+    jitted = fn if hasattr(fn, 'lower') else jax.jit(fn)
+    cost = jitted.lower(*args).compile().cost_analysis()
+    if isinstance(cost, (list, tuple)):  # Older jax: one dict per device.
+      cost = cost[0]
+    if cost and 'flops' in cost:
+      out['xla_flops'] = float(cost['flops'])
+  return out
+
+
+def _with_work(rate: dict, work: dict, images_per_call: int) -> dict:
+  """Adds per-image GFLOPs and achieved GFLOP/s to a `median_rate` dict."""
+  rate = dict(rate)
+  per_image = work['flops'] / images_per_call
+  rate['gflop_per_image'] = per_image / 1e9
+  rate['gflops_per_sec'] = per_image * rate['images_per_sec'] / 1e9
+  if 'xla_flops' in work:
+    rate['xla_gflop_per_image'] = work['xla_flops'] / images_per_call / 1e9
+  return rate
+
+
+# ---------------------------------------------------------------------------
+# Where time goes: a jax.profiler trace joined with the compiled HLO.
+# ---------------------------------------------------------------------------
+
+_SHAPE = re.compile(r'^\s*(?:ROOT )?%([\w.-]+) = \w+\[([\d,]*)\]')
+_OPERANDS = re.compile(r'(?:dot|convolution)\(%([\w.-]+), %([\w.-]+)\)')
+
+
+def _dims(text: str) -> list[int]:
+  return [int(d) for d in text.split(',') if d]
+
+
+def _instruction_flops(line: str, shapes: dict[str, list[int]]) -> float:
+  """FLOPs of one HLO `dot` or `convolution` line (0 for anything else)."""
+  m = _SHAPE.match(line)
+  ops = _OPERANDS.search(line)
+  if not m or not ops:
+    return 0.0
+  out = math.prod(_dims(m.group(2)))
+  lhs, rhs = shapes.get(ops.group(1)), shapes.get(ops.group(2))
+  if lhs is None or rhs is None:
+    return 0.0
+  if ' dot(' in line:
+    contract = re.search(r'lhs_contracting_dims=\{([\d,]*)\}', line)
+    k = math.prod(lhs[int(d)] for d in _dims(contract.group(1)))
+    return 2.0 * out * k
+  labels = re.search(r'dim_labels=\w+_(\w+)->', line).group(1)
+  per_output = math.prod(rhs) // rhs[labels.index('o')]
+  dilate = re.search(r'lhs_dilate=([\dx]+)', line)
+  div = math.prod(int(d) for d in dilate.group(1).split('x')) if dilate else 1
+  return 2.0 * out * per_output / div
+
+
+def hlo_op_flops(hlo_text: str) -> dict[str, tuple[float, str, str]]:
+  """`{instruction: (FLOPs, output shape, 'dot' or 'conv')}` for every
+  instruction of an optimised HLO module that is, or fuses, a dot or a
+  convolution."""
+  comp_flops, shapes, calls, out_shape = {}, {}, {}, {}
+  conv_comps, conv_ops = set(), set()
+  # Bodies of fusions count through their fusion instruction only.
+  fused = set(re.findall(r' fusion\(.*?calls=%([\w.-]+)', hlo_text))
+  current = None
+  for line in hlo_text.splitlines():
+    head = re.match(r'^(?:ENTRY )?%([\w.-]+) \(', line)
+    if head:
+      current = head.group(1)
+      comp_flops[current] = 0.0
+      continue
+    m = _SHAPE.match(line)
+    if not m or current is None:
+      continue
+    shapes[m.group(1)] = _dims(m.group(2))
+    out_shape[m.group(1)] = m.group(2)
+    flops = _instruction_flops(line, shapes)
+    comp_flops[current] += flops
+    if flops and ' convolution(' in line:
+      conv_comps.add(current)
+      conv_ops.add(m.group(1))
+    if flops and current not in fused:
+      calls[m.group(1)] = ('', flops)
+    called = re.search(r'calls=%([\w.-]+)', line)
+    if called:
+      calls[m.group(1)] = (called.group(1), 0.0)
+  out = {}
+  for name, (comp, flops) in calls.items():
+    total = flops + comp_flops.get(comp, 0.0)
+    if total:
+      conv = name in conv_ops or comp in conv_comps
+      out[name] = (total, out_shape[name], 'conv' if conv else 'dot')
+  return out
+
+
+def profile_call(jitted, args: tuple, trace_dir: str, top: int = 6
+                 ) -> dict[str, Any]:
+  """Traces one call of `jitted(*args)` with `jax.profiler` and sums the
+  executed operations' times (over the CPU client's threads) into matrix
+  products and convolutions versus everything else, with the costliest of
+  each and the products' achieved GFLOP/s."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax import profiler  # pylint: disable=g-import-not-at-top
+  ops = hlo_op_flops(jitted.lower(*args).compile().as_text())
+  jax.block_until_ready(jitted(*args))
+  os.makedirs(trace_dir, exist_ok=True)
+  t0 = time.perf_counter()
+  with profiler.trace(trace_dir):
+    jax.block_until_ready(jitted(*args))
+  wall = time.perf_counter() - t0
+  files = sorted(glob.glob(os.path.join(trace_dir, '**', '*.xplane.pb'),
+                           recursive=True), key=os.path.getmtime)
+  data = profiler.ProfileData.from_file(files[-1])
+  times, counts = collections.Counter(), collections.Counter()
+  for plane in data.planes:
+    if plane.name != '/host:CPU':
+      continue
+    for line in plane.lines:
+      if not line.name.startswith('tf_XLA'):  # XLA's threads only.
+        continue
+      for ev in line.events:
+        # Executor bookkeeping, and control-flow thunks (which contain their
+        # bodies' events), are not operations of their own.
+        # Python frames ('$file.py:line fn') are the caller's, not XLA's.
+        if ev.name.startswith(('ThunkExecutor', 'end: ', 'Slinky', '$')) or (
+            re.fullmatch(r'(while|conditional|call)(\.\d+)?', ev.name)):
+          continue
+        times[ev.name] += ev.duration_ns / 1e9
+        counts[ev.name] += 1
+  matmul = {k: v for k, v in times.items() if k in ops}
+  other = {k: v for k, v in times.items() if k not in ops}
+  flops = sum(ops[k][0] * counts[k] for k in matmul)
+
+  def listing(d, with_flops):
+    rows = []
+    for k, v in sorted(d.items(), key=lambda kv: -kv[1])[:top]:
+      row = dict(op=k, seconds=v, calls=counts[k])
+      if with_flops:
+        row.update(shape=ops[k][1],
+                   gflops_per_sec=ops[k][0] * counts[k] / v / 1e9)
+      rows.append(row)
+    return rows
+
+  # Operations run one per thread, several at once: rates are per thread.
+  return dict(
+      traced_wall_seconds=wall,
+      op_seconds=sum(times.values()),
+      matmul_seconds=sum(matmul.values()),
+      conv_seconds=sum(v for k, v in matmul.items() if ops[k][2] == 'conv'),
+      conv_gflop=sum(ops[k][0] * counts[k] for k in matmul
+                     if ops[k][2] == 'conv') / 1e9,
+      matmul_gflop=flops / 1e9,
+      other_seconds=sum(other.values()),
+      matmul_gflops_per_op_second=flops / max(sum(matmul.values()), 1e-9)
+      / 1e9,
+      top_matmul=listing(matmul, True), top_other=listing(other, False))
+
+
+# ---------------------------------------------------------------------------
+# Machine peak.
+# ---------------------------------------------------------------------------
+
+# (m, k, n): large square products, then the head's row products at the
+# benchmark settings (train rows M*B*K, sampling rows B*K; width 1024).
+PEAK_SHAPES = ((2048, 2048, 2048), (10240, 1024, 3072), (7680, 1024, 1024),
+               (1024, 1024, 3072), (256, 1024, 3072))
+
+
+def _chain_length(m: int, k: int, n: int, target_flops: float = 2e10) -> int:
+  return max(1, round(target_flops / (4 * m * k * n)))
+
+
+def matmul_peak(shapes=PEAK_SHAPES, repeats: int = 5, torch=None,
+                chain_flops: float = 2e10) -> dict[str, Any]:
+  """Best FP32 matrix-product GFLOP/s over `shapes`, through JAX and (if
+  given) torch.
+
+  Each figure times a chain `x <- (x @ A) @ B` ([m, k] @ [k, n] @ [n, k])
+  of about `chain_flops` in one call, so buffers are reused and dispatch is
+  amortised; the best of `repeats` calls.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  rows = []
+  for m, k, n in shapes:
+    steps = _chain_length(m, k, n, chain_flops)
+    x = rng.normal(size=(m, k)).astype(np.float32)
+    a = (rng.normal(size=(k, n)) / np.sqrt(k)).astype(np.float32)
+    b = (rng.normal(size=(n, k)) / np.sqrt(n)).astype(np.float32)
+    flops = 4.0 * steps * m * k * n
+
+    @jax.jit
+    def chain(x, a, b, steps=steps):
+      return jax.lax.fori_loop(0, steps, lambda _, h: (h @ a) @ b, x)
+
+    args = [jax.device_put(v) for v in (x, a, b)]
+    row = dict(shape=[m, k, n], jax=flops / _best_time(
+        lambda: chain(*args).block_until_ready(), repeats) / 1e9)
+    if torch is not None:
+      tx, ta, tb = (torch.from_numpy(v) for v in (x, a, b))
+      o1, o2 = torch.empty(m, n), torch.empty(m, k)
+
+      def torch_chain(tx=tx, ta=ta, tb=tb, o1=o1, o2=o2, steps=steps):
+        h = tx
+        for _ in range(steps):
+          torch.mm(h, ta, out=o1)
+          torch.mm(o1, tb, out=o2)
+          h = o2
+
+      row['torch'] = flops / _best_time(torch_chain, repeats) / 1e9
+    rows.append(row)
+  best = max(max(v for k, v in r.items() if k != 'shape') for r in rows)
+  return dict(gflops_per_sec=best, shapes=rows)
+
+
+def _best_time(fn, repeats: int) -> float:
+  fn()
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return min(times)
+
+
+# ---------------------------------------------------------------------------
+# The authors' implementation, same settings.
+# ---------------------------------------------------------------------------
+
+
+def run_reference(ref, make_parts: Callable[[int], dict[str, Callable]],
+                  batch: int, repeats: int, steps: int) -> dict[str, Any]:
+  """Times `make_parts(batch)` (`bench_reference.*_parts`) as ours are
+  timed, and counts their work."""
+  from gendd_jax import bench_reference  # pylint: disable=g-import-not-at-top
+  work = bench_reference.flops_at(ref, make_parts, batch)
+  parts = make_parts(batch)
+  out = dict(torch=ref.torch.__version__,
+             torch_threads=ref.torch.get_num_threads())
+  for part, calls in (('train', steps), ('eval', 1)):
+    rate = median_rate(parts[part], batch, calls, repeats)
+    out[part] = _with_work(rate, work[part], batch)
+    out[part]['flops_linearity_error'] = work[part]['linearity_error']
+  return out
+
+
 def bench_head_only(repeats: int, steps: int, *, feature_dim=2048,
                     token_dim=64, width=1024, depth=3, mul=10, batch=32,
-                    sampling_steps='64', cfg_scale=2.0) -> dict:
-  """GenDD head training and sampling on random 2048-d features."""
+                    sampling_steps='64', cfg_scale=2.0,
+                    fast_sampler='posterior_mean', fast_steps='1',
+                    reference=None,
+                    profile_dir: str | None = None) -> dict:
+  """GenDD head training and sampling on random 2048-d features; with
+  `reference` (`bench_reference.load`), the authors' code too; with
+  `profile_dir`, a traced breakdown of each part (`profile_call`).
+
+  `eval` is `sampling_steps`-step ancestral CFG sampling (the reference's
+  evaluation); `eval_fast` the few-step sampler `fast_sampler` /
+  `fast_steps` (evaluation's default, see `sweep_sampling`)."""
   import jax  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
@@ -78,6 +433,9 @@ def bench_head_only(repeats: int, steps: int, *, feature_dim=2048,
   sample_sched = diffusion.create_schedule('cosine', 1000, sampling_steps)
   loss_settings = gendd.LossSettings(token_dim, mul, 0.2, True)
   sample_settings = gendd.SampleSettings(token_dim, 1, cfg_scale, 1.0)
+  fast_sched = gendd.sampling_schedule('cosine', 1000, fast_steps,
+                                       fast_sampler)
+  fast_settings = sample_settings._replace(sampler=fast_sampler)
   keys = jax.random.split(jax.random.key(0), 3)
   feat_s = jax.random.normal(keys[0], (batch, feature_dim))
   feat_t = jax.random.normal(keys[1], (batch, feature_dim))
@@ -99,6 +457,12 @@ def bench_head_only(repeats: int, steps: int, *, feature_dim=2048,
     return gendd.sample_features(m.head, sample_sched, key,
                                  m.cls_projector(feat_s), sample_settings)
 
+  @jax.jit
+  def sample_fast(params, key):
+    m = nnx.merge(graphdef, params)
+    return gendd.sample_features(m.head, fast_sched, key,
+                                 m.cls_projector(feat_s), fast_settings)
+
   state = {'p': params, 'o': opt_state, 'k': 0}
 
   def train_once():
@@ -111,25 +475,62 @@ def bench_head_only(repeats: int, steps: int, *, feature_dim=2048,
   def sample_once():
     sample_step(state['p'], keys[2]).block_until_ready()
 
-  return dict(
+  def fast_once():
+    sample_fast(state['p'], keys[2]).block_until_ready()
+
+  train_work = step_work(train_step, params, opt_state, keys[2], xla=True)
+  eval_work = step_work(sample_step, params, keys[2])
+  out = dict(
       setting=dict(feature_dim=feature_dim, token_dim=token_dim, width=width,
                    depth=depth, diffusion_batch_mul=mul, batch=batch,
-                   sampling_steps=sampling_steps, cfg_scale=cfg_scale),
-      train=_median_rate(train_once, batch, steps, repeats),
-      eval=_median_rate(sample_once, batch, 1, repeats))
+                   sampling_steps=sampling_steps, cfg_scale=cfg_scale,
+                   fast_sampler=fast_sampler, fast_steps=fast_steps),
+      train=_with_work(median_rate(train_once, batch, steps, repeats),
+                       train_work, batch),
+      eval=_with_work(median_rate(sample_once, batch, 1, repeats),
+                      eval_work, batch),
+      eval_fast=_with_work(median_rate(fast_once, batch, 1, repeats),
+                           step_work(sample_fast, params, keys[2]), batch))
+  if profile_dir:
+    out['train']['profile'] = profile_call(
+        train_step, (state['p'], state['o'], keys[2]),
+        os.path.join(profile_dir, 'head_only_train'))
+    out['eval']['profile'] = profile_call(
+        sample_step, (state['p'], keys[2]),
+        os.path.join(profile_dir, 'head_only_eval'))
+  if reference is not None:
+    if cfg_scale != 2.0:
+      raise ValueError('the reference evaluates at CFG scale 2 only')
+    from gendd_jax import bench_reference  # pylint: disable=g-import-not-at-top
+    out['reference'] = run_reference(
+        reference, functools.partial(
+            bench_reference.head_only_parts, reference,
+            feature_dim=feature_dim, token_dim=token_dim, width=width,
+            depth=depth, mul=mul, sampling_steps=sampling_steps),
+        batch, repeats, steps)
+  return out
 
 
 def _bench_gendd(config, info, train_batch, eval_images, repeats: int,
-                 steps: int, precomputed: bool = False) -> dict:
+                 steps: int, precomputed: bool = False,
+                 equal_work_eval: bool = False,
+                 profile_dir: str | None = None,
+                 fast_sampler: str = 'posterior_mean',
+                 fast_steps: str = '1') -> dict:
   """Times the full GenDD train step and sampling evaluation of `config`
   (randomly initialised teacher and student) on fixed batches; with
   `precomputed`, the batch carries the teacher features and the step runs
-  no teacher forward (`teacher.source = 'precomputed'`)."""
+  no teacher forward (`teacher.source = 'precomputed'`); with
+  `equal_work_eval`, also the evaluation without the teacher
+  (`eval_sampling`) and the same with the few-step sampler `fast_sampler` /
+  `fast_steps` (`eval_fast`)."""
   import dataclasses  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
+  from gendd_jax import gendd  # pylint: disable=g-import-not-at-top
+  from gendd_jax import modeling  # pylint: disable=g-import-not-at-top
   from gendd_jax import optim  # pylint: disable=g-import-not-at-top
   from gendd_jax import sharding  # pylint: disable=g-import-not-at-top
   from gendd_jax import train  # pylint: disable=g-import-not-at-top
@@ -171,19 +572,73 @@ def _bench_gendd(config, info, train_batch, eval_images, repeats: int,
     jax.block_until_ready(eval_step(state['s'], teacher, eval_in,
                                     jnp.int32(0)))
 
+  def make_sampling_eval(sampler: str, sampling_steps: str):
+    """Student, CFG sampling and the teacher's classifier: the work of the
+    reference's evaluation (the trainer's `eval_step` also runs the
+    teacher, for a norm diagnostic)."""
+    sched = gendd.sampling_schedule(spec.noise_schedule, spec.diffusion_steps,
+                                    sampling_steps, sampler)
+    settings = spec.sample._replace(sampler=sampler)
+
+    @jax.jit
+    def sampling_eval(state, teacher, images):
+      model = nnx.merge(spec.graphdef, state['params'], state['batch_stats'])
+      z = model.student(images)[0].astype(jnp.float32)
+      feat = gendd.sample_features(model.head, sched, jax.random.key(1), z,
+                                   settings)
+      w, b = modeling.classifier(teacher['params'])
+      return jnp.argmax(feat @ w.T + b, -1)
+
+    def once():
+      jax.block_until_ready(sampling_eval(state['s'], teacher,
+                                          eval_in['image']))
+
+    return sampling_eval, once
+
+  sampling_eval, sampling_once = make_sampling_eval(spec.sample.sampler,
+                                                    spec.sampling_steps)
+  fast_eval, fast_once = make_sampling_eval(fast_sampler, fast_steps)
+
   g, smp = config.gendd, config.sampler
-  evaluation = (_median_rate(eval_once, n_eval, 1, repeats) if n_eval
-                else None)
-  return dict(
+  out = dict(
       setting=dict(teacher=config.teacher.model, student=config.student.model,
                    teacher_source='precomputed' if precomputed else 'model',
                    batch=n_train, eval_batch=n_eval, token_dim=g.token_dim,
                    width=g.width, depth=g.depth,
                    diffusion_batch_mul=g.diffusion_batch_mul,
                    sampling_steps=smp.steps, cfg_scale=smp.cfg_scale,
-                   num_sampling=smp.num_sampling),
-      train=_median_rate(train_once, n_train, steps, repeats),
-      eval=evaluation)
+                   num_sampling=smp.num_sampling, fast_sampler=fast_sampler,
+                   fast_steps=fast_steps),
+      train=_with_work(median_rate(train_once, n_train, steps, repeats),
+                       step_work(train_step, state['s'], teacher, batch,
+                                 xla=True), n_train),
+      eval=None)
+  if n_eval:
+    out['eval'] = _with_work(
+        median_rate(eval_once, n_eval, 1, repeats),
+        step_work(eval_step, state['s'], teacher, eval_in, jnp.int32(0)),
+        n_eval)
+  if n_eval and equal_work_eval:
+    out['eval_sampling'] = _with_work(
+        median_rate(sampling_once, n_eval, 1, repeats),
+        step_work(sampling_eval, state['s'], teacher, eval_in['image']),
+        n_eval)
+    out['eval_fast'] = _with_work(
+        median_rate(fast_once, n_eval, 1, repeats),
+        step_work(fast_eval, state['s'], teacher, eval_in['image']), n_eval)
+  if profile_dir:
+    name = config.teacher.model + ('_precomputed' if precomputed else '')
+    # Called inside another jit, the step donates nothing: the traced calls
+    # leave the state intact.
+    out['train']['profile'] = profile_call(
+        jax.jit(lambda s, t, b: train_step(s, t, b)),
+        (state['s'], teacher, batch),
+        os.path.join(profile_dir, f'{name}_train'))
+    if 'eval_sampling' in out:
+      out['eval_sampling']['profile'] = profile_call(
+          sampling_eval, (state['s'], teacher, eval_in['image']),
+          os.path.join(profile_dir, f'{name}_eval_sampling'))
+  return out
 
 
 def bench_digits(repeats: int, steps: int) -> dict:
@@ -211,11 +666,13 @@ def bench_digits(repeats: int, steps: int) -> dict:
 def bench_cifar(repeats: int, steps: int, *, teacher='resnet32x4',
                 student='resnet8x4', batch=64, eval_batch=64, width=1024,
                 depth=3, mul=30, sampling_steps='100',
-                precomputed: bool = False) -> dict:
+                precomputed: bool = False, reference=None,
+                profile_dir: str | None = None) -> dict:
   """The CIFAR-100 GenDD step: teacher forward, student, diffusion head
   (token 64, width 1024, depth 3, diffusion_batch_mul 30, batch 64), and
   100-step CFG evaluation, on random 32x32 images (throughput does not
-  depend on the pixels)."""
+  depend on the pixels); with `reference`, the authors' code too (at
+  `batch`; their evaluation runs at the training batch)."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   from gendd_jax import config_lib  # pylint: disable=g-import-not-at-top
 
@@ -230,8 +687,22 @@ def bench_cifar(repeats: int, steps: int, *, teacher='resnet32x4',
       label=rng.integers(0, 100, batch).astype(np.int32),
       label_mask=np.ones(batch, bool))
   eval_images = rng.normal(size=(eval_batch, 32, 32, 3)).astype(np.float32)
-  return _bench_gendd(config, info, train_batch, eval_images, repeats, steps,
-                      precomputed)
+  out = _bench_gendd(config, info, train_batch, eval_images, repeats, steps,
+                     precomputed, equal_work_eval=True,
+                     profile_dir=profile_dir)
+  if reference is not None:
+    if eval_batch != batch:
+      raise ValueError('the reference runs evaluation at the train batch')
+    from gendd_jax import bench_reference  # pylint: disable=g-import-not-at-top
+    g = config.gendd
+    out['reference'] = run_reference(
+        reference, functools.partial(
+            bench_reference.cifar_parts, reference, teacher=teacher,
+            student=student, token_dim=g.token_dim, width=width, depth=depth,
+            mul=mul, sampling_steps=sampling_steps, smooth=float(g.smooth),
+            beta=float(g.beta)),
+        batch, repeats, steps)
+  return out
 
 
 def bench_imagenet(repeats: int, steps: int, *,
@@ -261,14 +732,97 @@ def bench_imagenet(repeats: int, steps: int, *,
                       precomputed)
 
 
+def ratios(ours: dict, theirs: dict) -> dict[str, float]:
+  """Images/s ours / theirs per part; `eval` compares equal work (our
+  `eval_sampling` where present), `eval_step` the trainer's evaluation,
+  `eval_fast` our few-step sampler against their many-step one."""
+  out = dict(train=ours['train']['images_per_sec'] /
+             theirs['train']['images_per_sec'])
+  if ours.get('eval'):
+    eq = ours.get('eval_sampling') or ours['eval']
+    out['eval'] = eq['images_per_sec'] / theirs['eval']['images_per_sec']
+    if 'eval_sampling' in ours:
+      out['eval_step'] = (ours['eval']['images_per_sec'] /
+                          theirs['eval']['images_per_sec'])
+  if ours.get('eval_fast'):
+    out['eval_fast'] = (ours['eval_fast']['images_per_sec'] /
+                        theirs['eval']['images_per_sec'])
+  return out
+
+
+def _annotate_peak(result: dict, peak: float) -> None:
+  """Adds `pct_of_peak` to every timed part with a FLOP rate."""
+  for side in (result, result.get('reference') or {}):
+    for part in side.values():
+      if isinstance(part, dict) and 'gflops_per_sec' in part:
+        part['pct_of_peak'] = 100.0 * part['gflops_per_sec'] / peak
+
+
+def summary_table(result: dict) -> str:
+  """Markdown table of a `bench` JSON result: ours vs the reference."""
+  peak = result.get('peak', {}).get('gflops_per_sec')
+  head = ('| setting | part | ours images/s | reference images/s | ratio | '
+          'ours GFLOP/image | reference GFLOP/image | ours GFLOP/s '
+          '(% of peak) | reference GFLOP/s (% of peak) |')
+  lines = [head, '|' + '---|' * 9]
+
+  def rate(part):
+    if not part or 'gflops_per_sec' not in part:
+      return '—'
+    pct = part.get('pct_of_peak')
+    return (f'{part["gflops_per_sec"]:.0f}' +
+            (f' ({pct:.0f}%)' if pct is not None else ''))
+
+  for name, res in result.items():
+    if not isinstance(res, dict) or 'train' not in res:
+      continue
+    theirs = res.get('reference') or {}
+    ratio = res.get('ratio') or {}
+    # (our part, label, their part, ratio key)
+    rows = [('train', 'train step', 'train', 'train')]
+    if res.get('eval_sampling'):
+      rows += [('eval_sampling', 'CFG evaluation', 'eval', 'eval'),
+               ('eval', 'trainer eval step (+ teacher)', 'eval',
+                'eval_step')]
+    elif res.get('eval'):
+      rows.append(('eval', 'CFG evaluation', 'eval', 'eval'))
+    if res.get('eval_fast'):
+      setting = res.get('setting', {})
+      rows.append(('eval_fast', 'few-step evaluation ({} {}) vs their {}'
+                   .format(setting.get('fast_sampler', '?'),
+                           setting.get('fast_steps', '?'),
+                           setting.get('sampling_steps', '?')),
+                   'eval', 'eval_fast'))
+    for key, label, ref_key, ratio_key in rows:
+      ours, ref_part = res[key], theirs.get(ref_key)
+      r = ratio.get(ratio_key)
+      lines.append(
+          f'| {name} | {label} | {ours["images_per_sec"]:.2f} | ' +
+          (f'{ref_part["images_per_sec"]:.2f}' if ref_part else '—') +
+          f' | {f"{r:.2f}x" if r else "—"} | '
+          f'{ours.get("gflop_per_image", 0):.1f} | ' +
+          (f'{ref_part["gflop_per_image"]:.1f}' if ref_part else '—') +
+          f' | {rate(ours)} | {rate(ref_part)} |')
+  if peak:
+    lines.append('')
+    lines.append(f'Measured FP32 matrix-product peak: {peak:.0f} GFLOP/s.')
+  return '\n'.join(lines)
+
+
 def main(argv):
   del argv
+  if _TABLE_FROM.value:
+    with open(_TABLE_FROM.value) as f:
+      print(summary_table(json.load(f)))
+    return
   import jax  # pylint: disable=g-import-not-at-top
   out = dict(machine=dict(platform=platform.platform(),
                           processor=platform.processor(),
+                          cpu_count=os.cpu_count(),
                           jax=jax.__version__,
                           devices=[str(d) for d in jax.devices()]),
-             repeats=_REPEATS.value)
+             repeats=_REPEATS.value, steps=_STEPS.value,
+             loadavg_start=list(os.getloadavg()))
   runners = dict(digits=bench_digits, head_only=bench_head_only,
                  cifar=bench_cifar,
                  cifar_precomputed=functools.partial(bench_cifar,
@@ -280,7 +834,43 @@ def main(argv):
     if name not in runners:
       raise app.UsageError(f'unknown setting {name!r}; expected one of '
                            f'{", ".join(runners)}')
-    out[name] = runners[name](_REPEATS.value, _STEPS.value)
+  ref = None
+  if _REFERENCE.value:
+    from gendd_jax import bench_reference  # pylint: disable=g-import-not-at-top
+    ref = bench_reference.load(_REFERENCE.value)
+    bench_reference.set_threads(ref, _TORCH_THREADS.value or None)
+    out['reference'] = dict(path_given=True, torch=ref.torch.__version__,
+                            torch_threads=ref.torch.get_num_threads())
+  peaks = []
+  if _PEAK.value:
+    peaks.append(matmul_peak(repeats=_REPEATS.value,
+                             torch=ref.torch if ref else None))
+  ref_results = {}
+  for name in _SETTINGS.value:
+    kwargs = {}
+    if _PROFILE_DIR.value and name in ('head_only', 'cifar',
+                                       'cifar_precomputed'):
+      kwargs['profile_dir'] = _PROFILE_DIR.value
+    target = _REFERENCE_OF.get(name) if ref else None
+    if target and target not in ref_results:
+      kwargs['reference'] = ref
+    res = dict(loadavg_start=list(os.getloadavg()),
+               **runners[name](_REPEATS.value, _STEPS.value, **kwargs))
+    if target:
+      if 'reference' in res:
+        ref_results[target] = res['reference']
+      else:
+        res['reference'] = dict(ref_results[target], reused_from=target)
+      res['ratio'] = ratios(res, ref_results[target])
+    out[name] = res
+  if _PEAK.value:
+    peaks.append(matmul_peak(repeats=_REPEATS.value,
+                             torch=ref.torch if ref else None))
+    peak = max(p['gflops_per_sec'] for p in peaks)
+    out['peak'] = dict(gflops_per_sec=peak, start=peaks[0], end=peaks[1])
+    for name in _SETTINGS.value:
+      _annotate_peak(out[name], peak)
+  out['loadavg_end'] = list(os.getloadavg())
   print(json.dumps(out, indent=1))
 
 

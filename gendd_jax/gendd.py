@@ -2,8 +2,8 @@
 
 The student's normalised feature `z` conditions a diffusion head that learns
 to generate the teacher's feature token by token. `head` is any object with
-`embed_time(t)`, `embed_time_table(timesteps)`, `embed_cond(z)`, `pos_table()`
-and `trunk(x, y)` (see
+`embed_time(t)`, `embed_time_table(timesteps)`, `embed_cond(z)`, `pos_table()`,
+`trunk(x, y)`, `modulations(y)` and `trunk_modulated(x, mods)` (see
 `models.denoiser.DenoiserMLP`); it is passed in, so this module imports no
 model code and is testable on its own.
 
@@ -178,6 +178,13 @@ def sampling_schedule(noise_schedule: str, diffusion_steps: int,
   return diffusion.create_schedule(noise_schedule, diffusion_steps, steps)
 
 
+# Samplers that call the network once at every step of their schedule; for
+# them the unconditional branch's modulations are tabulated before the loop.
+_EVERY_STEP_SAMPLERS = ('ancestral', 'ddim')
+# Largest such table (bytes); beyond it they are computed in each step.
+_MAX_TABLE_BYTES = 1 << 28
+
+
 def sample_features(head: Any, schedule: diffusion.Schedule, key: jax.Array,
                     z: jax.Array, settings: SampleSettings) -> jax.Array:
   """Samples teacher-space features `[B, D]` for conditions `z: [B, Dz]`.
@@ -185,21 +192,50 @@ def sample_features(head: Any, schedule: diffusion.Schedule, key: jax.Array,
   All `S x B x K` tokens go through one `lax.scan` over the respaced
   schedule; the `S` draws are averaged in feature space. With guidance the
   unconditional branch uses the zero condition and the same tokens, so both
-  branches share the noise; its conditioning depends only on `(t, k)`.
+  branches share the noise.
+
+  The trunk's adaLN modulations (most of its multiply-adds) depend only on
+  the conditioning, so each is computed once per distinct conditioning and
+  broadcast over the tokens that share it: per (step, image, token) for the
+  conditional branch (shared by the `S` draws) and per (step, token) for the
+  unconditional one. For samplers that visit every step the latter, and the
+  timestep embeddings, are tabulated for the whole schedule before the loop
+  (one large matrix product instead of one small one per step).
   """
   pos = head.pos_table()  # [K, W]
   num_tokens = pos.shape[0]
-  c_emb = head.embed_cond(z)[:, None, :]  # [B, 1, W]
-  c_null = head.embed_cond(jnp.zeros_like(z[:1]))  # [1, W]
+  y_cond = head.embed_cond(z)[:, None, :] + pos  # [B, K, W]
+  y_null = head.embed_cond(jnp.zeros_like(z[:1])) + pos  # [K, W]
   shape = (settings.num_sampling, z.shape[0], num_tokens, settings.token_dim)
   k_init, k_loop = jax.random.split(key)
   x_T = jax.random.normal(k_init, shape, z.dtype)
 
+  steps = schedule.timestep_map  # Ascending network timesteps.
+  table_bytes = steps.shape[0] * sum(
+      m.size * m.dtype.itemsize
+      for m in jax.tree.leaves(jax.eval_shape(head.modulations, y_null)))
+  if (settings.sampler in _EVERY_STEP_SAMPLERS and
+      table_bytes <= _MAX_TABLE_BYTES):
+    t_table = head.embed_time_table(steps)  # [T, W]
+    null_table = head.modulations(t_table[:, None, :] + y_null)  # [T, K, W]
+
+    def t_emb(t_net):
+      return t_table[jnp.searchsorted(steps, t_net)]
+
+    def null_mods(t_net):
+      i = jnp.searchsorted(steps, t_net)
+      return jax.tree.map(lambda m: m[i], null_table)
+  else:
+    t_emb = head.embed_time
+
+    def null_mods(t_net):
+      return head.modulations(t_emb(t_net) + y_null)
+
   def cond_fn(x, t_net):
-    return head.trunk(x, head.embed_time(t_net) + c_emb + pos)
+    return head.trunk_modulated(x, head.modulations(t_emb(t_net) + y_cond))
 
   def uncond_fn(x, t_net):
-    return head.trunk(x, head.embed_time(t_net) + c_null + pos)
+    return head.trunk_modulated(x, null_mods(t_net))
 
   model_fn = diffusion.cfg_model_fn(cond_fn, uncond_fn, settings.cfg_scale)
   tokens = diffusion.sample_loop(

@@ -1,8 +1,128 @@
-"""The benchmark runs and reports positive rates (no timing assertions)."""
+"""The benchmark runs and reports positive rates (no timing assertions), and
+counts work correctly."""
+
+import os
+import tempfile
 
 from absl.testing import absltest
+import jax
+import jax.numpy as jnp
 
 from gendd_jax import bench
+
+# A local copy of the authors' PyTorch code (never part of the project);
+# the reference-runner test is skipped without one.
+_REFERENCE = os.environ.get('GENDD_REFERENCE', '/tmp/ref')
+
+
+def _has_reference() -> bool:
+  return os.path.isfile(os.path.join(_REFERENCE, 'GenDD_cifar',
+                                     'diffloss.py'))
+
+
+class WorkCountTest(absltest.TestCase):
+
+  def test_dot_general_with_batch_dims(self):
+    jaxpr = jax.make_jaxpr(lambda a, b: jnp.einsum('bij,bjk->bik', a, b))(
+        jnp.ones((2, 3, 4)), jnp.ones((2, 4, 5)))
+    self.assertEqual(bench.matmul_flops(jaxpr), 2 * 2 * 3 * 4 * 5)
+
+  def test_scan_body_counts_per_iteration(self):
+    def f(x, w):
+      return jax.lax.scan(lambda h, _: (h @ w, None), x, None, length=7)[0]
+    jaxpr = jax.make_jaxpr(f)(jnp.ones((3, 4)), jnp.ones((4, 4)))
+    self.assertEqual(bench.matmul_flops(jaxpr), 7 * 2 * 3 * 4 * 4)
+
+  def test_convolution_and_its_gradients(self):
+    x = jnp.ones((2, 8, 8, 3))
+    w = jnp.ones((3, 3, 3, 5))
+
+    def conv(x, w, stride):
+      return jax.lax.conv_general_dilated(
+          x, w, (stride, stride), 'SAME',
+          dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+    for stride in (1, 2):
+      out = 8 // stride
+      fwd = 2 * (2 * out * out * 5) * (3 * 3 * 3)
+      self.assertEqual(bench.matmul_flops(
+          jax.make_jaxpr(lambda x, w, s=stride: conv(x, w, s))(x, w)), fwd)
+      # Input and weight gradients each cost about one forward pass (the
+      # zero taps of the input-dilated transpose are not counted).
+      grads = jax.make_jaxpr(jax.grad(
+          lambda x, w, s=stride: jnp.sum(conv(x, w, s)), (0, 1)))(x, w)
+      self.assertBetween(bench.matmul_flops(grads), 2.5 * fwd, 3.5 * fwd)
+
+  def test_cond_counts_costliest_branch(self):
+    def f(p, x):
+      return jax.lax.cond(p, lambda x: x @ x @ x, lambda x: x @ x, x)
+    jaxpr = jax.make_jaxpr(f)(True, jnp.ones((4, 4)))
+    self.assertEqual(bench.matmul_flops(jaxpr), 2 * 2 * 4 * 4 * 4)
+
+  def test_compiled_op_flops_and_profile(self):
+    def f(x, w, k):
+      y = jax.lax.conv_general_dilated(
+          x, k, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+      return jnp.tanh(y.reshape(2, -1) @ w)
+
+    args = (jnp.ones((2, 4, 4, 3)), jnp.ones((4 * 4 * 5, 7)),
+            jnp.ones((3, 3, 3, 5)))
+    jitted = jax.jit(f)
+    ops = bench.hlo_op_flops(jitted.lower(*args).compile().as_text())
+    want = 2 * (2 * 4 * 4 * 5 * 27) + 2 * (2 * 80 * 7)
+    self.assertEqual(sum(v[0] for v in ops.values()), want)
+    self.assertEqual(sorted(v[2] for v in ops.values()), ['conv', 'dot'])
+    with tempfile.TemporaryDirectory() as trace_dir:
+      prof = bench.profile_call(jitted, args, trace_dir)
+    self.assertGreater(prof['matmul_seconds'], 0.0)
+    self.assertAlmostEqual(prof['op_seconds'], prof['matmul_seconds'] +
+                           prof['other_seconds'])
+    self.assertTrue(prof['top_matmul'])
+
+  def test_peak_and_ratios(self):
+    peak = bench.matmul_peak(shapes=((32, 16, 8),), repeats=1,
+                              chain_flops=1e6)
+    self.assertGreater(peak['gflops_per_sec'], 0.0)
+    self.assertEqual(peak['shapes'][0]['shape'], [32, 16, 8])
+    ours = dict(train=dict(images_per_sec=6.0, gflops_per_sec=2.0),
+                eval=dict(images_per_sec=3.0),
+                eval_sampling=dict(images_per_sec=4.0),
+                eval_fast=dict(images_per_sec=50.0))
+    theirs = dict(train=dict(images_per_sec=2.0, gflops_per_sec=1.0),
+                  eval=dict(images_per_sec=2.0))
+    self.assertEqual(bench.ratios(ours, theirs),
+                     dict(train=3.0, eval=2.0, eval_step=1.5,
+                          eval_fast=25.0))
+    result = dict(ours, reference=theirs)
+    bench._annotate_peak(result, 4.0)
+    self.assertEqual(result['train']['pct_of_peak'], 50.0)
+    self.assertEqual(theirs['train']['pct_of_peak'], 25.0)
+
+
+class TableTest(absltest.TestCase):
+
+  def test_summary_table_rows(self):
+    part = dict(images_per_sec=4.0, gflop_per_image=2.0, gflops_per_sec=8.0,
+                pct_of_peak=50.0)
+    result = dict(
+        peak=dict(gflops_per_sec=16.0),
+        cifar=dict(train=part, eval=part, eval_sampling=part,
+                   eval_fast=dict(part, images_per_sec=40.0),
+                   setting=dict(fast_sampler='ddim', fast_steps='2',
+                                sampling_steps='100'),
+                   reference=dict(train=part, eval=part),
+                   ratio=dict(train=1.0, eval=1.0, eval_step=1.0,
+                              eval_fast=10.0)),
+        head_only=dict(train=part, eval=part))
+    lines = bench.summary_table(result).splitlines()
+    self.assertLen([x for x in lines if x.startswith('| cifar')], 4)
+    fast = [x for x in lines if '(ddim 2) vs their 100' in x]
+    self.assertLen(fast, 1)
+    self.assertIn('| 40.00 | 4.00 | 10.00x |', fast[0])
+    self.assertLen([x for x in lines if x.startswith('| head_only')], 2)
+    self.assertIn('| 4.00 | 4.00 | 1.00x | 2.0 | 2.0 | 8 (50%) | 8 (50%) |',
+                  lines[2])
+    self.assertIn('16 GFLOP/s', lines[-1])
 
 
 class BenchTest(absltest.TestCase):
@@ -11,9 +131,19 @@ class BenchTest(absltest.TestCase):
     out = bench.bench_head_only(1, 1, feature_dim=64, token_dim=16, width=32,
                                 depth=1, mul=2, batch=4, sampling_steps='4')
     self.assertEqual(out['setting']['feature_dim'], 64)
-    for part in ('train', 'eval'):
+    for part in ('train', 'eval', 'eval_fast'):
       self.assertGreater(out[part]['images_per_sec'], 0.0)
       self.assertLessEqual(out[part]['min'], out[part]['max'])
+      self.assertGreater(out[part]['gflop_per_image'], 0.0)
+    # Training: the head's rows (2 copies x 4 images x 4 tokens) each cost
+    # at least three passes of its width-32 products.
+    self.assertGreater(out['train']['gflop_per_image'] * 1e9,
+                       3 * 2 * 4 * 2 * 5 * 32 * 32)
+    self.assertGreater(out['train']['xla_gflop_per_image'], 0.0)
+    # One posterior-mean call per branch against four ancestral steps.
+    self.assertAlmostEqual(out['eval_fast']['gflop_per_image'],
+                           out['eval']['gflop_per_image'] / 4, delta=
+                           0.05 * out['eval']['gflop_per_image'])
 
   def test_digits(self):
     out = bench.bench_digits(1, 1)
@@ -28,13 +158,49 @@ class BenchTest(absltest.TestCase):
                             batch=8, eval_batch=8, width=32, depth=1, mul=2,
                             sampling_steps='4')
     self.assertEqual(out['setting']['teacher'], 'resnet8')
-    for part in ('train', 'eval'):
+    for part in ('train', 'eval', 'eval_sampling', 'eval_fast'):
       self.assertGreater(out[part]['images_per_sec'], 0.0)
+    # posterior_mean: one network call per branch instead of four steps
+    # (the student's convolutions dominate at this size).
+    self.assertLess(out['eval_fast']['gflop_per_image'],
+                    out['eval_sampling']['gflop_per_image'])
+    # The trainer's evaluation also runs the teacher: more work.
+    self.assertGreater(out['eval']['gflop_per_image'],
+                       out['eval_sampling']['gflop_per_image'])
     pre = bench.bench_cifar(1, 1, teacher='resnet8', student='resnet8',
-                            batch=8, eval_batch=8, width=32, depth=1, mul=2,
+                            batch=8, eval_batch=0, width=32, depth=1, mul=2,
                             sampling_steps='4', precomputed=True)
     self.assertEqual(pre['setting']['teacher_source'], 'precomputed')
     self.assertGreater(pre['train']['images_per_sec'], 0.0)
+    # No teacher forward: less work per image.
+    self.assertLess(pre['train']['gflop_per_image'],
+                    out['train']['gflop_per_image'])
+
+
+class ReferenceTest(absltest.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    if not _has_reference():
+      self.skipTest(f'no copy of the authors\' code at {_REFERENCE} (set '
+                    'GENDD_REFERENCE)')
+
+  def test_head_only_small_with_reference(self):
+    from gendd_jax import bench_reference  # pylint: disable=g-import-not-at-top
+    ref = bench_reference.load(_REFERENCE)
+    self.assertGreaterEqual(bench_reference.set_threads(ref, 1), 1)
+    out = bench.bench_head_only(1, 1, feature_dim=64, token_dim=16, width=32,
+                                depth=1, mul=2, batch=4, sampling_steps='4',
+                                reference=ref)
+    theirs = out['reference']
+    for part in ('train', 'eval'):
+      self.assertGreater(theirs[part]['images_per_sec'], 0.0)
+      self.assertEqual(theirs[part]['flops_linearity_error'], 0.0)
+      # They embed the timestep and condition per row: more work than ours.
+      self.assertGreater(theirs[part]['gflop_per_image'],
+                         out[part]['gflop_per_image'])
+    self.assertEqual(set(bench.ratios(out, theirs)),
+                     {'train', 'eval', 'eval_fast'})
 
 
 if __name__ == '__main__':
