@@ -385,22 +385,49 @@ def p_sample_loop(s: Schedule,
   Returns:
     The samples `[..., C]` (and the trajectory if asked).
   """
+  if step_noise is None and key is None:
+    raise ValueError('p_sample_loop needs `key` or `step_noise`')
+
+  def update(out, x, t, noise):
+    return p_sample(s, out, x, t, noise, temperature, clip_x0)
+
+  return _scan_steps(s, model_fn, x_T, update, key=key,
+                     step_noise=step_noise, draws_noise=True,
+                     return_trajectory=return_trajectory)
+
+
+def _scan_steps(s: Schedule,
+                model_fn: Callable[[jax.Array, jax.Array], jax.Array],
+                x_T: jax.Array,
+                update: Callable[..., tuple[jax.Array, jax.Array]],
+                *,
+                key: jax.Array | None,
+                step_noise: jax.Array | None,
+                draws_noise: bool,
+                return_trajectory: bool):
+  """The scan shared by the iterative samplers.
+
+  Step k processes schedule index `T-1-k`: it calls the network at
+  `s.timestep_map[T-1-k]` and then `update(out, x, t, noise) ->
+  (x_new, pred_x0)`. With `draws_noise`, `noise` is `step_noise[k]` or
+  `normal(fold_in(key, k))`; otherwise None.
+  """
   num = s.num_steps
   steps = jnp.arange(num - 1, -1, -1, dtype=jnp.int32)
-  if step_noise is None:
-    if key is None:
-      raise ValueError('p_sample_loop needs `key` or `step_noise`')
-    xs = (steps, jnp.arange(num))
-  else:
-    xs = (steps, step_noise)
+  xs = (steps, jnp.arange(num) if step_noise is None else step_noise)
 
   def body(x, inp):
     i, extra = inp
-    noise = (jax.random.normal(jax.random.fold_in(key, extra), x.shape,
-                               x.dtype) if step_noise is None else extra)
+    if not draws_noise:
+      noise = None
+    elif step_noise is None:
+      noise = jax.random.normal(jax.random.fold_in(key, extra), x.shape,
+                                x.dtype)
+    else:
+      noise = extra
     out = model_fn(x, s.timestep_map[i])
     t = jnp.broadcast_to(i, x.shape[:-1])
-    x_new, pred_x0 = p_sample(s, out, x, t, noise, temperature, clip_x0)
+    x_new, pred_x0 = update(out, x, t, noise)
     return x_new, ((x, pred_x0) if return_trajectory else None)
 
   x_0, traj = jax.lax.scan(body, x_T, xs)
@@ -544,33 +571,17 @@ def ddim_sample_loop(s: Schedule,
   Returns:
     The samples `[..., C]` (and the trajectory if asked).
   """
-  num = s.num_steps
-  steps = jnp.arange(num - 1, -1, -1, dtype=jnp.int32)
   stochastic = not _is_static_zero(eta)
   if stochastic and step_noise is None and key is None:
     raise ValueError('ddim_sample_loop with eta != 0 needs `key` or '
                      '`step_noise`')
-  xs = (steps, jnp.arange(num) if step_noise is None else step_noise)
 
-  def body(x, inp):
-    i, extra = inp
-    if not stochastic:
-      noise = None
-    elif step_noise is None:
-      noise = jax.random.normal(jax.random.fold_in(key, extra), x.shape,
-                                x.dtype)
-    else:
-      noise = extra
-    out = model_fn(x, s.timestep_map[i])
-    t = jnp.broadcast_to(i, x.shape[:-1])
-    x_new, pred_x0 = ddim_step(s, out, x, t, noise, eta, temperature, clip_x0)
-    return x_new, ((x, pred_x0) if return_trajectory else None)
+  def update(out, x, t, noise):
+    return ddim_step(s, out, x, t, noise, eta, temperature, clip_x0)
 
-  x_0, traj = jax.lax.scan(body, x_T, xs)
-  if return_trajectory:
-    states = jnp.concatenate([traj[0], x_0[None]], 0)
-    return x_0, states, traj[1]
-  return x_0
+  return _scan_steps(s, model_fn, x_T, update, key=key,
+                     step_noise=step_noise, draws_noise=stochastic,
+                     return_trajectory=return_trajectory)
 
 
 def posterior_mean_sample(s: Schedule,

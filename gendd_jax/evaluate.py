@@ -84,8 +84,6 @@ class SamplerSpec(NamedTuple):
 
 def load(directory: str, config=None) -> Exported:
   """Rebuilds the exported model (`config` defaults to the stored one)."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  from flax import nnx  # pylint: disable=g-import-not-at-top
   from gendd_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   from gendd_jax import modeling  # pylint: disable=g-import-not-at-top
   from gendd_jax import export as export_lib  # pylint: disable=g-import-not-at-top
@@ -96,13 +94,8 @@ def load(directory: str, config=None) -> Exported:
     raise ckpt_lib.CheckpointError(
         f'{directory} is not an evaluation export (write one with python -m '
         'gendd_jax.export --workdir=<run> --out=<dir>)')
-  if config is None:
-    config = ml_collections.ConfigDict(meta['config'])
-  stage = meta['stage']
-  info = dict(num_classes=meta['num_classes'],
-              input_shape=tuple(meta['input_shape']))
-  module = nnx.eval_shape(lambda: modeling.create_model(config, info, stage))
-  graphdef, params, bs = nnx.split(module, nnx.Param, nnx.BatchStat)
+  config, stage, info, graphdef, params, bs = modeling.abstract_model(
+      meta, config)
   abstract = dict(model=dict(params=params, batch_stats=bs))
   d = None
   if stage in ('stage1', 'gendd', 'gendd_unsup'):

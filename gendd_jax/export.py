@@ -74,8 +74,6 @@ def export(workdir: str, out: str, step: int | None = None
            ) -> dict[str, Any]:
   """Writes the evaluation export of `workdir` to `out`; returns its meta."""
   import jax  # pylint: disable=g-import-not-at-top
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  from flax import nnx  # pylint: disable=g-import-not-at-top
   from gendd_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   from gendd_jax import modeling  # pylint: disable=g-import-not-at-top
   from gendd_jax import optim  # pylint: disable=g-import-not-at-top
@@ -98,12 +96,7 @@ def export(workdir: str, out: str, step: int | None = None
     raise ckpt_lib.CheckpointError(
         f'{workdir} was written by an older version (its checkpoint has no '
         'config); re-run training to export it')
-  config = ml_collections.ConfigDict(meta['config'])
-  stage = meta['stage']
-  info = dict(num_classes=meta['num_classes'],
-              input_shape=tuple(meta['input_shape']))
-  module = nnx.eval_shape(lambda: modeling.create_model(config, info, stage))
-  _, params, batch_stats = nnx.split(module, nnx.Param, nnx.BatchStat)
+  config, stage, info, _, params, batch_stats = modeling.abstract_model(meta)
   if kind == 'checkpoint':
     ospec = train.optim_spec(config, stage, 1)
     opt_state = jax.eval_shape(optim.create_optimizer(ospec).init, params)

@@ -61,6 +61,28 @@ def create_model(config, info, stage: str) -> nnx.Module:
   return model
 
 
+def abstract_model(meta: dict[str, Any],
+                   config: ml_collections.ConfigDict | None = None):
+  """The shapes of the model a checkpoint or export describes.
+
+  Args:
+    meta: its metadata (`config`, `stage`, `num_classes`, `input_shape`).
+    config: overrides the stored config.
+
+  Returns:
+    `(config, stage, info, graphdef, params, batch_stats)`, the last two
+    trees of `jax.ShapeDtypeStruct` (nothing is allocated).
+  """
+  if config is None:
+    config = ml_collections.ConfigDict(meta['config'])
+  stage = meta['stage']
+  info = dict(num_classes=meta['num_classes'],
+              input_shape=tuple(meta['input_shape']))
+  module = nnx.eval_shape(lambda: create_model(config, info, stage))
+  graphdef, params, batch_stats = nnx.split(module, nnx.Param, nnx.BatchStat)
+  return config, stage, info, graphdef, params, batch_stats
+
+
 def compute_dtypes(config) -> dict[str, str]:
   """`config.precision`'s compute dtype per role (float32 where unset),
   validated."""
