@@ -16,14 +16,13 @@ multiply-add as two operations and includes element-wise work.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 
 import jax
 import jax.numpy as jnp
-from jax.extend import core as jax_core
 from flax import nnx
 
+from gendd_jax import flops
 from gendd_jax import models
 
 
@@ -38,24 +37,7 @@ def default_classes(name: str) -> int:
 def count_macs(jaxpr) -> int:
   """Multiply-accumulates of all convolutions and dot products in `jaxpr`
   (nested jaxprs included)."""
-  total = 0
-  for eqn in jaxpr.eqns:
-    prim = eqn.primitive.name
-    if prim == 'dot_general':
-      (contract, _), _ = eqn.params['dimension_numbers']
-      lhs = eqn.invars[0].aval.shape
-      k = math.prod(lhs[d] for d in contract)
-      total += math.prod(eqn.outvars[0].aval.shape) * k
-    elif prim == 'conv_general_dilated':
-      rhs = eqn.invars[1].aval.shape
-      out_dim = eqn.params['dimension_numbers'].rhs_spec[0]
-      per_output = math.prod(rhs) // rhs[out_dim]
-      total += math.prod(eqn.outvars[0].aval.shape) * per_output
-  # Nested programs (pjit, remat, custom derivatives) count once each: the
-  # backbones have no loops.
-  for sub in jax_core.subjaxprs(jaxpr):
-    total += count_macs(sub)
-  return total
+  return flops.matmul_flops(jaxpr) // 2
 
 
 def summarise(name: str, num_classes: int | None = None,
