@@ -108,6 +108,26 @@ def _adamw(ref, model, lr: float, b2: float, weight_decay: float):
       lr=lr, betas=(0.9, b2))
 
 
+def _parts(torch, model, opt, loss_fn: Callable, eval_input
+           ) -> dict[str, Callable]:
+  """`{train, eval}`: one optimiser step on `loss_fn()` with the model in
+  training mode; one evaluation forward of `eval_input` without gradients."""
+
+  def train_once():
+    model.train()
+    loss = loss_fn()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+  def eval_once():
+    model.eval()
+    with torch.no_grad(), _cpu_cuda(torch):
+      model(eval_input)
+
+  return dict(train=train_once, eval=eval_once)
+
+
 # ---------------------------------------------------------------------------
 # Settings.
 # ---------------------------------------------------------------------------
@@ -145,19 +165,10 @@ def head_only_parts(ref, batch: int, *, feature_dim=2048, token_dim=64,
   feat_s = torch.randn(batch, feature_dim)
   feat_t = torch.randn(batch, feature_dim)
 
-  def train_once():
-    model.train()
-    loss, _ = model(feat_s, target_feature=feat_t)
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
+  def loss_fn():
+    return model(feat_s, target_feature=feat_t)[0]
 
-  def eval_once():
-    model.eval()
-    with torch.no_grad(), _cpu_cuda(torch):
-      model(feat_s)
-
-  return dict(train=train_once, eval=eval_once)
+  return _parts(torch, model, opt, loss_fn, feat_s)
 
 
 def cifar_parts(ref, batch: int, *, teacher='resnet32x4',
@@ -181,23 +192,14 @@ def cifar_parts(ref, batch: int, *, teacher='resnet32x4',
   images = torch.randn(batch, 3, 32, 32)
   labels = torch.randint(0, num_classes, (batch,))
 
-  def train_once():
-    model.train()
+  def loss_fn():
     net_t.eval()
     with torch.no_grad():
       feats_t, _ = net_t(images, is_feat=True, preact=False)
     diff_loss, logits = model(images, y=labels, target_feature=feats_t[-1])
-    loss = diff_loss + ce(logits, labels)
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
+    return diff_loss + ce(logits, labels)
 
-  def eval_once():
-    model.eval()
-    with torch.no_grad(), _cpu_cuda(torch):
-      model(images)
-
-  return dict(train=train_once, eval=eval_once)
+  return _parts(torch, model, opt, loss_fn, images)
 
 
 # ---------------------------------------------------------------------------
