@@ -123,28 +123,33 @@ def sampler_spec(config, sampler=None, steps=None, cfg_scale=None,
   `clip_x0` is 'none', 'data' (the training targets' range, `clip_bound`,
   stored in the export) or a number.
   """
+  from gendd_jax import gendd  # pylint: disable=g-import-not-at-top
   s = config.sampler
   pick = lambda v, d: d if v is None else v  # noqa: E731
-  clip = str(pick(clip_x0, s.get('clip_x0', 'none')))
-  if clip in ('none', ''):
-    bound = None
-  elif clip == 'data':
+  bound = gendd.parse_clip_x0(pick(clip_x0, s.get('clip_x0', 'none')))
+  if bound == 'data':
     if clip_bound is None:
       raise ValueError("clip_x0='data' needs the export's clip_bound (this "
                        'export has none)')
     bound = float(clip_bound)
-  else:
-    try:
-      bound = float(clip)
-    except ValueError:
-      raise ValueError(f"clip_x0 must be 'none', 'data' or a number, got "
-                       f'{clip!r}') from None
   return SamplerSpec(pick(sampler, s.get('eval_kind',
                                          s.get('kind', 'ancestral'))),
                      str(pick(steps, s.get('eval_steps', s.steps))),
                      float(pick(cfg_scale, s.cfg_scale)),
                      float(pick(temperature, s.temperature)),
                      int(pick(num_sampling, s.num_sampling)), bound)
+
+
+def _sampling(g, spec: SamplerSpec):
+  """`(schedule, gendd.SampleSettings)` of `spec` for the head settings `g`
+  (`config.gendd` or a dict of it)."""
+  from gendd_jax import gendd  # pylint: disable=g-import-not-at-top
+  sched = gendd.sampling_schedule(g['noise_schedule'], g['diffusion_steps'],
+                                  spec.steps, spec.sampler)
+  settings = gendd.SampleSettings(int(g['token_dim']), spec.num_sampling,
+                                  spec.cfg_scale, spec.temperature,
+                                  spec.clip_x0, sampler=spec.sampler)
+  return sched, settings
 
 
 @functools.lru_cache(maxsize=None)
@@ -155,14 +160,8 @@ def _logits_fn(ex_key, mode: str, spec: SamplerSpec | None):
   from gendd_jax import gendd  # pylint: disable=g-import-not-at-top
   from gendd_jax import precision  # pylint: disable=g-import-not-at-top
   stage, graphdef, g = ex_key
-  sched = None
   if mode == 'sample':
-    sched = gendd.sampling_schedule(g['noise_schedule'],
-                                    g['diffusion_steps'], spec.steps,
-                                    spec.sampler)
-    settings = gendd.SampleSettings(
-        g['token_dim'], spec.num_sampling, spec.cfg_scale, spec.temperature,
-        spec.clip_x0, sampler=spec.sampler)
+    sched, settings = _sampling(g, spec)
 
   def fn(variables, classifier, stats, image, key):
     model = nnx.merge(graphdef, variables['params'],
@@ -252,12 +251,7 @@ def sample_features(ex: Exported, images, spec: SamplerSpec, seed: int = 0):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from gendd_jax import gendd  # pylint: disable=g-import-not-at-top
-  g = ex.config.gendd
-  sched = gendd.sampling_schedule(g.noise_schedule, g.diffusion_steps,
-                                  spec.steps, spec.sampler)
-  settings = gendd.SampleSettings(int(g.token_dim), spec.num_sampling,
-                                  spec.cfg_scale, spec.temperature,
-                                  spec.clip_x0, sampler=spec.sampler)
+  sched, settings = _sampling(ex.config.gendd, spec)
 
   @jax.jit
   def fn(variables, stats, image):

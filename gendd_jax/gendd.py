@@ -160,6 +160,25 @@ class SampleSettings(NamedTuple):
   sampler: str = 'ancestral'
 
 
+def parse_clip_x0(value: Any) -> float | str | None:
+  """A `clip_x0` setting: None for 'none' (or ''), 'data' (the training
+  targets' range, known only once data is seen) or a number.
+
+  Raises:
+    ValueError: anything else.
+  """
+  text = str(value)
+  if text in ('none', ''):
+    return None
+  if text == 'data':
+    return 'data'
+  try:
+    return float(text)
+  except ValueError:
+    raise ValueError(f"clip_x0 must be 'none', 'data' or a number, got "
+                     f'{value!r}') from None
+
+
 def sampling_schedule(noise_schedule: str, diffusion_steps: int,
                       steps: str, sampler: str = 'ancestral'
                       ) -> diffusion.Schedule:

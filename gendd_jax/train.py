@@ -376,13 +376,10 @@ def make_spec(config, stage, graphdef, teacher_graphdef, ospec, mesh
     if smp.get('kind', 'ancestral') not in diffusion.SAMPLERS:
       raise ConfigError(f'sampler.kind={smp.kind!r}; expected one of '
                         f'{", ".join(diffusion.SAMPLERS)}')
-    clip = None
-    if smp.clip_x0 not in ('none', '', 'data'):
-      try:
-        clip = float(smp.clip_x0)
-      except ValueError:
-        raise ConfigError(f"sampler.clip_x0 must be 'none', 'data' or a "
-                          f'number, got {smp.clip_x0!r}') from None
+    try:
+      clip = gendd.parse_clip_x0(smp.clip_x0)
+    except ValueError as e:
+      raise ConfigError(f'sampler.{e}') from None
     kw = dict(
         smooth=0.0 if stage == 'gendd_unsup' else float(g.smooth),
         beta=float(g.beta),
@@ -390,13 +387,13 @@ def make_spec(config, stage, graphdef, teacher_graphdef, ospec, mesh
                                 float(g.cond_drop_prob), bool(g.use_vb)),
         sample=gendd.SampleSettings(g.token_dim, smp.num_sampling,
                                     float(smp.cfg_scale),
-                                    float(smp.temperature), clip,
+                                    float(smp.temperature),
+                                    None if clip == 'data' else clip,
                                     sampler=smp.get('kind', 'ancestral')),
         noise_schedule=g.noise_schedule, diffusion_steps=g.diffusion_steps,
         sampling_steps=str(smp.steps),
-        clip_to_data=smp.clip_x0 == 'data',
-        also_clipped=bool(smp.also_eval_clipped) and smp.clip_x0 in ('none',
-                                                                    ''))
+        clip_to_data=clip == 'data',
+        also_clipped=bool(smp.also_eval_clipped) and clip is None)
   return StepSpec(stage=stage, graphdef=graphdef,
                   teacher_graphdef=teacher_graphdef, optim=ospec,
                   seed=config.seed, mesh=mesh,

@@ -30,7 +30,8 @@ def _schedule(spacing):
 
 
 @functools.lru_cache(maxsize=None)
-def _head(token_dim=4, cond_dim=6, width=16, depth=1, num_tokens=4, seed=0):
+def _head(token_dim=4, cond_dim=6, width=16, depth=1, num_tokens=4, seed=0,
+          *, freq_dim=32, remat=False, scale=0.2):
   """A tiny head with random weights everywhere (never mutated: cached).
 
   The adaLN and output layers are zero-initialised (the head would output 0
@@ -38,12 +39,12 @@ def _head(token_dim=4, cond_dim=6, width=16, depth=1, num_tokens=4, seed=0):
   come from numpy, so building the head compiles nothing.
   """
   abstract = nnx.eval_shape(lambda: denoiser.DenoiserMLP(
-      token_dim, cond_dim, width, depth, num_tokens, freq_dim=32,
-      rngs=nnx.Rngs(0)))
+      token_dim, cond_dim, width, depth, num_tokens, freq_dim=freq_dim,
+      remat=remat, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
   rng = np.random.default_rng(seed)
   state = jax.tree.map(
-      lambda x: jnp.asarray(0.2 * rng.standard_normal(x.shape), x.dtype),
+      lambda x: jnp.asarray(scale * rng.standard_normal(x.shape), x.dtype),
       state)
   return nnx.merge(graphdef, state)
 
@@ -469,6 +470,18 @@ class ClassificationLossTest(parameterized.TestCase):
     scaled = gendd.distill_kl(jnp.asarray(s / temperature, jnp.float32),
                               jnp.asarray(t / temperature, jnp.float32), 1.0)
     np.testing.assert_allclose(got, temperature ** 2 * scaled, rtol=1e-5)
+
+
+class ParseClipTest(absltest.TestCase):
+
+  def test_settings(self):
+    self.assertIsNone(gendd.parse_clip_x0('none'))
+    self.assertIsNone(gendd.parse_clip_x0(''))
+    self.assertEqual(gendd.parse_clip_x0('data'), 'data')
+    self.assertEqual(gendd.parse_clip_x0('2.5'), 2.5)
+    self.assertEqual(gendd.parse_clip_x0(3), 3.0)
+    with self.assertRaisesRegex(ValueError, "'none', 'data' or a number"):
+      gendd.parse_clip_x0('sometimes')
 
 
 if __name__ == '__main__':

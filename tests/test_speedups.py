@@ -18,7 +18,7 @@ import numpy as np
 
 from gendd_jax import diffusion
 from gendd_jax import gendd
-from gendd_jax.models import denoiser
+import test_gendd
 
 _C, _DZ, _W, _K = 4, 6, 16, 3
 
@@ -26,14 +26,8 @@ _C, _DZ, _W, _K = 4, 6, 16, 3
 def _head(depth=2, remat=False, seed=0):
   """A tiny head with random values in every parameter (the adaLN and
   output layers start at zero, which would hide their inputs)."""
-  abstract = nnx.eval_shape(lambda: denoiser.DenoiserMLP(
-      _C, _DZ, _W, depth, _K, freq_dim=16, remat=remat, rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(abstract)
-  rng = np.random.default_rng(seed)
-  state = jax.tree.map(
-      lambda x: jnp.asarray(0.3 * rng.standard_normal(x.shape), x.dtype),
-      state)
-  return nnx.merge(graphdef, state)
+  return test_gendd._head(_C, _DZ, _W, depth, _K, seed, freq_dim=16,
+                          remat=remat, scale=0.3)
 
 
 def _rowwise(head, x, t_net, c, token_idx):
