@@ -37,6 +37,7 @@ import numpy as np
 from PIL import Image
 from PIL import ImageEnhance
 from PIL import ImageOps
+from gendd_jax.errors import CorruptImageError
 
 # ImageNet statistics (torchvision's `Normalize` in the reference scripts).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -65,10 +66,6 @@ _RESAMPLE = {'nearest': Image.Resampling.NEAREST,
 # (top, left, height, width) of a crop.
 Box = tuple[int, int, int, int]
 Transform = Callable[[np.ndarray, np.random.Generator], np.ndarray]
-
-
-class CorruptImageError(ValueError):
-  """Encoded image bytes that cannot be decoded (the pipeline skips them)."""
 
 
 # ---------------------------------------------------------------- decoding

@@ -69,6 +69,7 @@ from PIL import Image
 
 from gendd_jax.augment import CorruptImageError
 from gendd_jax.data import DataError
+from gendd_jax.errors import BuildError
 
 KINDS = ('folder', 'imagenet_lt', 'unlabeled', 'npz')
 BUILDER_NAMES = {'folder': 'gendd_image_folder',
@@ -91,10 +92,6 @@ KEPT = 20  # How many skipped paths the metadata keeps per split.
 _NAME_RE = re.compile(r'[A-Za-z0-9_][A-Za-z0-9_.-]*', re.ASCII)
 _WNID_RE = re.compile(r'n\d{8}')
 _OBJECT_REPR_RE = re.compile(r'\s*<[^<>]* at 0x[0-9a-fA-F]+>')
-
-
-class BuildError(DataError):
-  """A dataset cannot be built from the given source (one-line message)."""
 
 
 # ---------------------------------------------------------------------------

@@ -17,10 +17,7 @@ from etils import epath
 import grain
 import jax
 import orbax.checkpoint as ocp
-
-
-class CheckpointError(RuntimeError):
-  """A checkpoint is missing, unreadable or does not fit the model."""
+from gendd_jax.errors import CheckpointError
 
 
 # Paths may be local or remote (`gs://...`): everything goes through epath.

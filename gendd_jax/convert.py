@@ -27,10 +27,7 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 from flax import nnx
-
-class ConversionError(ValueError):
-  """A state dict does not fit the target model."""
-
+from gendd_jax.errors import ConversionError
 
 def load_torch_denoiser(model: nnx.Module, state_dict: Mapping[str, Any]
                         ) -> None:

@@ -15,6 +15,7 @@ import os
 from typing import Any, Callable, Iterator
 
 import numpy as np
+from gendd_jax.errors import DataError
 
 AVAILABLE = ('digits', 'digits32', 'cifar10', 'cifar100')
 AUGMENTATIONS = ('none', 'cifar')
@@ -24,10 +25,6 @@ CIFAR_MEAN = {'cifar10': (0.4914, 0.4822, 0.4465),
               'cifar100': (0.5071, 0.4867, 0.4408)}
 CIFAR_STD = {'cifar10': (0.2470, 0.2435, 0.2616),
              'cifar100': (0.2675, 0.2565, 0.2761)}
-
-
-class DataError(ValueError):
-  """A dataset cannot be built from the given settings."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import grain
 import numpy as np
+from gendd_jax.errors import PipelineError
 
 Example = dict[str, Any]
 # (raw record, rng) -> example dict, or None to skip the record.
@@ -33,10 +34,6 @@ ExampleFn = Callable[[Mapping[str, Any], np.random.Generator],
                      'Example | None']
 # (batch dict, rng) -> batch dict.
 BatchFn = Callable[[Example, np.random.Generator], Example]
-
-
-class PipelineError(ValueError):
-  """The pipeline cannot be built from the given settings."""
 
 
 @dataclasses.dataclass(frozen=True)

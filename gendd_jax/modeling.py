@@ -16,10 +16,7 @@ from flax import nnx
 from gendd_jax import models
 from gendd_jax import precision
 from gendd_jax.models import distill
-
-
-class ConfigError(ValueError):
-  """The configuration is inconsistent."""
+from gendd_jax.errors import ConfigError
 
 
 def create_backbone(cfg: ml_collections.ConfigDict, info, seed: int):

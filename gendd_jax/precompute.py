@@ -35,13 +35,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from gendd_jax import data as data_lib
+from gendd_jax.errors import PrecomputeError
 
 FEATURES_NAME = 'gendd_teacher_features'
 _TEMPLATE = '{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}'
-
-
-class PrecomputeError(data_lib.DataError):
-  """Features cannot be precomputed or read with the given settings."""
 
 
 # ---------------------------------------------------------------------------

@@ -45,7 +45,9 @@ from gendd_jax import models
 from gendd_jax import optim
 from gendd_jax import precision
 from gendd_jax import sharding
-from gendd_jax.modeling import ConfigError
+from gendd_jax.errors import ConfigError
+from gendd_jax.errors import NonFiniteError
+from gendd_jax.errors import Preempted
 from gendd_jax.modeling import compute_dtypes
 from gendd_jax.modeling import create_backbone
 from gendd_jax.modeling import create_model
@@ -777,14 +779,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     ckpt_lib.write_text(os.path.join(workdir, 'results.json'),
                         json.dumps(results))
   return results
-
-
-class NonFiniteError(FloatingPointError):
-  """A training step produced a non-finite loss or gradient."""
-
-
-class Preempted(Exception):  # noqa: N818 (a signal, not an error)
-  """SIGTERM arrived; a checkpoint was saved and the run should exit 0."""
 
 
 class _PreemptionWatch:

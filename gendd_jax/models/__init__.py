@@ -25,10 +25,7 @@ from gendd_jax.models.denoiser import DenoiserMLP
 from gendd_jax.models.mlp import MLPClassifier
 from gendd_jax.models.mlp import classifier_weight
 from gendd_jax.models.resnet import ResNet
-
-
-class ModelError(ValueError):
-  """A model cannot be built from the given settings."""
+from gendd_jax.errors import ModelError
 
 
 def _registry() -> dict[str, Callable[..., nnx.Module]]:
