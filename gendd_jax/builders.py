@@ -68,7 +68,6 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from gendd_jax.augment import CorruptImageError
-from gendd_jax.data import DataError
 from gendd_jax.errors import BuildError
 
 KINDS = ('folder', 'imagenet_lt', 'unlabeled', 'npz')

@@ -263,6 +263,21 @@ def sample_features(head: Any, schedule: diffusion.Schedule, key: jax.Array,
   return jnp.mean(merge_tokens(tokens), axis=0)
 
 
+def sampled_logits(head: Any, schedule: diffusion.Schedule, key: jax.Array,
+                   z: jax.Array, settings: SampleSettings, w_cls: jax.Array,
+                   b_cls: jax.Array, target_stats: dict[str, jax.Array] | None
+                   = None) -> tuple[jax.Array, jax.Array]:
+  """Sample -> de-standardise -> classify with the teacher's classifier.
+
+  Returns:
+    `(logits [B, N], feature [B, D])`, the feature in teacher space.
+  """
+  feat = sample_features(head, schedule, key, z, settings)
+  if target_stats is not None:
+    feat = feat * target_stats['std'] + target_stats['mean']
+  return feat @ w_cls.T + b_cls, feat
+
+
 # ---------------------------------------------------------------------------
 # Classification losses shared by the baselines.
 # ---------------------------------------------------------------------------

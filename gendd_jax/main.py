@@ -16,7 +16,14 @@ import sys
 from absl import app
 from absl import flags
 from absl import logging
+import jax
 from ml_collections import config_flags
+
+from gendd_jax import errors
+from gendd_jax import pipeline
+from gendd_jax import reporting
+from gendd_jax import train
+from gendd_jax.errors import fail
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Path to a configuration file (optionally `file.py:arg`).',
@@ -36,12 +43,6 @@ _NUM_PROCESSES = flags.DEFINE_integer(
     'num_processes', None, 'Total number of processes (one per host).')
 _PROCESS_ID = flags.DEFINE_integer(
     'process_id', None, 'This process\'s index in [0, num_processes).')
-
-
-def fail(message: str) -> None:
-  """Prints one `error:` line and exits with status 2."""
-  print(f'error: {message}', file=sys.stderr, flush=True)
-  sys.exit(2)
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -75,8 +76,6 @@ def config_and_workdir(argv: list[str]):
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # Keep library INFO logs out.
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-  # Imported after flag parsing: JAX must see XLA_FLAGS etc. first.
-  import jax  # pylint: disable=g-import-not-at-top
   if _DISTRIBUTED.value:
     try:
       jax.distributed.initialize(
@@ -98,25 +97,20 @@ def config_and_workdir(argv: list[str]):
 
 def main(argv: list[str]) -> None:
   config, workdir = config_and_workdir(argv)
-  from gendd_jax import errors  # pylint: disable=g-import-not-at-top
-  from gendd_jax import pipeline  # pylint: disable=g-import-not-at-top
-  from gendd_jax import train  # pylint: disable=g-import-not-at-top
   try:
     if config.stage == 'pipeline':
       pipeline.run(config, workdir)
     else:
       res = train.train_and_evaluate(config, workdir)
-      accs = ', '.join(f'{k} {v:.2f}%' for k, v in res['accuracy'].items())
-      print(f'{config.stage}: {accs} (results in {workdir}/results.json)',
-            flush=True)
-  except train.Preempted as e:  # SIGTERM: checkpoint saved, exit cleanly.
+      print(f'{config.stage}: {reporting.accuracies(res["accuracy"])} '
+            f'(results in {workdir}/results.json)', flush=True)
+  except errors.Preempted as e:  # SIGTERM: checkpoint saved, exit cleanly.
     print(str(e), flush=True)
     sys.exit(0)
   except errors.USER_ERRORS as e:
     fail(str(e))
-  except train.NonFiniteError as e:
-    print(f'error: {e}', file=sys.stderr, flush=True)
-    sys.exit(3)
+  except errors.NonFiniteError as e:
+    fail(str(e), status=3)
 
 
 if __name__ == '__main__':

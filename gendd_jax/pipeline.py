@@ -33,7 +33,10 @@ import jax
 import numpy as np
 
 from gendd_jax import checkpoint as ckpt_lib
+from gendd_jax import reliability
+from gendd_jax import stages as stages_lib
 from gendd_jax import train
+from gendd_jax.errors import ConfigError
 
 # Table rows: (key, label, stage, prediction name).
 METHODS = (
@@ -64,12 +67,17 @@ def stage_config(config, stage: str, seed: int, fold: int, unit_dir: str):
     c.stage = stage
     c.seed = int(seed)
     c.data.fold = int(fold)
-    if stage in train.NEEDS_TEACHER:
+    if stages_lib.get(stage).needs_teacher:
       c.teacher.checkpoint = os.path.join(unit_dir, 'teacher', 'export')
     c.student.init_from = ''
-    if stage == 'gendd' and 'stage1' in config.pipeline.stages:
-      c.student.init_from = os.path.join(unit_dir, 'stage1', 'export')
+    src = stages_lib.get(stage).warm_start
+    if src and src in config.pipeline.stages:
+      c.student.init_from = os.path.join(unit_dir, src, 'export')
   return c
+
+
+def _distils(stages: tuple[str, ...]) -> bool:
+  return any(stages_lib.get(s).needs_teacher for s in stages)
 
 
 def run(config, workdir: str) -> dict[str, Any]:
@@ -78,7 +86,7 @@ def run(config, workdir: str) -> dict[str, Any]:
   if protocol == 'sequence':
     return run_sequence(config, workdir)
   if protocol != 'kfold':
-    raise train.ConfigError(f"pipeline.protocol={protocol!r}; expected "
+    raise ConfigError(f"pipeline.protocol={protocol!r}; expected "
                             "'sequence' or 'kfold'")
   return run_kfold(config, workdir)
 
@@ -89,11 +97,12 @@ def sequence_stage_config(config, stage: str, workdir: str):
   c = copy.deepcopy(config)
   with c.unlocked():
     c.stage = stage
-    if stage in train.NEEDS_TEACHER and 'teacher' in stages:
+    record = stages_lib.get(stage)
+    if record.needs_teacher and 'teacher' in stages:
       c.teacher.checkpoint = os.path.join(workdir, 'teacher', 'export')
-    if (stage in ('gendd', 'gendd_unsup') and 'stage1' in stages and
-        stages.index('stage1') < stages.index(stage)):
-      c.student.init_from = os.path.join(workdir, 'stage1', 'export')
+    src = record.warm_start
+    if src in stages and stages.index(src) < stages.index(stage):
+      c.student.init_from = os.path.join(workdir, src, 'export')
   return c
 
 
@@ -101,21 +110,21 @@ def run_sequence(config, workdir: str) -> dict[str, Any]:
   """Runs `config.pipeline.stages` in order; writes `results.json`."""
   stages = tuple(config.pipeline.stages)
   if not stages:
-    raise train.ConfigError('pipeline.stages is empty')
+    raise ConfigError('pipeline.stages is empty')
   for s in stages:
-    if s not in train.STAGES:
-      raise train.ConfigError(f'unknown stage {s!r} in pipeline.stages; '
-                              f'expected some of {", ".join(train.STAGES)}')
+    if s not in stages_lib.STAGES:
+      raise ConfigError(f'unknown stage {s!r} in pipeline.stages; '
+                        f'expected some of {", ".join(stages_lib.STAGES)}')
     if s not in config.stages:
-      raise train.ConfigError(f'pipeline stage {s!r} has no optimiser '
-                              f'settings (config.stages.{s})')
-  if (any(s in train.NEEDS_TEACHER for s in stages) and
-      'teacher' not in stages and not config.teacher.checkpoint):
-    raise train.ConfigError(
+      raise ConfigError(f'pipeline stage {s!r} has no optimiser '
+                        f'settings (config.stages.{s})')
+  if (_distils(stages) and 'teacher' not in stages and
+      not config.teacher.checkpoint):
+    raise ConfigError(
         'this run distils from a teacher: set --config.teacher.checkpoint='
         '<export dir> (python -m gendd_jax.convert makes one from a PyTorch '
         'checkpoint)')
-  train.check_workdir(workdir)
+  reliability.check_workdir(workdir)
   t_start = time.time()
   summary = {}
   for i, stage in enumerate(stages):
@@ -145,12 +154,12 @@ def run_kfold(config, workdir: str) -> dict[str, Any]:
   """Runs the k-fold protocol and writes `results.json` and `results.md`."""
   stages = tuple(config.pipeline.stages)
   for s in stages:
-    if s not in train.STAGES:
-      raise train.ConfigError(f'unknown stage {s!r} in pipeline.stages')
-  if any(s in train.NEEDS_TEACHER for s in stages) and 'teacher' not in stages:
-    raise train.ConfigError("pipeline.stages needs 'teacher' before the "
-                            'stages that distil from it')
-  train.check_workdir(workdir)
+    if s not in stages_lib.STAGES:
+      raise ConfigError(f'unknown stage {s!r} in pipeline.stages')
+  if _distils(stages) and 'teacher' not in stages:
+    raise ConfigError("pipeline.stages needs 'teacher' before the "
+                      'stages that distil from it')
+  reliability.check_workdir(workdir)
   seeds = tuple(int(s) for s in config.pipeline.seeds)
   folds = int(config.data.num_folds)
   total = len(seeds) * folds * len(stages)

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gendd_jax.errors import ConfigError
+
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16,
           'float16': jnp.float16}
 
@@ -53,3 +55,17 @@ def to_float32(tree: Any) -> Any:
       return x
     return jnp.asarray(x, jnp.float32)
   return jax.tree.map(cast, tree)
+
+
+def compute_dtypes(config) -> dict[str, str]:
+  """`config.precision`'s compute dtype per role (float32 where unset),
+  validated."""
+  p = config.get('precision') or {}  # No block: float32 everywhere.
+  out = {role: p.get(role, 'float32') for role in ('student', 'teacher',
+                                                    'head')}
+  for role, name in out.items():
+    try:
+      compute_dtype(name)
+    except ValueError as e:
+      raise ConfigError(f'precision.{role}: {e}') from None
+  return out

@@ -12,6 +12,7 @@ import tensorflow_datasets as tfds
 from gendd_jax import config_lib
 from gendd_jax import data
 from gendd_jax import train
+from gendd_jax import settings
 
 
 class AugmentTest(absltest.TestCase):
@@ -95,7 +96,7 @@ class TeacherConfigTest(absltest.TestCase):
     self.assertFalse(t.nesterov)
     self.assertEqual(config_lib.cifar100('shufflev2').stages.teacher.lr,
                      0.01)
-    spec = train.optim_spec(c, 'teacher', steps_per_epoch=781)
+    spec = settings.optim_spec(c, 'teacher', steps_per_epoch=781)
     self.assertEqual(spec.boundaries, (150 * 781, 180 * 781, 210 * 781))
     self.assertEqual(spec.total_steps, 240 * 781)
 

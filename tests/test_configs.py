@@ -27,10 +27,11 @@ from PIL import Image
 from gendd_jax import builders
 from gendd_jax import checkpoint as ckpt_lib
 from gendd_jax import config_lib
-from gendd_jax import modeling
 from gendd_jax import pipeline
 from gendd_jax import precision
 from gendd_jax import train
+from gendd_jax import settings
+from gendd_jax import stages
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _CONFIGS = os.path.join(_ROOT, 'configs')
@@ -142,7 +143,7 @@ def random_teacher(model: str, settings: tuple, num_classes: int,
   """An export of a randomly initialised teacher; returns its directory."""
   block = config_lib.teacher_block(model, **dict(settings))
   info = dict(num_classes=num_classes, input_shape=input_shape)
-  net = train.create_backbone(block, info, 0)
+  net = stages.create_backbone(block, info, 0)
   _, params, bs = nnx.split(net, nnx.Param, nnx.BatchStat)
   out = os.path.join(_TMP.name, 'teachers', f'{model}_{num_classes}')
   ckpt_lib.save_export(out, dict(params=params, batch_stats=bs),
@@ -176,22 +177,22 @@ class _TwoSteps(absltest.TestCase):
     c = shrink(config)
     if c.stage == 'pipeline' and c.pipeline.protocol == 'kfold':
       c.pipeline.stages = ('teacher', 'gendd')
-    stages = (tuple(c.pipeline.stages) if c.stage == 'pipeline'
-              else (c.stage,))
-    if any(s in train.NEEDS_TEACHER for s in stages) and \
-        'teacher' not in stages:
-      settings = tuple(sorted(
+    names = (tuple(c.pipeline.stages) if c.stage == 'pipeline'
+             else (c.stage,))
+    if any(stages.get(s).needs_teacher for s in names) and \
+        'teacher' not in names:
+      teacher_args = tuple(sorted(
           (k, v) for k, v in c.teacher.items()
           if k not in ('model', 'checkpoint', 'source', 'features',
                        'init_from')))
-      c.teacher.checkpoint = random_teacher(c.teacher.model, settings,
+      c.teacher.checkpoint = random_teacher(c.teacher.model, teacher_args,
                                             _CLASSES, (32, 32, 3))
     workdir = os.path.join(_TMP.name, 'runs', f'{stem}_{variant}')
     if c.stage == 'pipeline':
       out = pipeline.run(c, workdir)
       if c.pipeline.protocol == 'sequence':
-        self.assertEqual(tuple(out['stages']), stages)
-        for stage in stages:
+        self.assertEqual(tuple(out['stages']), names)
+        for stage in names:
           self.assertEqual(out['stages'][stage]['steps'], 2)
       else:
         self.assertIn('gendd', out['methods'])
@@ -246,12 +247,12 @@ class BuildsTest(parameterized.TestCase):
     info = dict(num_classes=100, input_shape=(32, 32, 3))
     x = jax.ShapeDtypeStruct((2, 32, 32, 3), 'float32')
     feat_t = jax.eval_shape(
-        lambda x: modeling.create_backbone(c.teacher, info, 0)(x)[0], x)
+        lambda x: stages.create_backbone(c.teacher, info, 0)(x)[0], x)
     self.assertEqual(feat_t.shape,
-                     (2, modeling.teacher_feature_dim(c, info)))
+                     (2, stages.teacher_feature_dim(c, info)))
     for stage in c.pipeline.stages:
       def forward(x, stage=stage):
-        model = modeling.create_model(c, info, stage)
+        model = stages.get(stage).create_model(c, info)
         return (model.student(x) if stage == 'gendd' else model.backbone(x))[0]
       feat_s = jax.eval_shape(forward, x)
       self.assertEqual(feat_s.shape[0], 2)
@@ -285,14 +286,14 @@ class ScheduleMathTest(parameterized.TestCase):
     n = config_lib.TRAIN_EXAMPLES[dataset]
     spe = n // c.data.batch_size  # Whole batches per epoch.
     stage2 = [s for s in c.pipeline.stages if s != 'stage1'][0]
-    ospec = train.optim_spec(c, stage2, spe)
+    ospec = settings.optim_spec(c, stage2, spe)
     per_device = c.data.batch_size // devices // accum
     self.assertEqual((spe, ospec.total_steps, ospec.warmup_steps,
                       per_device), expected)
     # Effective batch per optimizer update is the configured global batch.
     self.assertEqual(per_device * devices * accum, c.data.batch_size)
     if 'stage1' in c.pipeline.stages:
-      s1 = train.optim_spec(c, 'stage1', spe)
+      s1 = settings.optim_spec(c, 'stage1', spe)
       self.assertEqual(s1.total_steps, int(c.stages.stage1.epochs) * spe)
       self.assertEqual(s1.lr, c.stages.stage1.lr)
 

@@ -22,7 +22,8 @@ import torch
 from gendd_jax import convert
 from gendd_jax import models
 from gendd_jax import sharding
-from gendd_jax import train
+from gendd_jax import teacher as teacher_lib
+from gendd_jax import errors
 
 _SHAPE = (32, 32, 3)
 
@@ -68,9 +69,10 @@ class ConvertCommandTest(absltest.TestCase):
 
   def _check_export(self, out, source):
     info = dict(num_classes=10, input_shape=_SHAPE)
-    graphdef, tree = train.load_teacher(self._teacher_config(out), info,
-                                        sharding.create_mesh(1))
-    loaded = nnx.merge(graphdef, tree['params'], tree['batch_stats'])
+    t = teacher_lib.load(self._teacher_config(out), info,
+                         sharding.create_mesh(1))
+    loaded = nnx.merge(t.graphdef, t.variables['params'],
+                       t.variables['batch_stats'])
     f0, l0 = source(self.x)
     f1, l1 = loaded(self.x)
     np.testing.assert_array_equal(np.asarray(l0), np.asarray(l1))
@@ -107,10 +109,10 @@ class ConvertCommandTest(absltest.TestCase):
     self.assertEqual(_run(['--arch', 'resnet18', '--checkpoint', path,
                            '--out', out, '--image_size', '32'])[0], 0)
     info = dict(num_classes=10, input_shape=_SHAPE)
-    with self.assertRaisesRegex(train.ConfigError,
+    with self.assertRaisesRegex(errors.ConfigError,
                                 "is a 'resnet18'.*'resnet34'"):
-      train.load_teacher(self._teacher_config(out, 'resnet34'), info,
-                         sharding.create_mesh(1))
+      teacher_lib.load(self._teacher_config(out, 'resnet34'), info,
+                       sharding.create_mesh(1))
 
   def test_bad_inputs_give_one_clear_error(self):
     good = os.path.join(self.tmp, 'r18.safetensors')

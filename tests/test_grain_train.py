@@ -18,6 +18,7 @@ from gendd_jax import config_lib
 from gendd_jax import data as data_lib
 from gendd_jax import input_pipeline as ip
 from gendd_jax import train
+from gendd_jax import errors
 
 _TMP = None
 
@@ -174,7 +175,7 @@ class UnlabelledTest(absltest.TestCase):
     self.assertEqual(ds.info['num_classes'], 3)
     self.assertNotIn('label', next(ds.train))
     self.assertIn('label', next(iter(ds.eval_batches())))
-    with self.assertRaisesRegex(train.ConfigError, 'needs labels'):
+    with self.assertRaisesRegex(errors.ConfigError, 'needs labels'):
       train.train_and_evaluate(c, os.path.join(_TMP.name, 'unlab'),
                                quiet=True)
 

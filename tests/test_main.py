@@ -58,7 +58,7 @@ def teacher_export():
   # pylint: disable=g-import-not-at-top
   from flax import nnx
   from gendd_jax import checkpoint as ckpt_lib
-  from gendd_jax import train
+  from gendd_jax import stages
   # pylint: enable=g-import-not-at-top
   spec = importlib.util.spec_from_file_location(
       'digits_config', os.path.join(_ROOT, 'configs', 'digits.py'))
@@ -66,7 +66,7 @@ def teacher_export():
   spec.loader.exec_module(module)
   config = module.get_config('quick')
   info = dict(num_classes=10, input_shape=(64,))
-  model = train.create_backbone(config.teacher, info, 0)
+  model = stages.create_backbone(config.teacher, info, 0)
   _, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
   path = _workdir('teacher_export')
   ckpt_lib.save_export(path, dict(params=params, batch_stats=batch_stats),

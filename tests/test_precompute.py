@@ -2,7 +2,6 @@
 on-the-fly teacher for the deterministic view, recorded augmented views, and
 training that skips the teacher forward."""
 
-import dataclasses
 import functools
 import json
 import os
@@ -18,6 +17,10 @@ from gendd_jax import data as data_lib
 from gendd_jax import precompute
 from gendd_jax import sharding
 from gendd_jax import train
+from gendd_jax import errors
+from gendd_jax import settings
+from gendd_jax import stages
+from gendd_jax import teacher as teacher_lib
 import test_train
 
 _TMP = None
@@ -50,9 +53,8 @@ def features(dtype):
 
 def _teacher(config):
   info = dict(num_classes=10, input_shape=(64,))
-  graphdef, variables = train.load_teacher(config, info,
-                                           sharding.create_mesh(1))
-  return graphdef, variables
+  t = teacher_lib.load(config, info, sharding.create_mesh(1))
+  return t.graphdef, t.variables
 
 
 class PrecomputeTest(absltest.TestCase):
@@ -100,21 +102,19 @@ class PrecomputeTest(absltest.TestCase):
     batch = next(stream)
     self.assertIn('teacher_feature', batch)
     info = dict(num_classes=10, input_shape=(64,))
-    graphdef_t, teacher = _teacher(c)
-    module = train.create_model(c, info, 'gendd')
+    graphdef_t, variables = _teacher(c)
+    module = stages.get('gendd').create_model(c, info)
     graphdef, params, bs = nnx.split(module, nnx.Param, nnx.BatchStat)
-    ospec = train.optim_spec(c, 'gendd', 7)
-    spec = train.make_spec(c, 'gendd', graphdef, graphdef_t, ospec,
-                           sharding.create_mesh(1))
-    sched = train.diffusion.create_schedule('cosine', 1000, '')
+    s = settings.step_settings(c, 'gendd', 7)
     key = jax.random.key(0)
-    stripped = train._strip_labels('gendd', batch)
-    loss_fly, _ = train._losses(spec, sched, params, bs, teacher,
-                                {k: v for k, v in stripped.items()
-                                 if k != 'teacher_feature'}, key)
-    spec_pre = dataclasses.replace(spec, precomputed=True)
-    loss_pre, _ = train._losses(spec_pre, sched, params, bs, teacher,
-                                stripped, key)
+    stripped = stages.get('gendd').visible(batch)
+    teacher = teacher_lib.Teacher(variables=variables, graphdef=graphdef_t)
+    loss_fly, _ = train._loss_fn(s, graphdef, params, bs, teacher,
+                                 {k: v for k, v in stripped.items()
+                                  if k != 'teacher_feature'}, key)
+    loss_pre, _ = train._loss_fn(
+        s, graphdef, params, bs, teacher.replace(precomputed=True), stripped,
+        key)
     self.assertEqual(float(loss_fly), float(loss_pre))
 
   def test_training_from_precomputed_runs_and_resumes(self):
@@ -141,7 +141,7 @@ class PrecomputeTest(absltest.TestCase):
       precompute.run(_config(), out, quiet=True)
     c = _config()
     c.teacher.source = 'precomputed'
-    with self.assertRaisesRegex(train.ConfigError, 'teacher.features'):
+    with self.assertRaisesRegex(errors.ConfigError, 'teacher.features'):
       train.train_and_evaluate(c, os.path.join(_TMP.name, 'nofeat'),
                                quiet=True)
     c.teacher.features = os.path.join(_TMP.name, 'nowhere')

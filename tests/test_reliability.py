@@ -31,6 +31,7 @@ import orbax.checkpoint as ocp
 from gendd_jax import checkpoint as ckpt_lib
 from gendd_jax import data as data_lib
 from gendd_jax import train
+from gendd_jax import errors
 import test_train
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -213,7 +214,7 @@ class NonFiniteTest(absltest.TestCase):
   def test_stop_names_the_step_and_last_good_checkpoint(self):
     config = self._config('stop')
     with _nan_at(7), self.assertRaisesRegex(
-        train.NonFiniteError, r'step 8 of .*last good checkpoint: 6'):
+        errors.NonFiniteError, r'step 8 of .*last good checkpoint: 6'):
       train.train_and_evaluate(config,
                                os.path.join(_TMP.name, 'nan_stop'),
                                quiet=True)
@@ -235,7 +236,7 @@ class NonFiniteTest(absltest.TestCase):
       self.assertTrue(np.all(np.isfinite(v)))
 
   def test_unknown_mode(self):
-    with self.assertRaisesRegex(train.ConfigError, 'on_nonfinite'):
+    with self.assertRaisesRegex(errors.ConfigError, 'on_nonfinite'):
       train.train_and_evaluate(self._config('ignore'),
                                os.path.join(_TMP.name, 'nan_bad'), quiet=True)
 

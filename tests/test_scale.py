@@ -13,10 +13,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gendd_jax import optim
 from gendd_jax import precision
 from gendd_jax import sharding
 from gendd_jax import train
+from gendd_jax import errors
+from gendd_jax import settings
+from gendd_jax import reporting
+from gendd_jax import stages
+from gendd_jax import teacher as teacher_lib
 import test_train
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,18 +40,16 @@ def _batch(n=16, seed=0):
               label=rng.integers(0, 10, n).astype(np.int32))
 
 
-def _one_step(config, stage, batch, teacher=None, t_graphdef=None):
+def _one_step(config, stage, batch, teacher=None):
   """`(new state, metrics)` after one train step from the initial state."""
   info = dict(num_classes=10, input_shape=(8, 8, 1))
   mesh = sharding.create_mesh(1)
-  module = train.create_model(config, info, stage)
-  graphdef, params, bs = nnx.split(module, nnx.Param, nnx.BatchStat)
-  ospec = train.optim_spec(config, stage, 7)
-  spec = train.make_spec(config, stage, graphdef, t_graphdef, ospec, mesh)
-  step, _ = train.build_steps(spec)
-  state = dict(step=jnp.int32(0), params=params, batch_stats=bs,
-               opt_state=optim.create_optimizer(ospec).init(params))
-  return step(state, teacher or {}, sharding.shard_batch(batch, mesh))
+  module = stages.get(stage).create_model(config, info)
+  s = settings.step_settings(config, stage, 7)
+  step, _ = train.jitted_steps(s, mesh)
+  state = train.create_train_state(module, s.optim, mesh)
+  return step(state, teacher or teacher_lib.Teacher(),
+              sharding.shard_batch(batch, mesh))
 
 
 class AccumulationTest(absltest.TestCase):
@@ -61,7 +63,7 @@ class AccumulationTest(absltest.TestCase):
       c = test_train.small_config('teacher')
       c.grad_accum_steps = accum
       state, metrics = _one_step(c, 'teacher', batch)
-      results[accum] = (jax.device_get(state['params']),
+      results[accum] = (jax.device_get(state.params),
                         float(metrics['loss']))
     for accum in (2, 4):
       self.assertAlmostEqual(results[accum][1], results[1][1], places=5)
@@ -71,11 +73,11 @@ class AccumulationTest(absltest.TestCase):
   def test_batch_must_split_over_devices_and_micro_batches(self):
     c = test_train.small_config('teacher')
     c.grad_accum_steps = 3  # 128 is not divisible by 3.
-    with self.assertRaisesRegex(train.ConfigError, 'grad_accum_steps 3'):
-      train.create_mesh(c)
+    with self.assertRaisesRegex(errors.ConfigError, 'grad_accum_steps 3'):
+      settings.create_mesh(c)
     c.grad_accum_steps = 0
-    with self.assertRaisesRegex(train.ConfigError, 'positive integer'):
-      train.create_mesh(c)
+    with self.assertRaisesRegex(errors.ConfigError, 'positive integer'):
+      settings.create_mesh(c)
 
 
 class PrecisionTest(absltest.TestCase):
@@ -85,22 +87,21 @@ class PrecisionTest(absltest.TestCase):
     c = test_train.gendd_config()
     info = dict(num_classes=10, input_shape=(8, 8, 1))
     mesh = sharding.create_mesh(1)
-    t_graphdef, teacher = train.load_teacher(c, info, mesh)
     batch = _batch(seed=1)
     losses = {}
     for name in ('float32', 'bfloat16'):
       for role in ('student', 'head', 'teacher'):
         c.precision[role] = name
-      t_graphdef, teacher = train.load_teacher(c, info, mesh)
-      model = train.create_model(c, info, 'gendd')
+      teacher = teacher_lib.load(c, info, mesh)
+      model = stages.get('gendd').create_model(c, info)
       dots = [n.dtype for _, n in nnx.iter_graph(model)
               if isinstance(n, nnx.Linear)]
       self.assertTrue(all(d == (None if name == 'float32' else jnp.bfloat16)
                           for d in dots), dots)
-      state, metrics = _one_step(c, 'gendd', batch, teacher, t_graphdef)
-      for leaf in jax.tree.leaves(state['params']):
+      state, metrics = _one_step(c, 'gendd', batch, teacher)
+      for leaf in jax.tree.leaves(state.params):
         self.assertEqual(leaf.dtype, jnp.float32)
-      for leaf in jax.tree.leaves(state['opt_state']):
+      for leaf in jax.tree.leaves(state.opt_state):
         if hasattr(leaf, 'dtype') and leaf.ndim:
           self.assertEqual(leaf.dtype, jnp.float32)
       losses[name] = float(metrics['loss'])
@@ -115,9 +116,9 @@ class PrecisionTest(absltest.TestCase):
   def test_unknown_dtype(self):
     c = test_train.small_config('teacher')
     c.precision.head = 'float8'
-    with self.assertRaisesRegex(train.ConfigError,
+    with self.assertRaisesRegex(errors.ConfigError,
                                 "precision.head: unknown compute dtype"):
-      train.compute_dtypes(c)
+      precision.compute_dtypes(c)
 
   def test_to_float32_leaves_integers(self):
     out = precision.to_float32((jnp.ones(2, jnp.bfloat16),
@@ -143,9 +144,11 @@ class MeshTest(absltest.TestCase):
     c.grad_accum_steps = 2
     info = dict(num_classes=10, input_shape=(8, 8, 1))
     mesh = sharding.create_mesh(1)
-    module = train.create_model(c, info, 'gendd')
-    _, teacher = train.load_teacher(c, info, mesh)
-    text = train.startup_summary(c, 'gendd', mesh, module, teacher, info, 7)
+    module = stages.get('gendd').create_model(c, info)
+    teacher = teacher_lib.load(c, info, mesh)
+    text = reporting.startup_summary(c, 'gendd', mesh, module,
+                                     teacher.variables, info, 7,
+                                     settings.optim_spec(c, 'gendd', 7))
     self.assertIn('global batch 128 = 1 device(s) x 64 per device x 2 '
                   'accumulation step(s); 7 steps/epoch x 2 epochs = 14 steps',
                   text)
@@ -169,9 +172,9 @@ out = {{}}
 for accum in (1, 2):
   c.grad_accum_steps = accum
   state, m = test_scale._one_step(c, 'teacher', test_scale._batch(32))
-  out[accum] = jax.device_get(state['params'])
+  out[accum] = jax.device_get(state.params)
 flat1 = jax.tree.leaves(out[1]); flat2 = jax.tree.leaves(out[2])
-assert len(state['params']['fc']['kernel'][...].sharding.device_set) == 8
+assert len(state.params['fc']['kernel'][...].sharding.device_set) == 8
 print(max(float(np.max(np.abs(a - b))) for a, b in zip(flat1, flat2)))
 '''
 

@@ -26,7 +26,10 @@ import orbax.checkpoint as ocp
 from gendd_jax import checkpoint as ckpt_lib
 from gendd_jax import data as data_lib
 from gendd_jax import optim
+from gendd_jax import settings
 from gendd_jax import sharding
+from gendd_jax import stages
+from gendd_jax import teacher as teacher_lib
 from gendd_jax import train
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -129,22 +132,19 @@ class StageTest(parameterized.TestCase):
         label_fraction=d.label_fraction, seed=config.seed)
     batches = data_lib.TrainBatches(train_split, d.batch_size, config.seed)
     mesh = sharding.create_mesh(1)
-    module = train.create_model(config, info, 'teacher')
-    graphdef, params, batch_stats = nnx.split(module, nnx.Param,
-                                              nnx.BatchStat)
-    ospec = train.optim_spec(config, 'teacher', batches.steps_per_epoch)
-    spec = train.make_spec(config, 'teacher', graphdef, None, ospec, mesh)
-    train_step, eval_step = train.build_steps(spec)
-    state = dict(step=jnp.int32(0), params=params, batch_stats=batch_stats,
-                 opt_state=optim.create_optimizer(ospec).init(params))
+    module = stages.get('teacher').create_model(config, info)
+    s = settings.step_settings(config, 'teacher', batches.steps_per_epoch)
+    ospec = s.optim
+    train_step, eval_step = train.jitted_steps(s, mesh)
+    state = train.create_train_state(module, ospec, mesh)
     losses = []
     for step in range(ospec.total_steps):
       batch = sharding.shard_batch(
-          train._strip_labels('teacher', batches.batch(step)), mesh)
-      state, metrics = train_step(state, {}, batch)
+          stages.get('teacher').visible(batches.batch(step)), mesh)
+      state, metrics = train_step(state, teacher_lib.Teacher(), batch)
       losses.append(float(metrics['loss']))
     self.assertEqual(ospec.total_steps, 28)
-    self.assertEqual(int(state['step']), 28)
+    self.assertEqual(int(state.step), 28)
     self.assertTrue(np.all(np.isfinite(losses)))
     # 10 classes: the first loss is near log(10) = 2.3.
     self.assertGreater(losses[0], 2.0)
@@ -153,7 +153,7 @@ class StageTest(parameterized.TestCase):
     epoch_means = np.asarray(losses).reshape(4, 7).mean(1)
     self.assertTrue(np.all(np.diff(epoch_means) < 0), epoch_means)
     self.assertLess(np.mean(losses[-3:]), 0.6 * losses[0])
-    res = train.evaluate(eval_step, state, {},
+    res = train.evaluate(eval_step, state, teacher_lib.Teacher(),
                          data_lib.eval_batches(test_split, d.eval_batch_size),
                          mesh)
     self.assertEqual(set(res['accuracy']), {'acc'})
@@ -198,13 +198,13 @@ class StageTest(parameterized.TestCase):
     batch = dict(image=np.zeros((2, 64), np.float32),
                  label=np.zeros(2, np.int32), label_mask=np.ones(2, bool))
     for stage in ('gendd_unsup', 'kl'):
-      self.assertEqual(set(train._strip_labels(stage, batch)), {'image'})
-    self.assertEqual(set(train._strip_labels('teacher', batch)),
+      self.assertEqual(set(stages.get(stage).visible(batch)), {'image'})
+    self.assertEqual(set(stages.get('teacher').visible(batch)),
                      {'image', 'label'})
-    self.assertEqual(set(train._strip_labels('gendd', batch)),
+    self.assertEqual(set(stages.get('gendd').visible(batch)),
                      {'image', 'label', 'label_mask'})
     seen = []
-    original = train._strip_labels
+    original = stages.Stage.visible
 
     def spy(stage, b):
       out = original(stage, b)
@@ -215,7 +215,7 @@ class StageTest(parameterized.TestCase):
     config.stages.gendd_unsup.epochs = 3 / 7
     # Also covers the second, x0-clipped sampler of the evaluation.
     config.sampler.also_eval_clipped = True
-    with mock.patch.object(train, '_strip_labels', spy):
+    with mock.patch.object(stages.Stage, 'visible', spy):
       res = train.train_and_evaluate(config, _workdir('gendd_unsup'),
                                      quiet=True)
     self.assertEqual(seen, [{'image'}] * 3)
@@ -283,30 +283,32 @@ import jax.numpy as jnp
 from flax import nnx
 import test_train as tt
 from gendd_jax import data as data_lib, optim, sharding, train
+from gendd_jax import settings
+from gendd_jax import stages
+from gendd_jax import teacher as teacher_lib
 
 assert jax.device_count() == 8, jax.devices()
 config = tt.small_config('gendd', epochs=2)
 d = config.data
 train_split, _, info = data_lib.create_splits(
     d.name, fold=0, num_folds=d.num_folds, label_fraction=0.5, seed=0)
-teacher_mod = train.create_backbone(config.teacher, info, 5)
+teacher_mod = stages.create_backbone(config.teacher, info, 5)
 t_graphdef, t_params, t_bs = nnx.split(teacher_mod, nnx.Param, nnx.BatchStat)
 batches = data_lib.TrainBatches(train_split, 16, 0)
 out = {{}}
 for n in (1, 8):
   mesh = sharding.create_mesh(n)
   rep = sharding.replicated(mesh)
-  module = train.create_model(config, info, 'gendd')
+  module = stages.get('gendd').create_model(config, info)
   graphdef, params, bs = nnx.split(module, nnx.Param, nnx.BatchStat)
   for path, leaf in jax.tree_util.tree_leaves_with_path(params):
     out[f'{{n}}/init{{jax.tree_util.keystr(path)}}'] = np.asarray(leaf)
-  ospec = train.optim_spec(config, 'gendd', 7)
-  spec = train.make_spec(config, 'gendd', graphdef, t_graphdef, ospec, mesh)
-  train_step, _ = train.build_steps(spec)
-  teacher = jax.device_put(dict(params=t_params, batch_stats=t_bs), rep)
-  state = jax.device_put(dict(
-      step=jnp.int32(0), params=params, batch_stats=bs,
-      opt_state=optim.create_optimizer(ospec).init(params)), rep)
+  s = settings.step_settings(config, 'gendd', 7)
+  train_step, _ = train.jitted_steps(s, mesh)
+  teacher = teacher_lib.Teacher(
+      variables=jax.device_put(dict(params=t_params, batch_stats=t_bs), rep),
+      graphdef=t_graphdef)
+  state = train.create_train_state(module, s.optim, mesh)
   # adaLN-zero: the diffusion loss reaches the condition, and so the
   # backbone, only from the third step on.
   for step in range(4):
@@ -316,9 +318,9 @@ for n in (1, 8):
     state, metrics = train_step(state, teacher, batch)
     for k, v in metrics.items():
       out[f'{{n}}/step{{step}}/{{k}}'] = np.asarray(v)
-  assert len(state['params']['head']['input_proj']['kernel'][...].sharding
+  assert len(state.params['head']['input_proj']['kernel'][...].sharding
              .device_set) == n
-  for path, leaf in jax.tree_util.tree_leaves_with_path(state['params']):
+  for path, leaf in jax.tree_util.tree_leaves_with_path(state.params):
     out[f'{{n}}/params{{jax.tree_util.keystr(path)}}'] = np.asarray(leaf)
 np.savez({out_file!r}, **out)
 print('ok')
@@ -409,7 +411,8 @@ class OptimTest(parameterized.TestCase):
   def test_decay_mask_on_gendd_params(self):
     config = small_config('gendd')
     info = dict(num_classes=10, input_shape=(64,))
-    module = nnx.eval_shape(lambda: train.create_model(config, info, 'gendd'))
+    module = nnx.eval_shape(
+        lambda: stages.get('gendd').create_model(config, info))
     _, params, _ = nnx.split(module, nnx.Param, nnx.BatchStat)
     mask = optim.decay_mask(tuple(config.no_decay))(params)
     flat = {jax.tree_util.keystr(p): v
