@@ -3,8 +3,9 @@
 Everything orbax-specific lives here, so a move to another checkpoint API
 touches one file. Training checkpoints hold `{step, params, batch_stats,
 opt_state}`, a JSON `meta` item and the data iterator's state (one JSON file
-per process, through grain's handler); an export holds only the weights a
-later stage or an evaluation needs, plus JSON metadata.
+per process, through grain's handler); an export (`save_export`, one
+format for every producer and reader) holds only the weights a later stage
+or an evaluation needs, plus JSON metadata.
 """
 
 from __future__ import annotations
@@ -217,13 +218,25 @@ def _first_line(e: BaseException) -> str:
   return text[0][:300] if text else ''
 
 
-def save_export(directory: str, tree: Any, meta: dict[str, Any]) -> None:
-  """Writes `tree` (weights) and `meta` (JSON) under `directory`.
+def save_export(directory: str, model: Any, meta: dict[str, Any],
+                classifier: tuple[Any, Any] | None = None,
+                target_stats: dict[str, Any] | None = None) -> None:
+  """Writes an export: the one format every stage, `cli.export`,
+  `cli.convert` and `cli.evaluate` share.
 
-  Call it on every process (orbax coordinates the array writes); only process
-  0 writes the metadata, last, so a complete `meta.json` marks a complete
-  export.
+  Weights `{'model': model, 'classifier': {'weight', 'bias'},
+  'target_stats': {'mean', 'std'}}` (the last two only when given: the
+  frozen teacher classifier that classifies generated features, and the
+  statistics of standardised targets) and JSON metadata, which lists the
+  parts. Call it on every process (orbax coordinates the array writes);
+  only process 0 writes the metadata, last, so a complete `meta.json` marks
+  a complete export.
   """
+  tree = dict(model=model)
+  if classifier is not None:
+    tree['classifier'] = dict(weight=classifier[0], bias=classifier[1])
+  if target_stats is not None:
+    tree['target_stats'] = dict(target_stats)
   directory = absolute(directory)
   makedirs(directory)
   ckptr = ocp.StandardCheckpointer()
@@ -232,7 +245,8 @@ def save_export(directory: str, tree: Any, meta: dict[str, Any]) -> None:
   if jax.process_index() != 0:
     return
   write_text(os.path.join(directory, 'meta.json'),
-             json.dumps(meta, indent=1, sort_keys=True))
+             json.dumps(dict(meta, parts=sorted(tree)), indent=1,
+                        sort_keys=True))
 
 
 def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
@@ -261,9 +275,14 @@ def load_export_meta(directory: str) -> dict[str, Any]:
     raise CheckpointError(f'corrupt export metadata {path}: {e}') from e
 
 
-def load_export(directory: str, abstract_tree: Any
-                ) -> tuple[Any, dict[str, Any]]:
-  """Restores an export into the structure of `abstract_tree`."""
+def load_export(directory: str, abstract_model: Any
+                ) -> tuple[dict[str, Any], dict[str, Any]]:
+  """Restores an export; the model into the structure of `abstract_model`.
+
+  Returns:
+    `(tree, meta)`: `tree['model']`, plus `tree['classifier']` and
+    `tree['target_stats']` where the export has them.
+  """
   meta = load_export_meta(directory)
   path = os.path.join(absolute(directory), 'weights')
   ckptr = ocp.StandardCheckpointer()
@@ -273,8 +292,11 @@ def load_export(directory: str, abstract_tree: Any
     raise CheckpointError(
         f'exported weights at {directory} are missing or unreadable '
         f'({type(e).__name__}: {_first_line(e)})') from e
+  if 'model' not in stored:
+    raise CheckpointError(f'{directory} is not an export of this version '
+                          '(its weights have no model part)')
   # Compare shapes first: a mismatched restore fails deep inside orbax.
-  have, want = _shapes(stored), _shapes(abstract_tree)
+  have, want = _shapes(stored['model']), _shapes(abstract_model)
   for key in sorted(set(have) | set(want)):
     if key not in have:
       raise CheckpointError(f'export {directory} lacks parameter {key}')
@@ -285,8 +307,12 @@ def load_export(directory: str, abstract_tree: Any
       raise CheckpointError(
           f'export {directory}: parameter {key} has shape {have[key]}, the '
           f'configured model expects {want[key]}')
+  abstract = {k: jax.tree.map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), v)
+              for k, v in stored.items() if k != 'model'}
+  abstract['model'] = abstract_model
   try:
-    tree = ckptr.restore(path, abstract_tree)
+    tree = ckptr.restore(path, abstract)
   except Exception as e:  # pylint: disable=broad-except
     raise CheckpointError(
         f'exported weights at {directory} could not be restored '

@@ -210,6 +210,8 @@ class Stage:
     contracts: distribution contraction applies (`gendd.smooth`).
     reads_precomputed: it can take teacher outputs precomputed on disk.
     reads_logits: its loss reads the teacher's logits.
+    classifies_with_teacher: its predictions go through the frozen teacher
+      classifier (exported with it).
     warm_start: the earlier stage whose export initialises its backbone,
       when a pipeline runs that stage first.
     build: `(config, info, dtypes, role) -> module` with fresh weights.
@@ -227,6 +229,7 @@ class Stage:
   contracts: bool = False
   reads_precomputed: bool = False
   reads_logits: bool = False
+  classifies_with_teacher: bool = False
   warm_start: str | None = None
 
   def visible(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -258,12 +261,14 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage('kl', 'none', True, 'student', _build_classifier, _kl_loss,
           _classifier_logits, reads_precomputed=True, reads_logits=True),
     Stage('stage1', 'subset', True, 'student', _build_stage1, _stage1_loss,
-          _stage1_logits),
+          _stage1_logits, classifies_with_teacher=True),
     Stage('gendd', 'subset', True, 'student', _build_gendd, _gendd_loss,
           _sampled(probe=True), generative=True, contracts=True,
-          reads_precomputed=True, warm_start='stage1'),
+          reads_precomputed=True, warm_start='stage1',
+          classifies_with_teacher=True),
     Stage('gendd_unsup', 'none', True, 'student', _build_gendd, _gendd_loss,
-          _sampled(probe=False), generative=True, reads_precomputed=True),
+          _sampled(probe=False), generative=True, reads_precomputed=True,
+          classifies_with_teacher=True),
 )}
 
 

@@ -96,7 +96,8 @@ def load(config, info, mesh, precomputed: bool = False) -> Teacher:
         f'dataset has {info["num_classes"]}')
   tree, _ = ckpt_lib.load_export(
       path, ckpt_lib.abstract_like(abstract, sharding.replicated(mesh)))
-  return Teacher(variables=tree, graphdef=graphdef, precomputed=precomputed)
+  return Teacher(variables=tree['model'], graphdef=graphdef,
+                 precomputed=precomputed)
 
 
 def init_backbone(config, info, module, mesh) -> None:
@@ -106,7 +107,7 @@ def init_backbone(config, info, module, mesh) -> None:
   src = nnx.eval_shape(
       lambda: stages.get(meta.get('stage')).create_model(config, info))
   abstract = ckpt_lib.abstract_like(_variables(src), sharding.replicated(mesh))
-  tree, _ = ckpt_lib.load_export(path, abstract)
+  tree = ckpt_lib.load_export(path, abstract)[0]['model']
   bb_params = tree['params']['backbone'] if 'backbone' in tree['params'] \
       else tree['params']
   nnx.update(module.backbone, bb_params)

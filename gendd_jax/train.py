@@ -339,6 +339,15 @@ def _loop(run: _Run, ckpt, writer, train_fn, eval_fn) -> dict[str, Any]:
               skipped_nonfinite_steps=guard.skipped)
 
 
+def export_meta(config, meta: dict[str, Any], step: int | None,
+                source: str | None = None) -> dict[str, Any]:
+  """The metadata of an export of `config`'s stage at `step`."""
+  stage = stages.get(meta['stage'])
+  return dict(meta, model=config[stage.role].model,
+              teacher_model=config.teacher.model, step=step, source=source,
+              created=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        quiet: bool = False) -> dict[str, Any]:
   """Trains `config.stage`, evaluates it, exports it; returns the results.
@@ -368,12 +377,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   finally:
     ckpt.close()  # Waits for async saves, also on errors.
 
-  role = config[run.stage.role]
   # Every process takes part in the orbax save; process 0 writes the JSON.
-  ckpt_lib.save_export(os.path.join(workdir, 'export'),
-                       dict(params=run.state.params,
-                            batch_stats=run.state.batch_stats),
-                       dict(run.meta, model=role.model))
+  ckpt_lib.save_export(
+      os.path.join(workdir, 'export'),
+      dict(params=run.state.params, batch_stats=run.state.batch_stats),
+      export_meta(config, run.meta, total),
+      classifier=(run.teacher.classifier()
+                  if run.stage.classifies_with_teacher else None),
+      target_stats=run.teacher.target_stats)
   results = dict(
       stage=run.stage.name, steps=total,
       train_seconds=record['train_seconds'],
