@@ -1,14 +1,14 @@
 """Builds an image dataset as TFDS `array_record` for training.
 
-  python -m gendd_jax.build_dataset folder --src /data/pets --data_dir ~/tfds
-  python -m gendd_jax.build_dataset imagenet_lt --src /data/imagenet \\
+  python -m gendd_jax.cli.build_dataset folder --src /data/pets --data_dir ~/tfds
+  python -m gendd_jax.cli.build_dataset imagenet_lt --src /data/imagenet \\
       --lists /data/imagenet_lt_lists --data_dir ~/tfds
-  python -m gendd_jax.build_dataset unlabeled --src '/data/cc3m/*.tar' \\
+  python -m gendd_jax.cli.build_dataset unlabeled --src '/data/cc3m/*.tar' \\
       --data_dir ~/tfds --name cc3m
-  python -m gendd_jax.build_dataset npz --src arrays.npz --data_dir ~/tfds
-  python -m gendd_jax.build_dataset tfds --name imagenet2012 \
+  python -m gendd_jax.cli.build_dataset npz --src arrays.npz --data_dir ~/tfds
+  python -m gendd_jax.cli.build_dataset tfds --name imagenet2012 \
       --src /data/imagenet_tars --data_dir ~/tfds   # manual_dir: the tars
-  python -m gendd_jax.build_dataset tfds --name cifar100 --data_dir ~/tfds
+  python -m gendd_jax.cli.build_dataset tfds --name cifar100 --data_dir ~/tfds
 
 The kinds and their source layouts are described in `gendd_jax.builders`;
 `tfds` prepares a catalogue dataset in `array_record` format (imagenet2012
@@ -22,39 +22,31 @@ data_dir=...)`; the command prints that name. Bad input ends with one
 
 from __future__ import annotations
 
-import argparse
-import sys
+from absl import flags
 
 from gendd_jax import builders
+from gendd_jax import errors
+from gendd_jax.cli import common
 
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(
-      prog='python -m gendd_jax.build_dataset',
-      description='Build an image dataset as TFDS array_record.')
-  parser.add_argument('kind', help=f'one of: {", ".join(builders.KINDS)}, '
-                      'tfds')
-  parser.add_argument('--src', default=None,
-                      help='image folder (folder), ImageNet folder '
-                      '(imagenet_lt), glob of .tar shards (unlabeled) or '
-                      '.npz file (npz)')
-  parser.add_argument('--data_dir', required=True, help='TFDS data folder')
-  parser.add_argument('--name', default=None,
-                      help='dataset name (default: from the --src file name '
-                      "for folder and npz, else 'default')")
-  parser.add_argument('--lists', default=None,
-                      help='imagenet_lt: folder with ImageNet_LT_{train,val,'
-                      'test}.txt (default: --src)')
-  parser.add_argument('--overwrite', action='store_true',
-                      help='rebuild a dataset that already exists')
-  parser.add_argument('--workers', type=int, default=None,
-                      help='threads reading and checking images (default: '
-                      'up to 8)')
-  return parser.parse_args(argv)
+_SRC = flags.DEFINE_string(
+    'src', None, 'Image folder (folder), ImageNet folder (imagenet_lt), glob '
+    'of .tar shards (unlabeled) or .npz file (npz).')
+_NAME = flags.DEFINE_string(
+    'name', None, 'Dataset name (default: from the --src file name for '
+    "folder and npz, else 'default').")
+_LISTS = flags.DEFINE_string(
+    'lists', None, 'imagenet_lt: folder with ImageNet_LT_{train,val,'
+    'test}.txt (default: --src).')
+_OVERWRITE = flags.DEFINE_bool('overwrite', False,
+                               'Rebuild a dataset that already exists.')
+_WORKERS = flags.DEFINE_integer('workers', None, 'Threads reading and '
+                                'checking images (default: up to 8).')
+flags.declare_key_flag('data_dir')
 
 
 def prepare_tfds(name: str, data_dir: str, manual_dir: str | None) -> str:
   """Prepares catalogue dataset `name` as array_record; returns its name."""
+  # tensorflow_datasets imports TensorFlow (heavy); only `tfds` needs it.
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   if name == 'imagenet2012':
     if not manual_dir:
@@ -75,35 +67,33 @@ def prepare_tfds(name: str, data_dir: str, manual_dir: str | None) -> str:
   return name
 
 
-def main(argv: list[str] | None = None) -> int:
-  args = parse_args(argv)
-  if args.kind == 'tfds':
-    try:
-      if not args.name:
-        raise builders.BuildError('kind tfds needs --name <TFDS dataset>')
-      name = prepare_tfds(args.name, args.data_dir, args.src)
-    except builders.BuildError as e:
-      print(f'error: {e}', file=sys.stderr, flush=True)
-      return 2
+def main(argv: list[str]) -> int:
+  """`argv[1]`: the kind, one of `builders.KINDS` or 'tfds'."""
+  if len(argv) != 2:
+    errors.fail(f'give one dataset kind ({", ".join(builders.KINDS)}, tfds)'
+                if len(argv) < 2 else
+                f'unexpected arguments: {" ".join(argv[2:])}')
+  kind, data_dir = argv[1], common.DATA_DIR.value
+  if not data_dir:
+    errors.fail('--data_dir is required')
+  if kind == 'tfds':
+    if not _NAME.value:
+      raise builders.BuildError('kind tfds needs --name <TFDS dataset>')
+    name = prepare_tfds(_NAME.value, data_dir, _SRC.value)
     print(f"train with --config.data.name='tfds:{name}' "
-          f'--config.data.data_dir={args.data_dir}')
+          f'--config.data.data_dir={data_dir}')
     return 0
-  if args.src is None:
-    print('error: --src is required for kind ' + args.kind, file=sys.stderr)
-    return 2
-  try:
-    result = builders.build(args.kind, args.src, args.data_dir, args.name,
-                            lists=args.lists, overwrite=args.overwrite,
-                            workers=args.workers)
-  except builders.BuildError as e:
-    print(f'error: {e}', file=sys.stderr, flush=True)
-    return 2
+  if _SRC.value is None:
+    errors.fail('--src is required for kind ' + kind)
+  result = builders.build(kind, _SRC.value, data_dir, _NAME.value,
+                          lists=_LISTS.value, overwrite=_OVERWRITE.value,
+                          workers=_WORKERS.value)
   short = result['name'].split('/', 1)[1]
-  print(f"train with --config.data.name='{args.kind}:{short}' "
-        f'--config.data.data_dir={args.data_dir} (or read it with '
+  print(f"train with --config.data.name='{kind}:{short}' "
+        f'--config.data.data_dir={data_dir} (or read it with '
         f'tfds.data_source({result["name"]!r}, data_dir=..., split=...))')
   return 0
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  common.run(main)
