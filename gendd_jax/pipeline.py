@@ -113,7 +113,7 @@ def run_sequence(config, workdir: str) -> dict[str, Any]:
       'teacher' not in stages and not config.teacher.checkpoint):
     raise train.ConfigError(
         'this run distils from a teacher: set --config.teacher.checkpoint='
-        '<export dir> (python -m gendd_jax.convert makes one from a PyTorch '
+        '<export dir> (python -m gendd_jax.cli.convert makes one from a PyTorch '
         'checkpoint)')
   train.check_workdir(workdir)
   t_start = time.time()

@@ -58,35 +58,32 @@ def parse_flags(argv: list[str]) -> list[str]:
     errors.fail(str(e).splitlines()[0] if str(e) else repr(e))
 
 
-def _reporting(main: Callable[[list[str]], int | None],
-               also: tuple[type[BaseException], ...]):
-  """`main` with user errors (and `also`) turned into `errors.fail`."""
+def _reporting(main: Callable[[list[str]], int | None]):
+  """`main` with user errors turned into `errors.fail`."""
 
   def wrapped(argv: list[str]) -> int | None:
     try:
       return main(argv)
-    except errors.USER_ERRORS + also as e:
+    except errors.USER_ERRORS as e:
       errors.fail(str(e))
 
   return wrapped
 
 
-def run(main: Callable[[list[str]], int | None],
-        also: tuple[type[BaseException], ...] = ()) -> None:
-  """`absl.app.run(main)`; `errors.USER_ERRORS` (and the exception types in
-  `also`) print one `error:` line and exit with status 2. `main` returns
-  the exit status (None: 0)."""
-  app.run(_reporting(main, also), flags_parser=parse_flags)
+def run(main: Callable[[list[str]], int | None]) -> None:
+  """`absl.app.run(main)`; `errors.USER_ERRORS` print one `error:` line and
+  exit with status 2. `main` returns the exit status (None: 0)."""
+  app.run(_reporting(main), flags_parser=parse_flags)
 
 
-def call(main: Callable[[list[str]], int | None], argv: Sequence[str],
-         also: tuple[type[BaseException], ...] = ()) -> int:
+def call(main: Callable[[list[str]], int | None], argv: Sequence[str]
+         ) -> int:
   """Runs a command's `main` in this process as `run` would with the
   command-line arguments `argv` (no program name); returns its exit status.
   Flag values are restored afterwards."""
   with flagsaver.flagsaver():
     try:
-      status = _reporting(main, also)(parse_flags([sys.argv[0], *argv]))
+      status = _reporting(main)(parse_flags([sys.argv[0], *argv]))
     except SystemExit as e:
       status = e.code
   return 0 if status is None else int(status)

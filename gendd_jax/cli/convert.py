@@ -18,6 +18,7 @@ from flax import nnx
 import numpy as np
 
 from gendd_jax import checkpoint as ckpt_lib
+from gendd_jax import errors
 from gendd_jax import models
 from gendd_jax.cli import common
 from gendd_jax.errors import ConversionError
@@ -68,6 +69,13 @@ def infer_num_classes(arch: str, state_dict: Mapping[str, Any],
 
 
 def main(argv: list[str]) -> int:
+  try:
+    return _convert_command(argv)
+  except ValueError as e:  # ConversionError, and bad values of the models.
+    errors.fail(str(e))
+
+
+def _convert_command(argv: list[str]) -> int:
   if len(argv) > 1:
     raise ConversionError(f'unexpected arguments: {" ".join(argv[1:])}')
   arch, checkpoint, out = _ARCH.value, common.CHECKPOINT.value, \
@@ -91,4 +99,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == '__main__':
-  common.run(main, also=(ValueError,))
+  common.run(main)

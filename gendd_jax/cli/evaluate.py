@@ -258,6 +258,13 @@ def eval_batches(ex: Exported, batch_size: int | None = None,
 
 
 def main(argv: list[str]) -> None:
+  try:
+    _evaluate_command(argv)
+  except ValueError as e:  # Bad sampler settings or mode, an empty split.
+    errors.fail(str(e))
+
+
+def _evaluate_command(argv: list[str]) -> None:
   if len(argv) > 1:
     errors.fail(f'unexpected arguments: {" ".join(argv[1:])}')
   if not common.CHECKPOINT.value:
@@ -298,4 +305,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == '__main__':
-  common.run(main, also=(ValueError,))
+  common.run(main)
