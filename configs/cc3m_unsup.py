@@ -8,7 +8,7 @@ Variants (`--config=configs/cc3m_unsup.py:<variant>`):
 100 epochs, lr 2e-3, weight decay 2e-2, batch 512, warm-up 10, cosine.
 CC3M is built once from its image shards:
 
-  python -m gendd_jax.build_dataset unlabeled --src '/data/cc3m/*.tar' \
+  python -m gendd_jax.cli.build_dataset unlabeled --src '/data/cc3m/*.tar' \
       --name cc3m --data_dir <tfds dir>
 """
 

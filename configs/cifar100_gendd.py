@@ -8,7 +8,7 @@ r"""CIFAR-100 GenDD for every teacher-student pair of the paper.
 5e-2, batch 64) then GenDD (240 epochs, lr 1e-3, warm-up 50,
 diffusion_batch_mul 30, smooth per pair as in the released scripts,
 100-step CFG sampling), float32. The teacher comes from
-`configs/cifar100_teacher.py` or `python -m gendd_jax.convert`:
+`configs/cifar100_teacher.py` or `python -m gendd_jax.cli.convert`:
 
   python -m gendd_jax.main --config=configs/cifar100_gendd.py:vgg13-vgg8 \
       --workdir=runs/vgg8 --config.teacher.checkpoint=runs/vgg13/export

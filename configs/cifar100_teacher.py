@@ -10,7 +10,7 @@ prepared once beforehand (`tfds build cifar100 --data_dir <dir>`):
 
 The export in `<workdir>/export` is what `config.teacher.checkpoint` of a
 distillation run points at. The argument after ':' is any registered model
-(`python -m gendd_jax.zoo --list`); default resnet32x4.
+(`python -m gendd_jax.cli.zoo --list`); default resnet32x4.
 """
 
 from gendd_jax import config_lib

@@ -58,7 +58,7 @@ def get_config(arg: str = ''):
   # estimate to the range of the training targets) or a number.
   # also_eval_clipped: with clip_x0 'none', also report the 'data'-clipped
   # sampler on the same head and noise, so both are measured.
-  # eval_kind/eval_steps: the defaults of `python -m gendd_jax.evaluate`, the
+  # eval_kind/eval_steps: the defaults of `python -m gendd_jax.cli.evaluate`, the
   # cheapest setting within 0.2 points of the 64-step sampler's accuracy
   # (docs/results/sampling_digits.md: one posterior-mean call, 87.31% vs
   # 87.37% over the 5 folds, 64x fewer network calls).

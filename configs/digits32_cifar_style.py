@@ -6,7 +6,7 @@ head width 1024, depth 3, diffusion_batch_mul 30, smooth 0.9, 100-step CFG
 sampling as the reference's CIFAR evaluation; 2-fold cross-validation so
 every one of the 1,797 images is tested once. Epochs are cut to what a
 2-core CPU trains in minutes (teacher 15, stage-1 5, GenDD 20). Used by the
-sampler study (`python -m gendd_jax.sweep_sampling`):
+sampler study (`python -m gendd_jax.cli.sweep_sampling`):
 
   python -m gendd_jax.main --config=configs/digits32_cifar_style.py \
       --workdir=runs/digits32

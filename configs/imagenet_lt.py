@@ -4,7 +4,7 @@ Variants `r50` (default) and `r18`. Stage-1 (20 epochs) then GenDD with
 smooth 0 (no contraction toward the long-tailed labels), weight decay 0.2,
 batch 256, lr 2e-3, 10 warm-up epochs. The epoch count is not given in the
 paper's text; 100 matches its other ImageNet runs. Build the dataset with
-`python -m gendd_jax.build_dataset imagenet_lt ...` (see README).
+`python -m gendd_jax.cli.build_dataset imagenet_lt ...` (see README).
 """
 
 from gendd_jax import config_lib

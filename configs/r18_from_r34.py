@@ -4,7 +4,7 @@ Stage-1 (20 epochs, lr 2e-3, AdamW) then GenDD: 100 epochs, lr 2e-3,
 weight decay 2e-2, batch 512, 10 warm-up epochs, cosine, smooth 0.9,
 random-resized-crop + flip, 64-step CFG sampling. bfloat16 compute.
 
-  python -m gendd_jax.convert --arch resnet34 \
+  python -m gendd_jax.cli.convert --arch resnet34 \
       --checkpoint resnet34-b627a593.pth --out teachers/resnet34
   python -m gendd_jax.main --config=configs/r18_from_r34.py \
       --workdir=gs://bucket/runs/r18_from_r34 \

@@ -569,7 +569,7 @@ class _GenddBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _info(self) -> tfds.core.DatasetInfo:
     labelled = 'label' in self._features()
     return self.dataset_info_from_configs(
-        description=(f'Built by gendd_jax.build_dataset from '
+        description=(f'Built by gendd_jax.cli.build_dataset from '
                      f'{self._plan.source}.' if self._plan else None),
         features=tfds.features.FeaturesDict(self._features()),
         supervised_keys=('image', 'label') if labelled else None,
@@ -792,7 +792,7 @@ def info(kind: str, name: str, data_dir: str) -> dict[str, Any]:
   if not is_built(kind, name, data_dir):
     raise BuildError(f'dataset {dataset_name(kind, name)} is not built in '
                      f'{data_dir}; build it with `python -m '
-                     f'gendd_jax.build_dataset {kind} --src ... --data_dir '
+                     f'gendd_jax.cli.build_dataset {kind} --src ... --data_dir '
                      f'{data_dir} --name {name}`')
   ds_info = tfds.builder_from_directory(path).info
   meta = dict(ds_info.metadata or {})

@@ -146,7 +146,7 @@ def image_data(name: str, *, image_size: int = 224, augment: str = 'regular',
   """A TFDS/builder image dataset read through grain.
 
   `name` is '<kind>:<name>': 'tfds:imagenet2012', or a dataset made by
-  `python -m gendd_jax.build_dataset` ('folder:...', 'imagenet_lt:...',
+  `python -m gendd_jax.cli.build_dataset` ('folder:...', 'imagenet_lt:...',
   'unlabeled:...', 'npz:...'). `augment` is 'regular' (random resized crop
   0.6-1 + flip), 'rand' (plus colour jitter and RandAugment m7), 'cifar' or
   'none'; evaluation uses resize + centre crop. Mixup/CutMix (switch
@@ -182,11 +182,11 @@ def _gendd_head(**overrides) -> ml_collections.ConfigDict:
 def _sampler(steps: str) -> ml_collections.ConfigDict:
   """CFG sampling as in the paper's evaluation (scale 2, temperature 1).
   `kind`/`steps` are the training loop's evaluation sampler;
-  `eval_kind`/`eval_steps` the defaults of `python -m gendd_jax.evaluate`
+  `eval_kind`/`eval_steps` the defaults of `python -m gendd_jax.cli.evaluate`
   (the paper's sampler here: the few-step study was not run at this scale;
-  `python -m gendd_jax.sweep_sampling` measures it on a trained model).
+  `python -m gendd_jax.cli.sweep_sampling` measures it on a trained model).
   The paper averages 5 draws (`num_sampling`); training-time evaluation uses
-  one, `python -m gendd_jax.evaluate --num_sampling=5` the paper's five."""
+  one, `python -m gendd_jax.cli.evaluate --num_sampling=5` the paper's five."""
   return ml_collections.ConfigDict(dict(
       kind='ancestral', steps=steps, eval_kind='ancestral', eval_steps=steps,
       cfg_scale=2.0, temperature=1.0, num_sampling=1,
@@ -209,7 +209,7 @@ def distillation(*, teacher: str, student: str, data: ml_collections.ConfigDict,
 
   `stages` holds every stage's optimiser settings; each GenDD stage's Adam
   beta2 rises from `beta2_min` to 0.999. The teacher export is given at run
-  time (`--config.teacher.checkpoint`, from `python -m gendd_jax.convert`).
+  time (`--config.teacher.checkpoint`, from `python -m gendd_jax.cli.convert`).
   """
   c = ml_collections.ConfigDict()
   c.stage = 'pipeline'

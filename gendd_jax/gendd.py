@@ -263,19 +263,27 @@ def sample_features(head: Any, schedule: diffusion.Schedule, key: jax.Array,
   return jnp.mean(merge_tokens(tokens), axis=0)
 
 
-def sampled_logits(head: Any, schedule: diffusion.Schedule, key: jax.Array,
-                   z: jax.Array, settings: SampleSettings, w_cls: jax.Array,
-                   b_cls: jax.Array, target_stats: dict[str, jax.Array] | None
-                   = None) -> tuple[jax.Array, jax.Array]:
-  """Sample -> de-standardise -> classify with the teacher's classifier.
-
-  Returns:
-    `(logits [B, N], feature [B, D])`, the feature in teacher space.
-  """
+def sample_teacher_features(head: Any, schedule: diffusion.Schedule,
+                            key: jax.Array, z: jax.Array,
+                            settings: SampleSettings,
+                            stats: dict[str, jax.Array] | None = None
+                            ) -> jax.Array:
+  """`sample_features`, de-standardised into the teacher's feature space when
+  the head was trained on standardised targets (`stats`: `mean`, `std`)."""
   feat = sample_features(head, schedule, key, z, settings)
-  if target_stats is not None:
-    feat = feat * target_stats['std'] + target_stats['mean']
-  return feat @ w_cls.T + b_cls, feat
+  if stats is not None:
+    feat = feat * stats['std'] + stats['mean']
+  return feat
+
+
+def sampled_logits(head: Any, schedule: diffusion.Schedule, key: jax.Array,
+                   z: jax.Array, settings: SampleSettings, weight: jax.Array,
+                   bias: jax.Array, stats: dict[str, jax.Array] | None = None
+                   ) -> tuple[jax.Array, jax.Array]:
+  """Sample -> de-standardise -> classify with the teacher classifier
+  (`weight: [C, D]`, `bias: [C]`): `(logits [B, C], features [B, D])`."""
+  feat = sample_teacher_features(head, schedule, key, z, settings, stats)
+  return feat @ weight.T + bias, feat
 
 
 # ---------------------------------------------------------------------------

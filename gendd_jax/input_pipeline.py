@@ -216,7 +216,7 @@ def eval_batches(source, global_batch: int, example_fn: ExampleFn, *,
 
 def parse_name(name: str) -> tuple[str, str]:
   """`'tfds:imagenet2012'` -> ('tfds', 'imagenet2012'); the builders of
-  `gendd_jax.build_dataset` are named `'<kind>:<name>'` likewise."""
+  `gendd_jax.cli.build_dataset` are named `'<kind>:<name>'` likewise."""
   if ':' not in name:
     raise PipelineError(f'data.name {name!r}: expected "<kind>:<name>", e.g. '
                         '"tfds:imagenet2012" or "folder:my_images"')

@@ -122,7 +122,7 @@ def run_sequence(config, workdir: str) -> dict[str, Any]:
       not config.teacher.checkpoint):
     raise ConfigError(
         'this run distils from a teacher: set --config.teacher.checkpoint='
-        '<export dir> (python -m gendd_jax.convert makes one from a PyTorch '
+        '<export dir> (python -m gendd_jax.cli.convert makes one from a PyTorch '
         'checkpoint)')
   reliability.check_workdir(workdir)
   t_start = time.time()

@@ -8,7 +8,8 @@ from absl.testing import absltest
 import jax
 import jax.numpy as jnp
 
-from gendd_jax import bench
+from benchmarks import bench
+from benchmarks import bench_reference
 
 # A local copy of the authors' PyTorch code (never part of the project);
 # the reference-runner test is skipped without one.
@@ -153,7 +154,7 @@ class BenchTest(absltest.TestCase):
 
   def test_cifar_small(self):
     # The CIFAR setting's code path (BatchNorm teacher and student) at a
-    # small size; the full-size figures come from `python -m gendd_jax.bench`.
+    # small size; the full-size figures come from `python -m benchmarks.bench`.
     out = bench.bench_cifar(1, 1, teacher='resnet8', student='resnet8',
                             batch=8, eval_batch=8, width=32, depth=1, mul=2,
                             sampling_steps='4')
@@ -186,7 +187,6 @@ class ReferenceTest(absltest.TestCase):
                     'GENDD_REFERENCE)')
 
   def test_head_only_small_with_reference(self):
-    from gendd_jax import bench_reference  # pylint: disable=g-import-not-at-top
     ref = bench_reference.load(_REFERENCE)
     self.assertGreaterEqual(bench_reference.set_threads(ref, 1), 1)
     out = bench.bench_head_only(1, 1, feature_dim=64, token_dim=16, width=32,

@@ -23,7 +23,8 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
-from gendd_jax import build_dataset
+from gendd_jax.cli import build_dataset
+from gendd_jax.cli import common
 from gendd_jax import builders
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -447,7 +448,7 @@ class CommandTest(_TempDirClass):
   def _run(self, *argv: str) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-      rc = build_dataset.main(list(argv))
+      rc = common.call(build_dataset.main, list(argv))
     return rc, out.getvalue(), err.getvalue()
 
   def _assert_error(self, kind: str, src: str, message: str, *extra: str):
@@ -515,7 +516,7 @@ class CommandTest(_TempDirClass):
     self.assertEqual(rc, 0)
     self.assertIn("tfds.data_source('gendd_npz_images/ok'", out)
     proc = subprocess.run(
-        [sys.executable, '-m', 'gendd_jax.build_dataset', 'bogus', '--src',
+        [sys.executable, '-m', 'gendd_jax.cli.build_dataset', 'bogus', '--src',
          src, '--data_dir', data_dir], cwd=_ROOT, capture_output=True,
         text=True, timeout=120, check=False)
     self.assertEqual(proc.returncode, 2)

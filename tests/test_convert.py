@@ -19,7 +19,9 @@ import numpy as np
 from safetensors.numpy import save_file
 import torch
 
-from gendd_jax import convert
+from gendd_jax.cli import common
+from gendd_jax.cli import convert
+from gendd_jax.models import torch_import
 from gendd_jax import models
 from gendd_jax import sharding
 from gendd_jax import teacher as teacher_lib
@@ -49,7 +51,7 @@ def _model(name='resnet18', classes=10, seed=0):
 def _run(argv):
   err, out = io.StringIO(), io.StringIO()
   with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
-    code = convert.main(argv)
+    code = common.call(convert.main, argv)
   return code, out.getvalue(), err.getvalue()
 
 
@@ -81,7 +83,7 @@ class ConvertCommandTest(absltest.TestCase):
   def test_safetensors_round_trip_loads_as_teacher(self):
     src = _model(seed=1)
     path = os.path.join(self.tmp, 'r18.safetensors')
-    save_file(convert.export_state_dict(src), path)
+    save_file(torch_import.export_state_dict(src), path)
     out = os.path.join(self.tmp, 'export')
     code, stdout, err = _run(['--arch', 'resnet18', '--checkpoint', path,
                               '--out', out, '--image_size', '32'])
@@ -92,7 +94,7 @@ class ConvertCommandTest(absltest.TestCase):
   def test_wrapped_torch_pickle_with_ddp_prefix(self):
     src = _model(seed=2)
     sd = {f'module.{k}': torch.from_numpy(v)
-          for k, v in convert.export_state_dict(src).items()}
+          for k, v in torch_import.export_state_dict(src).items()}
     sd['module.bn1.num_batches_tracked'] = torch.tensor(7)
     path = os.path.join(self.tmp, 'ckpt_epoch_240.pth')
     torch.save({'epoch': 240, 'model': sd, 'optimizer': {}}, path)
@@ -104,7 +106,7 @@ class ConvertCommandTest(absltest.TestCase):
 
   def test_teacher_model_mismatch_is_a_config_error(self):
     path = os.path.join(self.tmp, 'r18.safetensors')
-    save_file(convert.export_state_dict(_model()), path)
+    save_file(torch_import.export_state_dict(_model()), path)
     out = os.path.join(self.tmp, 'export')
     self.assertEqual(_run(['--arch', 'resnet18', '--checkpoint', path,
                            '--out', out, '--image_size', '32'])[0], 0)
@@ -116,7 +118,7 @@ class ConvertCommandTest(absltest.TestCase):
 
   def test_bad_inputs_give_one_clear_error(self):
     good = os.path.join(self.tmp, 'r18.safetensors')
-    save_file(convert.export_state_dict(_model()), good)
+    save_file(torch_import.export_state_dict(_model()), good)
     garbage = os.path.join(self.tmp, 'bad.safetensors')
     with open(garbage, 'wb') as f:
       f.write(b'\x00not a safetensors file')
@@ -159,30 +161,30 @@ class LoadStateDictTest(absltest.TestCase):
 
   def test_unexpected_key_is_named_and_model_untouched(self):
     m = _model()
-    before = convert.export_state_dict(m)
-    sd = dict(convert.export_state_dict(_model(seed=3)))
+    before = torch_import.export_state_dict(m)
+    sd = dict(torch_import.export_state_dict(_model(seed=3)))
     sd['layer5.0.conv1.weight'] = np.zeros((1, 1, 1, 1), np.float32)
-    with self.assertRaisesRegex(convert.ConversionError,
+    with self.assertRaisesRegex(torch_import.ConversionError,
                                 "unexpected keys \\['layer5.0.conv1.weight'"):
-      convert.load_state_dict(m, sd)
-    after = convert.export_state_dict(m)
+      torch_import.load_state_dict(m, sd)
+    after = torch_import.export_state_dict(m)
     for k in before:
       np.testing.assert_array_equal(before[k], after[k])
 
   def test_shape_error_leaves_model_untouched(self):
     m = _model()
-    before = convert.export_state_dict(m)
-    sd = dict(convert.export_state_dict(_model(seed=3)))
+    before = torch_import.export_state_dict(m)
+    sd = dict(torch_import.export_state_dict(_model(seed=3)))
     sd['layer4.1.bn2.running_var'] = np.ones(3, np.float32)
-    with self.assertRaisesRegex(convert.ConversionError,
+    with self.assertRaisesRegex(torch_import.ConversionError,
                                 'layer4.1.bn2.running_var'):
-      convert.load_state_dict(m, sd)
-    after = convert.export_state_dict(m)
+      torch_import.load_state_dict(m, sd)
+    after = torch_import.export_state_dict(m)
     for k in before:
       np.testing.assert_array_equal(before[k], after[k])
 
   def test_torch_key_layout(self):
-    keys = convert.model_key_map(_model())
+    keys = torch_import.model_key_map(_model())
     self.assertIn('layer2.0.downsample.0.weight', keys)
     self.assertIn('layer2.0.downsample.1.running_var', keys)
     self.assertEqual(keys['fc.weight'], ('fc', 'kernel'))

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gendd_jax import convert
+from gendd_jax.models import torch_import
 from gendd_jax import diffusion
 from gendd_jax.models import denoiser
 
@@ -56,7 +56,7 @@ def _load(name):
 def _net():
   """The reference weights loaded into a `DenoiserMLP` (not mutated later)."""
   net = denoiser.DenoiserMLP(*_NET_ARGS, rngs=nnx.Rngs(0))
-  convert.load_torch_denoiser(net, _load('mlp_params.npz'))
+  torch_import.load_torch_denoiser(net, _load('mlp_params.npz'))
   return net
 
 
@@ -297,7 +297,7 @@ class DenoiserParityTest(parameterized.TestCase):
   def test_net_prefix_is_stripped(self):
     params = _load('mlp_params.npz')
     net = denoiser.DenoiserMLP(*_NET_ARGS, rngs=nnx.Rngs(1))
-    convert.load_torch_denoiser(net, {'net.' + k: v for k, v in params.items()})
+    torch_import.load_torch_denoiser(net, {'net.' + k: v for k, v in params.items()})
     for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(net, nnx.Param)),
                                  nnx.to_flat_state(nnx.state(_net(),
                                                              nnx.Param))):
@@ -313,14 +313,14 @@ class ConversionErrorTest(parameterized.TestCase):
 
   def _load_into_fresh(self, state_dict):
     net = denoiser.DenoiserMLP(*_NET_ARGS, rngs=nnx.Rngs(0))
-    convert.load_torch_denoiser(net, state_dict)
+    torch_import.load_torch_denoiser(net, state_dict)
 
   @parameterized.parameters('res_blocks.3.in_ln.weight', 'extra.bias',
                             'res_blocks.0.in_ln.running_mean')
   def test_extra_key(self, key):
     sd = dict(_load('mlp_params.npz'))
     sd[key] = np.zeros(64, np.float32)
-    with self.assertRaisesRegex(convert.ConversionError, re.escape(key)):
+    with self.assertRaisesRegex(torch_import.ConversionError, re.escape(key)):
       self._load_into_fresh(sd)
 
   @parameterized.parameters('final_layer.linear.bias',
@@ -328,7 +328,7 @@ class ConversionErrorTest(parameterized.TestCase):
   def test_missing_key(self, key):
     sd = dict(_load('mlp_params.npz'))
     del sd[key]
-    with self.assertRaisesRegex(convert.ConversionError, re.escape(key)):
+    with self.assertRaisesRegex(torch_import.ConversionError, re.escape(key)):
       self._load_into_fresh(sd)
 
   def test_failed_load_leaves_model_untouched(self):
@@ -336,8 +336,8 @@ class ConversionErrorTest(parameterized.TestCase):
     del sd['final_layer.linear.bias']  # Only detected after all other keys.
     net = denoiser.DenoiserMLP(*_NET_ARGS, rngs=nnx.Rngs(0))
     before = jax.tree.map(np.asarray, nnx.state(net, nnx.Param))
-    with self.assertRaises(convert.ConversionError):
-      convert.load_torch_denoiser(net, sd)
+    with self.assertRaises(torch_import.ConversionError):
+      torch_import.load_torch_denoiser(net, sd)
     after = jax.tree.map(np.asarray, nnx.state(net, nnx.Param))
     for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
       np.testing.assert_array_equal(a, b)
@@ -350,7 +350,7 @@ class ConversionErrorTest(parameterized.TestCase):
   def test_wrong_shape(self, key, mangle):
     sd = dict(_load('mlp_params.npz'))
     sd[key] = mangle(sd[key])
-    with self.assertRaisesRegex(convert.ConversionError,
+    with self.assertRaisesRegex(torch_import.ConversionError,
                                 'shape.*' + re.escape(key)):
       self._load_into_fresh(sd)
 

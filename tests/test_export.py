@@ -12,8 +12,8 @@ import tempfile
 from absl.testing import absltest
 
 from gendd_jax import checkpoint as ckpt_lib
-from gendd_jax import evaluate
-from gendd_jax import export as export_lib
+from gendd_jax.cli import evaluate
+from gendd_jax.cli import export as export_lib
 import test_train
 
 _TMP = None
@@ -77,7 +77,7 @@ class ExportEvaluateTest(absltest.TestCase):
 
   def test_cli_prints_top1_top5_and_speed(self):
     out_json = os.path.join(_TMP.name, 'eval.json')
-    p = _run('gendd_jax.evaluate', f'--checkpoint={self.out}',
+    p = _run('gendd_jax.cli.evaluate', f'--checkpoint={self.out}',
              '--sampler=ancestral', '--steps=2',
              '--num_sampling=2', '--cfg_scale=1.5', f'--output={out_json}')
     self.assertEqual(p.returncode, 0, p.stderr[-2000:])
@@ -85,7 +85,7 @@ class ExportEvaluateTest(absltest.TestCase):
                      r'2 draw\(s\)\): top-1 [\d.]+%  top-5 [\d.]+%  '
                      r'[\d.]+ images/s')
     self.assertRegex(p.stdout, r'probe: top-1 [\d.]+%')
-    default = _run('gendd_jax.evaluate', f'--checkpoint={self.out}',
+    default = _run('gendd_jax.cli.evaluate', f'--checkpoint={self.out}',
                    '--mode=sample')
     self.assertEqual(default.returncode, 0, default.stderr[-2000:])
     self.assertIn('sample (posterior_mean, 1 call, cfg 2', default.stdout)
@@ -96,17 +96,17 @@ class ExportEvaluateTest(absltest.TestCase):
 
   def test_bad_inputs(self):
     cases = [
-        (('gendd_jax.export', f'--workdir={self.workdir}',
+        (('gendd_jax.cli.export', f'--workdir={self.workdir}',
           f'--out={self.out}'), 'already exists'),
-        (('gendd_jax.export', f'--workdir={_TMP.name}/none',
+        (('gendd_jax.cli.export', f'--workdir={_TMP.name}/none',
           f'--out={_TMP.name}/x'), 'no checkpoint or final export'),
-        (('gendd_jax.export', f'--workdir={self.workdir}',
+        (('gendd_jax.cli.export', f'--workdir={self.workdir}',
           f'--out={_TMP.name}/y', '--step=3'), 'no checkpoint for step 3'),
-        (('gendd_jax.evaluate', f'--checkpoint={self.workdir}/export'),
+        (('gendd_jax.cli.evaluate', f'--checkpoint={self.workdir}/export'),
          'not an evaluation export'),
-        (('gendd_jax.evaluate', f'--checkpoint={self.out}', '--mode=logits'),
+        (('gendd_jax.cli.evaluate', f'--checkpoint={self.out}', '--mode=logits'),
          "mode 'logits' is for classifier exports"),
-        (('gendd_jax.evaluate', f'--checkpoint={_TMP.name}/missing'),
+        (('gendd_jax.cli.evaluate', f'--checkpoint={_TMP.name}/missing'),
          'missing meta.json'),
     ]
     for args, message in cases:

@@ -19,7 +19,8 @@ from absl.testing import absltest
 from flax import nnx
 
 from gendd_jax import models
-from gendd_jax import zoo
+from gendd_jax.cli import common
+from gendd_jax.cli import zoo
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -111,7 +112,7 @@ class ZooCommandTest(absltest.TestCase):
   def test_command_prints_a_table(self):
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-      code = zoo.main(['resnet18', 'resnet8x4'])
+      code = common.call(zoo.main, ['resnet18', 'resnet8x4'])
     self.assertEqual(code, 0)
     lines = out.getvalue().splitlines()
     self.assertEqual(len(lines), 3)
@@ -119,7 +120,7 @@ class ZooCommandTest(absltest.TestCase):
     self.assertRegex(lines[2], r'^resnet8x4 +32 +100 +256 ')
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
-      self.assertEqual(zoo.main(['resnet51']), 2)
+      self.assertEqual(common.call(zoo.main, ['resnet51']), 2)
     self.assertIn("unknown model(s) ['resnet51']", err.getvalue())
 
 

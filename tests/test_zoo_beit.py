@@ -18,7 +18,7 @@ from flax import nnx
 import numpy as np
 import torch
 
-from gendd_jax import convert
+from gendd_jax.models import torch_import
 from gendd_jax import models
 from gendd_jax.models import beit
 from tests.torch_ref import beit as ref
@@ -64,7 +64,7 @@ class ParameterCountTest(parameterized.TestCase):
             if not k.endswith('relative_position_index')}
     model = _abstract(name)
     got = {}
-    for key, path in convert.model_key_map(model).items():
+    for key, path in torch_import.model_key_map(model).items():
       shape = tuple(functools.reduce(
           lambda v, p: v[p] if isinstance(p, int) else getattr(v, p), path,
           model).shape)
@@ -109,7 +109,7 @@ class RelativePositionTest(parameterized.TestCase):
                      beit.num_relative_distances((gh, gw)))
 
   def test_bias_follows_the_table(self):
-    attn = convert.empty_model(
+    attn = torch_import.empty_model(
         lambda: beit.Attention(16, 4, (3, 2), rngs=nnx.Rngs(0)))
     table = np.arange(attn.relative_position_bias_table.size,
                       dtype=np.float32).reshape(-1, 4)
@@ -144,10 +144,10 @@ class BeitTest(parameterized.TestCase):
   def test_unilm_checkpoint_loads_and_exports_back(self):
     checkpoint = {'model': _tiny_torch(10, (64, 48)).state_dict()}
     # Unilm checkpoints hold the index buffers; they must be skipped.
-    state = convert.unwrap_state_dict(checkpoint)
+    state = torch_import.unwrap_state_dict(checkpoint)
     self.assertIn('blocks.0.attn.relative_position_index', state)
     model = parity.converted(_ARCH, checkpoint, 10, (64, 48, 3), **_TINY)
-    exported = convert.export_state_dict(model)
+    exported = torch_import.export_state_dict(model)
     self.assertEqual(set(exported), {
         k for k in state if not k.endswith('relative_position_index')})
     for key, value in exported.items():
@@ -178,16 +178,16 @@ class ErrorTest(absltest.TestCase):
 
   def setUp(self):
     super().setUp()
-    self.state = convert.unwrap_state_dict(
+    self.state = torch_import.unwrap_state_dict(
         _tiny_torch(10, (32, 32)).state_dict())
 
   def test_other_grid_is_a_shape_mismatch(self):
     # 3 x 2 patches, the state has 2 x 2.
     model = parity.empty(_ARCH, 10, (48, 32, 3), **_TINY)
     with self.assertRaisesRegex(
-        convert.ConversionError,
+        torch_import.ConversionError,
         r'shape mismatch for .blocks\.0\.attn\.relative_position_bias_table'):
-      convert.load_state_dict(model, self.state)
+      torch_import.load_state_dict(model, self.state)
 
   def test_missing_and_unexpected_keys(self):
     model = parity.empty(_ARCH, 10, (32, 32, 3), **_TINY)
@@ -195,9 +195,9 @@ class ErrorTest(absltest.TestCase):
     del state['blocks.1.gamma_2']
     state['rel_pos_bias.relative_position_bias_table'] = np.zeros((12, 4))
     with self.assertRaisesRegex(
-        convert.ConversionError,
+        torch_import.ConversionError,
         r"unexpected keys \['rel_pos_bias.*missing keys \['blocks.1.gamma_2"):
-      convert.load_state_dict(model, state)
+      torch_import.load_state_dict(model, state)
 
   def test_wrong_input_size_and_settings(self):
     model = parity.empty(_ARCH, 10, (32, 32, 3), **_TINY)

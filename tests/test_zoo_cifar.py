@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from flax import nnx
 
-from gendd_jax import convert
+from gendd_jax.models import torch_import
 from gendd_jax import models
 from gendd_jax.models import cifar
 from tests.torch_ref import cifar as torch_cifar
@@ -96,7 +96,7 @@ class RegistryTest(parameterized.TestCase):
     for sub in nnx.state(model, nnx.Param, nnx.BatchStat):
       shapes.update((path, v.shape) for path, v in nnx.to_flat_state(sub))
     ours = {key: _torch_shape(path, shapes[path])
-            for key, path in convert.model_key_map(model).items()}
+            for key, path in torch_import.model_key_map(model).items()}
     with torch.device('meta'):  # Shapes only, no weights.
       torch_state = torch_cifar.MODELS[name](100).state_dict()
     theirs = {k: tuple(v.shape) for k, v in torch_state.items()
@@ -178,25 +178,25 @@ class ConversionTest(absltest.TestCase):
         torch_model.fc.weight.detach().numpy().T)
 
   def test_wrong_depth_names_missing_key(self):
-    state = convert.unwrap_state_dict(
+    state = torch_import.unwrap_state_dict(
         torch_cifar.MODELS['resnet8x4'](100).state_dict())
     with self.assertRaisesRegex(convert.ConversionError,
                                 r"missing keys .*'layer1\.1\."):
-      convert.load_state_dict(_abstract('resnet32x4'), state)
+      torch_import.load_state_dict(_abstract('resnet32x4'), state)
 
   def test_missing_shortcut_is_named(self):
-    state = convert.unwrap_state_dict(
+    state = torch_import.unwrap_state_dict(
         torch_cifar.MODELS['resnet8'](100).state_dict())
     with self.assertRaisesRegex(convert.ConversionError,
                                 r"missing keys .*'layer1\.0\.downsample"):
-      convert.load_state_dict(_abstract('resnet8x4'), state)
+      torch_import.load_state_dict(_abstract('resnet8x4'), state)
 
   def test_wrong_class_count_names_classifier(self):
-    state = convert.unwrap_state_dict(
+    state = torch_import.unwrap_state_dict(
         torch_cifar.MODELS['wrn_16_1'](100).state_dict())
     with self.assertRaisesRegex(convert.ConversionError,
                                 r"shape mismatch for .*'fc\.weight'"):
-      convert.load_state_dict(_abstract('wrn_16_1', num_classes=10), state)
+      torch_import.load_state_dict(_abstract('wrn_16_1', num_classes=10), state)
 
 
 if __name__ == '__main__':

@@ -15,7 +15,7 @@ from flax import nnx
 import numpy as np
 import torch
 
-from gendd_jax import convert
+from gendd_jax.models import torch_import
 from gendd_jax import models
 from gendd_jax.models import resnet
 from tests.torch_ref import imagenet as ref
@@ -54,7 +54,7 @@ class ParameterCountTest(parameterized.TestCase):
     self.assertEqual(conv2.feature_group_count, 32)
 
   def test_mobilenet_key_names(self):
-    keys = set(convert.model_key_map(_abstract('mobilenet_v1')))
+    keys = set(torch_import.model_key_map(_abstract('mobilenet_v1')))
     torch_keys = {k for k in ref.MobileNetV1().state_dict()
                   if not k.endswith('num_batches_tracked')}
     self.assertEqual(keys, torch_keys)

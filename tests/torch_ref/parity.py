@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from flax import nnx
 
-from gendd_jax import convert
+from gendd_jax.models import torch_import
 from gendd_jax import models
 
 # Each forward runs once: unoptimised code compiles faster than it loses.
@@ -60,7 +60,7 @@ def abstract(arch: str, num_classes: int, input_shape: tuple,
 def empty(arch: str, num_classes: int, input_shape: tuple,
           **settings) -> nnx.Module:
   """The registered model `arch`, zero-filled, its initialisers not run."""
-  return convert.empty_model(_builder(arch, num_classes, input_shape,
+  return torch_import.empty_model(_builder(arch, num_classes, input_shape,
                                       **settings))
 
 
@@ -94,7 +94,7 @@ def converted(arch: str, source: torch.nn.Module | Mapping[str, Any],
   if isinstance(source, torch.nn.Module):
     source = source.state_dict()
   model = empty(arch, num_classes, input_shape, **settings)
-  convert.load_state_dict(model, convert.unwrap_state_dict(source))
+  torch_import.load_state_dict(model, torch_import.unwrap_state_dict(source))
   return model
 
 

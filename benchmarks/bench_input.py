@@ -1,6 +1,6 @@
 r"""Input throughput on one CPU core: decode + augment images/s, as JSON.
 
-  python -m gendd_jax.bench_input [--num_images=200] [--repeats=3]
+  python -m benchmarks.bench_input [--num_images=200] [--repeats=3]
 
 Generates `num_images` synthetic JPEGs in memory (ImageNet-like: 500 x 375,
 quality 90, smooth multi-scale random texture plus grain, about 100 KB each,

@@ -1,8 +1,8 @@
 """Parameters and FLOPs of the registered models.
 
-    python -m gendd_jax.zoo                       # every model
-    python -m gendd_jax.zoo resnet50 resnet8x4    # some of them
-    python -m gendd_jax.zoo --list
+    python -m gendd_jax.cli.zoo                      # every model
+    python -m gendd_jax.cli.zoo resnet50 resnet8x4   # some of them
+    python -m gendd_jax.cli.zoo --list
 
 Counts are for the eval-mode forward of one image, traced from abstract
 shapes (no weights are allocated). GMACs are the multiply-accumulates of
@@ -15,15 +15,19 @@ multiply-add as two operations and includes element-wise work.
 
 from __future__ import annotations
 
-import argparse
-import sys
-
+from absl import flags
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gendd_jax import errors
 from gendd_jax import flops
 from gendd_jax import models
+from gendd_jax.cli import common
+
+_LIST = flags.DEFINE_bool('list', False, 'Only list the registered names.')
+flags.declare_key_flag('num_classes')
+flags.declare_key_flag('image_size')
 
 
 def default_image_size(name: str) -> int:
@@ -68,30 +72,19 @@ def summarise(name: str, num_classes: int | None = None,
               image_size=size)
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(
-      prog='python -m gendd_jax.zoo',
-      description='Print parameters and FLOPs of registered models.')
-  parser.add_argument('names', nargs='*', help='models (default: all)')
-  parser.add_argument('--list', action='store_true',
-                      help='only list the registered names')
-  parser.add_argument('--num_classes', type=int, default=None,
-                      help='default 100 for CIFAR models, else 1000')
-  parser.add_argument('--image_size', type=int, default=None,
-                      help='default 32 for CIFAR models, else 224')
-  args = parser.parse_args(argv)
-  if args.list:
+def main(argv: list[str]) -> int:
+  """`argv[1:]`: the models (default: all)."""
+  if _LIST.value:
     print('\n'.join(models.BACKBONES))
     return 0
-  names = args.names or [n for n in models.BACKBONES if n != 'mlp']
+  names = argv[1:] or [n for n in models.BACKBONES if n != 'mlp']
   unknown = [n for n in names if n not in models.REGISTRY]
   if unknown:
-    print(f'error: unknown model(s) {unknown}; see --list', file=sys.stderr)
-    return 2
+    errors.fail(f'unknown model(s) {unknown}; see --list')
   print(f'{"model":28s} {"input":>7s} {"classes":>7s} {"feature":>7s} '
         f'{"params":>13s} {"GMACs":>8s} {"XLA GFLOPs":>10s}')
   for name in names:
-    s = summarise(name, args.num_classes, args.image_size)
+    s = summarise(name, common.NUM_CLASSES.value, common.IMAGE_SIZE.value)
     print(f'{name:28s} {s["image_size"]:>7d} {s["num_classes"]:>7d} '
           f'{s["feature_dim"]:>7d} {s["params"]:>13,d} {s["gmacs"]:>8.3f} '
           f'{s["xla_gflops"]:>10.3f}',
@@ -100,4 +93,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  common.run(main)

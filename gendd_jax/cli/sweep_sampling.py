@@ -1,6 +1,7 @@
 r"""Accuracy against sampling steps, per sampler: the few-step study.
 
-  python -m gendd_jax.sweep_sampling --runs='runs/digits/seed0/fold*/gendd' \
+  python -m gendd_jax.cli.sweep_sampling \
+      --runs='runs/digits/seed0/fold*/gendd' \
       --step_counts=1,2,4,8,16,32,64,100 \
       --samplers=ancestral,ddim,posterior_mean --seeds=3 \
       --output_prefix=docs/results/sampling_digits
@@ -24,32 +25,30 @@ import glob
 import json
 import os
 import statistics
-import sys
 
-from absl import app
 from absl import flags
 
-def define_flags() -> None:
-  """Defines the command-line flags (only when run as a command, so
-  importing this module next to other tools never clashes)."""
-  global _RUNS, _STEPS, _SAMPLERS, _SEEDS, _REFERENCE, _TOLERANCE, _CLIP, _OUT
-  _RUNS = flags.DEFINE_string('runs', None, 'Glob of GenDD training run dirs.')
-  _STEPS = flags.DEFINE_list(
-      'step_counts', ['1', '2', '4', '8', '16', '32', '64', '100'],
-      'Step counts.')
-  _SAMPLERS = flags.DEFINE_list('samplers', ['ancestral', 'ddim',
-                                             'posterior_mean'], 'Samplers.')
-  _SEEDS = flags.DEFINE_integer('seeds', 3, 'Sampler-noise seeds averaged.')
-  _REFERENCE = flags.DEFINE_string(
-      'reference', 'ancestral:64',
-      'sampler:steps whose accuracy is the target.')
-  _TOLERANCE = flags.DEFINE_float('tolerance', 0.2, 'Points below the '
-                                  'reference still counted as equal.')
-  _CLIP = flags.DEFINE_string('x0_clip', 'none', "x0 clipping of every "
-                              "sampler: 'none' (the paper's), 'data' or a "
-                              'number.')
-  _OUT = flags.DEFINE_string('output_prefix', None,
-                             'Output path without extension.')
+from gendd_jax import checkpoint as ckpt_lib
+from gendd_jax import errors
+from gendd_jax.cli import common
+from gendd_jax.cli import evaluate
+from gendd_jax.cli import export as export_lib
+
+_RUNS = flags.DEFINE_string('runs', None, 'Glob of GenDD training run dirs.')
+_STEPS = flags.DEFINE_list(
+    'step_counts', ['1', '2', '4', '8', '16', '32', '64', '100'],
+    'Step counts.')
+_SAMPLERS = flags.DEFINE_list('samplers', ['ancestral', 'ddim',
+                                           'posterior_mean'], 'Samplers.')
+_SEEDS = flags.DEFINE_integer('seeds', 3, 'Sampler-noise seeds averaged.')
+_REFERENCE = flags.DEFINE_string(
+    'reference', 'ancestral:64',
+    'sampler:steps whose accuracy is the target.')
+_TOLERANCE = flags.DEFINE_float('tolerance', 0.2, 'Points below the '
+                                'reference still counted as equal.')
+_OUT = flags.DEFINE_string('output_prefix', None,
+                           'Output path without extension.')
+flags.declare_key_flag('clip_x0')
 
 
 def _settings(samplers, steps):
@@ -74,9 +73,6 @@ def choose(rows: list[dict], reference: dict, tolerance: float) -> dict:
 
 def sweep(run_dirs, samplers, steps, seeds, reference, tolerance,
           clip_x0: str = 'none') -> dict:
-  from gendd_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  from gendd_jax import evaluate  # pylint: disable=g-import-not-at-top
-  from gendd_jax import export as export_lib  # pylint: disable=g-import-not-at-top
   exports = []
   for run in run_dirs:
     out = os.path.join(run, 'eval_export')
@@ -153,6 +149,7 @@ def markdown(res: dict) -> str:
 
 
 def plot(res: dict, path: str) -> None:
+  # matplotlib is optional and heavy: imported only to draw the plot.
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -178,14 +175,13 @@ def plot(res: dict, path: str) -> None:
 
 def main(argv):
   if len(argv) > 1 or not _RUNS.value or not _OUT.value:
-    print('error: --runs and --output_prefix are required', file=sys.stderr)
-    sys.exit(2)
+    errors.fail('--runs and --output_prefix are required')
   runs = sorted(glob.glob(_RUNS.value))
   if not runs:
-    print(f'error: no run directory matches {_RUNS.value}', file=sys.stderr)
-    sys.exit(2)
+    errors.fail(f'no run directory matches {_RUNS.value}')
+  clip_x0 = 'none' if common.CLIP_X0.value is None else common.CLIP_X0.value
   res = sweep(runs, _SAMPLERS.value, _STEPS.value, _SEEDS.value,
-              _REFERENCE.value, _TOLERANCE.value, _CLIP.value)
+              _REFERENCE.value, _TOLERANCE.value, clip_x0)
   os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
   with open(_OUT.value + '.json', 'w') as f:
     json.dump(res, f, indent=1)
@@ -197,5 +193,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  define_flags()
-  app.run(main)
+  common.run(main)

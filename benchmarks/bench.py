@@ -1,7 +1,7 @@
 r"""Throughput benchmark: train-step and evaluation images/s, printed as JSON.
 
-  python -m gendd_jax.bench [--settings=digits,head_only,cifar] [--repeats=5]
-  python -m gendd_jax.bench --settings=head_only,cifar --reference=PATH
+  python -m benchmarks.bench [--settings=digits,head_only,cifar] [--repeats=5]
+  python -m benchmarks.bench --settings=head_only,cifar --reference=PATH
 
 Settings:
   digits     the bundled example's GenDD stage (teacher MLP + student MLP +
@@ -43,8 +43,10 @@ student, CFG sampling, classifier, as theirs) gives the headline ratio.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import glob
+import importlib.util
 import json
 import math
 import os
@@ -56,8 +58,24 @@ from typing import Any, Callable
 
 from absl import app
 from absl import flags
+from flax import nnx
+import jax
+from jax import profiler
+import jax.numpy as jnp
+import numpy as np
+import optax
 
+from benchmarks import bench_reference
+from gendd_jax import config_lib
+from gendd_jax import data as data_lib
+from gendd_jax import diffusion
+from gendd_jax import gendd
+from gendd_jax import modeling
+from gendd_jax import optim
+from gendd_jax import sharding
+from gendd_jax import train
 from gendd_jax.flops import matmul_flops
+from gendd_jax.models import denoiser
 
 _SETTINGS = flags.DEFINE_list('settings', ['digits', 'head_only', 'cifar'],
                               'Which settings to run.')
@@ -104,7 +122,6 @@ def median_rate(fn, images_per_call: int, calls: int, repeats: int
 def step_work(fn, *args, xla: bool = False) -> dict[str, float]:
   """`{flops}` of one call of `fn(*args)` (jaxpr count) and, with `xla`,
   `xla_flops` from the compiled program's cost analysis."""
-  import jax  # pylint: disable=g-import-not-at-top
   out = dict(flops=float(matmul_flops(jax.make_jaxpr(fn)(*args))))
   if xla:
     jitted = fn if hasattr(fn, 'lower') else jax.jit(fn)
@@ -205,8 +222,6 @@ def profile_call(jitted, args: tuple, trace_dir: str, top: int = 6
   executed operations' times (over the CPU client's threads) into matrix
   products and convolutions versus everything else, with the costliest of
   each and the products' achieved GFLOP/s."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from jax import profiler  # pylint: disable=g-import-not-at-top
   ops = hlo_op_flops(jitted.lower(*args).compile().as_text())
   jax.block_until_ready(jitted(*args))
   os.makedirs(trace_dir, exist_ok=True)
@@ -285,8 +300,6 @@ def matmul_peak(shapes=PEAK_SHAPES, repeats: int = 5, torch=None,
   of about `chain_flops` in one call, so buffers are reused and dispatch is
   amortised; the best of `repeats` calls.
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   rows = []
   for m, k, n in shapes:
@@ -339,7 +352,6 @@ def run_reference(ref, make_parts: Callable[[int], dict[str, Callable]],
                   batch: int, repeats: int, steps: int) -> dict[str, Any]:
   """Times `make_parts(batch)` (`bench_reference.*_parts`) as ours are
   timed, and counts their work."""
-  from gendd_jax import bench_reference  # pylint: disable=g-import-not-at-top
   work = bench_reference.flops_at(ref, make_parts, batch)
   parts = make_parts(batch)
   out = dict(torch=ref.torch.__version__,
@@ -364,12 +376,6 @@ def bench_head_only(repeats: int, steps: int, *, feature_dim=2048,
   `eval` is `sampling_steps`-step ancestral CFG sampling (the reference's
   evaluation); `eval_fast` the few-step sampler `fast_sampler` /
   `fast_steps` (evaluation's default, see `sweep_sampling`)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import optax  # pylint: disable=g-import-not-at-top
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  from gendd_jax import diffusion  # pylint: disable=g-import-not-at-top
-  from gendd_jax import gendd  # pylint: disable=g-import-not-at-top
-  from gendd_jax.models import denoiser  # pylint: disable=g-import-not-at-top
 
   class HeadOnly(nnx.Module):
 
@@ -454,7 +460,6 @@ def bench_head_only(repeats: int, steps: int, *, feature_dim=2048,
   if reference is not None:
     if cfg_scale != 2.0:
       raise ValueError('the reference evaluates at CFG scale 2 only')
-    from gendd_jax import bench_reference  # pylint: disable=g-import-not-at-top
     out['reference'] = run_reference(
         reference, functools.partial(
             bench_reference.head_only_parts, reference,
@@ -477,16 +482,6 @@ def _bench_gendd(config, info, train_batch, eval_images, repeats: int,
   `equal_work_eval`, also the evaluation without the teacher
   (`eval_sampling`) and the same with the few-step sampler `fast_sampler` /
   `fast_steps` (`eval_fast`)."""
-  import dataclasses  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  from gendd_jax import gendd  # pylint: disable=g-import-not-at-top
-  from gendd_jax import modeling  # pylint: disable=g-import-not-at-top
-  from gendd_jax import optim  # pylint: disable=g-import-not-at-top
-  from gendd_jax import sharding  # pylint: disable=g-import-not-at-top
-  from gendd_jax import train  # pylint: disable=g-import-not-at-top
 
   config.stage = 'gendd'
   config.sampler.also_eval_clipped = False  # Time one sampler pass.
@@ -537,10 +532,10 @@ def _bench_gendd(config, info, train_batch, eval_images, repeats: int,
     def sampling_eval(state, teacher, images):
       model = nnx.merge(spec.graphdef, state['params'], state['batch_stats'])
       z = model.student(images)[0].astype(jnp.float32)
-      feat = gendd.sample_features(model.head, sched, jax.random.key(1), z,
-                                   settings)
       w, b = modeling.classifier(teacher['params'])
-      return jnp.argmax(feat @ w.T + b, -1)
+      logits, _ = gendd.sampled_logits(model.head, sched, jax.random.key(1),
+                                       z, settings, w, b)
+      return jnp.argmax(logits, -1)
 
     def once():
       jax.block_until_ready(sampling_eval(state['s'], teacher,
@@ -596,9 +591,6 @@ def _bench_gendd(config, info, train_batch, eval_images, repeats: int,
 
 def bench_digits(repeats: int, steps: int) -> dict:
   """The digits config's GenDD stage: full train step and evaluation."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
-  from gendd_jax import data as data_lib  # pylint: disable=g-import-not-at-top
 
   path = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'configs',
                       'digits.py')
@@ -626,8 +618,6 @@ def bench_cifar(repeats: int, steps: int, *, teacher='resnet32x4',
   100-step CFG evaluation, on random 32x32 images (throughput does not
   depend on the pixels); with `reference`, the authors' code too (at
   `batch`; their evaluation runs at the training batch)."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from gendd_jax import config_lib  # pylint: disable=g-import-not-at-top
 
   config = config_lib.cifar100(teacher=teacher, student=student)
   config.gendd.width, config.gendd.depth = width, depth
@@ -646,7 +636,6 @@ def bench_cifar(repeats: int, steps: int, *, teacher='resnet32x4',
   if reference is not None:
     if eval_batch != batch:
       raise ValueError('the reference runs evaluation at the train batch')
-    from gendd_jax import bench_reference  # pylint: disable=g-import-not-at-top
     g = config.gendd
     out['reference'] = run_reference(
         reference, functools.partial(
@@ -666,8 +655,6 @@ def bench_imagenet(repeats: int, steps: int, *,
   teacher, ResNet-50 student, head token 64 / width 1024 / depth 3 / mul
   10), with or without the teacher forward; training only (evaluation does
   not depend on where the training targets come from)."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from gendd_jax import config_lib  # pylint: disable=g-import-not-at-top
 
   config = config_lib.cifar100(teacher=teacher, student=student)
   config.gendd.width, config.gendd.depth = width, depth
@@ -768,7 +755,6 @@ def main(argv):
     with open(_TABLE_FROM.value) as f:
       print(summary_table(json.load(f)))
     return
-  import jax  # pylint: disable=g-import-not-at-top
   out = dict(machine=dict(platform=platform.platform(),
                           processor=platform.processor(),
                           cpu_count=os.cpu_count(),
@@ -789,7 +775,6 @@ def main(argv):
                            f'{", ".join(runners)}')
   ref = None
   if _REFERENCE.value:
-    from gendd_jax import bench_reference  # pylint: disable=g-import-not-at-top
     ref = bench_reference.load(_REFERENCE.value)
     bench_reference.set_threads(ref, _TORCH_THREADS.value or None)
     out['reference'] = dict(path_given=True, torch=ref.torch.__version__,

@@ -1,6 +1,7 @@
 r"""Export a training run for evaluation: only what inference needs.
 
-  python -m gendd_jax.export --workdir=runs/r50_600ep/gendd --out=exports/r50
+  python -m gendd_jax.cli.export --workdir=runs/r50_600ep/gendd \
+      --out=exports/r50
 
 Reads the latest checkpoint of `<workdir>/checkpoints` (or `--step`; or the
 run's final `<workdir>/export` when it kept no checkpoints) and writes an
@@ -8,7 +9,7 @@ orbax checkpoint at `--out` holding the student (parameters and batch
 statistics: backbone, linear probe, condition LayerNorm and diffusion head),
 the frozen teacher classifier `W_cls`/`b_cls` that classifies generated
 features, the target statistics if the head was trained on standardised
-targets, and the config. `python -m gendd_jax.evaluate` loads it without
+targets, and the config. `python -m gendd_jax.cli.evaluate` loads it without
 the training code. Works for every stage: backbone stages export the
 classifier network alone, stage-1 its projection plus `W_cls`.
 """
@@ -17,37 +18,31 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from typing import Any
 
-from absl import app
 from absl import flags
 from absl import logging
+import jax
 
-def define_flags() -> None:
-  """Defines the command-line flags (only when run as a command, so
-  importing this module next to other tools never clashes)."""
-  global _WORKDIR, _OUT, _STEP
-  _WORKDIR = flags.DEFINE_string('workdir', None, 'A training run directory.')
-  _OUT = flags.DEFINE_string('out', None, 'Directory to write the export to '
-                             '(must not exist yet).')
-  _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: the '
-                               'latest).')
+from gendd_jax import checkpoint as ckpt_lib
+from gendd_jax import errors
+from gendd_jax import modeling
+from gendd_jax import optim
+from gendd_jax import sharding
+from gendd_jax import train
+from gendd_jax.cli import common
+from gendd_jax.cli.evaluate import EXPORT_KIND
 
-
-EXPORT_KIND = 'gendd_jax_eval'
-
-
-def _fail(message: str) -> None:
-  print(f'error: {message}', file=sys.stderr, flush=True)
-  sys.exit(2)
+_STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: the '
+                             'latest).')
+flags.declare_key_flag('workdir')
+flags.declare_key_flag('out')
 
 
 def _source(workdir: str, step: int | None) -> tuple[str, int | None]:
   """('checkpoint', step) or ('export', None): where the weights come
   from."""
-  from gendd_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   ckpt_dir = os.path.join(workdir, 'checkpoints')
   if ckpt_lib.isdir(ckpt_dir):
     ckpt = ckpt_lib.Checkpointer(ckpt_dir, async_save=False)
@@ -73,12 +68,6 @@ def _source(workdir: str, step: int | None) -> tuple[str, int | None]:
 def export(workdir: str, out: str, step: int | None = None
            ) -> dict[str, Any]:
   """Writes the evaluation export of `workdir` to `out`; returns its meta."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from gendd_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  from gendd_jax import modeling  # pylint: disable=g-import-not-at-top
-  from gendd_jax import optim  # pylint: disable=g-import-not-at-top
-  from gendd_jax import sharding  # pylint: disable=g-import-not-at-top
-  from gendd_jax import train  # pylint: disable=g-import-not-at-top
 
   if ckpt_lib.exists(out):
     raise ckpt_lib.CheckpointError(f'{out} already exists; choose a new '
@@ -135,24 +124,18 @@ def export(workdir: str, out: str, step: int | None = None
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
-    _fail(f'unexpected arguments: {" ".join(argv[1:])}')
-  if not _WORKDIR.value or not _OUT.value:
-    _fail('both --workdir and --out are required')
+    errors.fail(f'unexpected arguments: {" ".join(argv[1:])}')
+  if not common.WORKDIR.value or not common.OUT.value:
+    errors.fail('both --workdir and --out are required')
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # Keep library INFO logs out.
-  from gendd_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  from gendd_jax import errors  # pylint: disable=g-import-not-at-top
-  try:
-    meta = export(ckpt_lib.absolute(_WORKDIR.value),
-                  ckpt_lib.absolute(_OUT.value), _STEP.value)
-  except errors.USER_ERRORS as e:
-    _fail(str(e))
+  meta = export(ckpt_lib.absolute(common.WORKDIR.value),
+                ckpt_lib.absolute(common.OUT.value), _STEP.value)
   print(json.dumps({k: meta[k] for k in ('stage', 'model', 'teacher_model',
                                          'num_classes', 'step')}))
-  print(f'exported to {ckpt_lib.absolute(_OUT.value)}', flush=True)
+  print(f'exported to {ckpt_lib.absolute(common.OUT.value)}', flush=True)
 
 
 if __name__ == '__main__':
-  define_flags()
-  app.run(main)
+  common.run(main)

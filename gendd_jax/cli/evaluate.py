@@ -1,12 +1,12 @@
 r"""Standalone evaluation of an export (no training code).
 
-  python -m gendd_jax.evaluate --checkpoint=exports/r50 \
+  python -m gendd_jax.cli.evaluate --checkpoint=exports/r50 \
       [--config=configs/r50_600ep.py] [--mode=both] [--steps=64] \
       [--sampler=ancestral] [--cfg_scale=2] [--temperature=1] \
       [--num_sampling=5] [--data_dir=...] [--output=eval.json]
 
-Loads an export written by `python -m gendd_jax.export` and evaluates it on
-the eval split of the config's dataset (the config stored in the export
+Loads an export written by `python -m gendd_jax.cli.export` and evaluates it
+on the eval split of the config's dataset (the config stored in the export
 unless `--config` is given; its model settings must match the export).
 Modes: `sample` generates the teacher-space feature with the diffusion head
 (`--sampler`, `--steps`, `--cfg_scale`, `--temperature`, `--num_sampling`
@@ -18,48 +18,46 @@ compilation) per mode. Sampler settings left unset come from the config.
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import os
-import sys
 import time
 from typing import Any, Iterable, NamedTuple
 
-from absl import app
 from absl import flags
 from absl import logging
-from ml_collections import config_flags
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-def define_flags() -> None:
-  """Defines the command-line flags (only when run as a command, so
-  importing this module next to other tools never clashes)."""
-  global _CHECKPOINT, _CONFIG, _MODE, _SAMPLER, _STEPS, _CFG, _TEMP, _NUM
-  global _CLIP, _BATCH, _MAX_BATCHES, _DATA_DIR, _SEED, _OUTPUT
-  _CHECKPOINT = flags.DEFINE_string('checkpoint', None,
-                                    'Export directory (gendd_jax.export).')
-  _CONFIG = config_flags.DEFINE_config_file(
-      'config', None, 'Optional config file; default: the exported config.',
-      lock_config=True)
-  _MODE = flags.DEFINE_enum('mode', None, ['sample', 'probe', 'both', 'logits'],
-                            'What to evaluate (default: both for GenDD, '
-                            'logits otherwise).')
-  _SAMPLER = flags.DEFINE_string('sampler', None, 'ancestral, ddim or '
-                                 'posterior_mean (default: the config\'s).')
-  _STEPS = flags.DEFINE_string('steps', None, 'Sampling steps (respacing).')
-  _CFG = flags.DEFINE_float('cfg_scale', None, 'Classifier-free guidance.')
-  _TEMP = flags.DEFINE_float('temperature', None, 'Per-step noise scale.')
-  _NUM = flags.DEFINE_integer('num_sampling', None, 'Draws averaged per image.')
-  _CLIP = flags.DEFINE_string('clip_x0', None, "'none', 'data' (the training "
-                              "targets' range) or a number (default: the "
-                              "config's).")
-  _BATCH = flags.DEFINE_integer('batch_size', None, 'Evaluation batch size.')
-  _MAX_BATCHES = flags.DEFINE_integer('max_batches', 0, 'Stop after this many '
-                                      'batches (0: the whole split).')
-  _DATA_DIR = flags.DEFINE_string('data_dir', None, 'Overrides data.data_dir.')
-  _SEED = flags.DEFINE_integer('seed', None, 'Seed of the sampler noise '
-                               '(default: the config\'s seed, which draws the '
-                               'same noise as training-time evaluation).')
-  _OUTPUT = flags.DEFINE_string('output', None, 'Also write results as JSON.')
+from gendd_jax import checkpoint as ckpt_lib
+from gendd_jax import data as data_lib
+from gendd_jax import errors
+from gendd_jax import gendd
+from gendd_jax import modeling
+from gendd_jax import precision
+from gendd_jax.cli import common
+
+_MODE = flags.DEFINE_enum('mode', None, ['sample', 'probe', 'both', 'logits'],
+                          'What to evaluate (default: both for GenDD, '
+                          'logits otherwise).')
+_SAMPLER = flags.DEFINE_string('sampler', None, 'ancestral, ddim or '
+                               'posterior_mean (default: the config\'s).')
+_STEPS = flags.DEFINE_string('steps', None, 'Sampling steps (respacing).')
+_CFG = flags.DEFINE_float('cfg_scale', None, 'Classifier-free guidance.')
+_TEMP = flags.DEFINE_float('temperature', None, 'Per-step noise scale.')
+_NUM = flags.DEFINE_integer('num_sampling', None, 'Draws averaged per image.')
+_MAX_BATCHES = flags.DEFINE_integer('max_batches', 0, 'Stop after this many '
+                                    'batches (0: the whole split).')
+_OUTPUT = flags.DEFINE_string('output', None, 'Also write results as JSON.')
+for _name in ('checkpoint', 'config', 'clip_x0', 'batch_size', 'data_dir',
+              'seed'):
+  flags.declare_key_flag(_name)
+
+# The `kind` in an evaluation export's meta (written by `cli/export.py`).
+EXPORT_KIND = 'gendd_jax_eval'
 
 
 class Exported(NamedTuple):
@@ -84,16 +82,12 @@ class SamplerSpec(NamedTuple):
 
 def load(directory: str, config=None) -> Exported:
   """Rebuilds the exported model (`config` defaults to the stored one)."""
-  from gendd_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  from gendd_jax import modeling  # pylint: disable=g-import-not-at-top
-  from gendd_jax import export as export_lib  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
 
   meta = ckpt_lib.load_export_meta(directory)
-  if meta.get('kind') != export_lib.EXPORT_KIND:
+  if meta.get('kind') != EXPORT_KIND:
     raise ckpt_lib.CheckpointError(
         f'{directory} is not an evaluation export (write one with python -m '
-        'gendd_jax.export --workdir=<run> --out=<dir>)')
+        'gendd_jax.cli.export --workdir=<run> --out=<dir>)')
   config, stage, info, graphdef, params, bs = modeling.abstract_model(
       meta, config)
   abstract = dict(model=dict(params=params, batch_stats=bs))
@@ -123,7 +117,6 @@ def sampler_spec(config, sampler=None, steps=None, cfg_scale=None,
   `clip_x0` is 'none', 'data' (the training targets' range, `clip_bound`,
   stored in the export) or a number.
   """
-  from gendd_jax import gendd  # pylint: disable=g-import-not-at-top
   s = config.sampler
   pick = lambda v, d: d if v is None else v  # noqa: E731
   bound = gendd.parse_clip_x0(pick(clip_x0, s.get('clip_x0', 'none')))
@@ -143,7 +136,6 @@ def sampler_spec(config, sampler=None, steps=None, cfg_scale=None,
 def _sampling(g, spec: SamplerSpec):
   """`(schedule, gendd.SampleSettings)` of `spec` for the head settings `g`
   (`config.gendd` or a dict of it)."""
-  from gendd_jax import gendd  # pylint: disable=g-import-not-at-top
   sched = gendd.sampling_schedule(g['noise_schedule'], g['diffusion_steps'],
                                   spec.steps, spec.sampler)
   settings = gendd.SampleSettings(int(g['token_dim']), spec.num_sampling,
@@ -155,10 +147,6 @@ def _sampling(g, spec: SamplerSpec):
 @functools.lru_cache(maxsize=None)
 def _logits_fn(ex_key, mode: str, spec: SamplerSpec | None):
   """A jitted `(variables, classifier, stats, image, key) -> logits`."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  from gendd_jax import gendd  # pylint: disable=g-import-not-at-top
-  from gendd_jax import precision  # pylint: disable=g-import-not-at-top
   stage, graphdef, g = ex_key
   if mode == 'sample':
     sched, settings = _sampling(g, spec)
@@ -173,10 +161,9 @@ def _logits_fn(ex_key, mode: str, spec: SamplerSpec | None):
     z, probe, _ = precision.to_float32(model.student(image))
     if mode == 'probe':
       return probe
-    feat = gendd.sample_features(model.head, sched, key, z, settings)
-    if stats is not None:
-      feat = feat * stats['std'] + stats['mean']
-    return feat @ classifier['weight'].T + classifier['bias']
+    return gendd.sampled_logits(model.head, sched, key, z, settings,
+                                classifier['weight'], classifier['bias'],
+                                stats)[0]
 
   return jax.jit(fn)
 
@@ -215,9 +202,6 @@ def evaluate(ex: Exported, batches: Iterable[dict[str, Any]], mode: str,
   """Top-1/top-5 (%) and images/s of one mode over `batches` (each with
   `image`, `label`, `valid`). `seed` defaults to the config's."""
   seed = int(ex.config.seed) if seed is None else seed
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
   fn = _logits_fn(_key(ex), mode, spec if mode == 'sample' else None)
   args = (ex.variables, ex.classifier, ex.target_stats)
   # The derivation of the training loop's evaluation noise.
@@ -247,10 +231,6 @@ def evaluate(ex: Exported, batches: Iterable[dict[str, Any]], mode: str,
 
 def sample_features(ex: Exported, images, spec: SamplerSpec, seed: int = 0):
   """Generated teacher-space features `[N, D]` for `images` (one batch)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  from gendd_jax import gendd  # pylint: disable=g-import-not-at-top
   sched, settings = _sampling(ex.config.gendd, spec)
 
   @jax.jit
@@ -258,11 +238,9 @@ def sample_features(ex: Exported, images, spec: SamplerSpec, seed: int = 0):
     model = nnx.merge(ex.graphdef, variables['params'],
                       variables['batch_stats'])
     z = model.student(image)[0].astype(jnp.float32)
-    feat = gendd.sample_features(model.head, sched, jax.random.key(seed), z,
-                                 settings)
-    if stats is not None:
-      feat = feat * stats['std'] + stats['mean']
-    return feat
+    return gendd.sample_teacher_features(model.head, sched,
+                                         jax.random.key(seed), z, settings,
+                                         stats)
 
   return fn(ex.variables, ex.target_stats, jnp.asarray(images))
 
@@ -270,8 +248,6 @@ def sample_features(ex: Exported, images, spec: SamplerSpec, seed: int = 0):
 def eval_batches(ex: Exported, batch_size: int | None = None,
                  data_dir: str | None = None):
   """The eval split of the export's (or given) config, every image once."""
-  import copy  # pylint: disable=g-import-not-at-top
-  from gendd_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   d = copy.deepcopy(ex.config.data)
   with d.unlocked():
     if batch_size:
@@ -281,55 +257,52 @@ def eval_batches(ex: Exported, batch_size: int | None = None,
   return data_lib.open_dataset(d, ex.config.seed).eval_batches()
 
 
-def _fail(message: str) -> None:
-  print(f'error: {message}', file=sys.stderr, flush=True)
-  sys.exit(2)
-
-
 def main(argv: list[str]) -> None:
+  try:
+    _evaluate_command(argv)
+  except ValueError as e:  # Bad sampler settings or mode, an empty split.
+    errors.fail(str(e))
+
+
+def _evaluate_command(argv: list[str]) -> None:
   if len(argv) > 1:
-    _fail(f'unexpected arguments: {" ".join(argv[1:])}')
-  if not _CHECKPOINT.value:
-    _fail('--checkpoint=<export dir> is required')
+    errors.fail(f'unexpected arguments: {" ".join(argv[1:])}')
+  if not common.CHECKPOINT.value:
+    errors.fail('--checkpoint=<export dir> is required')
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # Keep library INFO logs out.
-  from gendd_jax import errors  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  try:
-    ex = load(_CHECKPOINT.value, _CONFIG.value)
-    modes = modes_of(ex, _MODE.value)
-    spec = sampler_spec(ex.config, _SAMPLER.value, _STEPS.value, _CFG.value,
-                        _TEMP.value, _NUM.value, _CLIP.value,
-                        ex.meta.get('clip_bound'))
-    results = {}
-    print(f'{ex.stage} export of {ex.meta["model"]} (step '
-          f'{ex.meta.get("step")}), {jax.device_count()} '
-          f'{jax.devices()[0].platform} device(s)', flush=True)
-    for mode in modes:
-      res = evaluate(ex, eval_batches(ex, _BATCH.value, _DATA_DIR.value),
-                     mode, spec, _SEED.value, _MAX_BATCHES.value)
-      if mode == 'sample':
-        res['sampler'] = spec._asdict()
-      results[mode] = res
-      clip = ('' if spec.clip_x0 is None else
-              f', x0 clipped to ±{spec.clip_x0:.3g}')
-      steps = ('1 call' if spec.sampler == 'posterior_mean' else
-               f'{spec.steps} steps')
-      detail = (f' ({spec.sampler}, {steps}, cfg '
-                f'{spec.cfg_scale:g}, T {spec.temperature:g}, '
-                f'{spec.num_sampling} draw(s){clip})' if mode == 'sample'
-                else '')
-      print(f'{mode}{detail}: top-1 {res["top1"]:.2f}%  top-5 '
-            f'{res["top5"]:.2f}%  {res["images_per_sec"]:.1f} images/s '
-            f'({res["images"]} images)', flush=True)
-  except errors.USER_ERRORS + (ValueError,) as e:
-    _fail(str(e))
+  ex = load(common.CHECKPOINT.value, common.CONFIG.value)
+  modes = modes_of(ex, _MODE.value)
+  spec = sampler_spec(ex.config, _SAMPLER.value, _STEPS.value, _CFG.value,
+                      _TEMP.value, _NUM.value, common.CLIP_X0.value,
+                      ex.meta.get('clip_bound'))
+  results = {}
+  print(f'{ex.stage} export of {ex.meta["model"]} (step '
+        f'{ex.meta.get("step")}), {jax.device_count()} '
+        f'{jax.devices()[0].platform} device(s)', flush=True)
+  for mode in modes:
+    res = evaluate(ex, eval_batches(ex, common.BATCH_SIZE.value,
+                                    common.DATA_DIR.value),
+                   mode, spec, common.SEED.value, _MAX_BATCHES.value)
+    if mode == 'sample':
+      res['sampler'] = spec._asdict()
+    results[mode] = res
+    clip = ('' if spec.clip_x0 is None else
+            f', x0 clipped to ±{spec.clip_x0:.3g}')
+    steps = ('1 call' if spec.sampler == 'posterior_mean' else
+             f'{spec.steps} steps')
+    detail = (f' ({spec.sampler}, {steps}, cfg '
+              f'{spec.cfg_scale:g}, T {spec.temperature:g}, '
+              f'{spec.num_sampling} draw(s){clip})' if mode == 'sample'
+              else '')
+    print(f'{mode}{detail}: top-1 {res["top1"]:.2f}%  top-5 '
+          f'{res["top5"]:.2f}%  {res["images_per_sec"]:.1f} images/s '
+          f'({res["images"]} images)', flush=True)
   if _OUTPUT.value:
     with open(_OUTPUT.value, 'w') as f:
       json.dump(results, f, indent=1)
 
 
 if __name__ == '__main__':
-  define_flags()
-  app.run(main)
+  common.run(main)

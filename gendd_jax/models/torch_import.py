@@ -1,13 +1,11 @@
-"""PyTorch state dicts -> NNX models, and the teacher-import command.
+"""PyTorch state dicts -> NNX models (the teacher import of
+`python -m gendd_jax.cli.convert` and the reference denoiser's weights).
 
-    python -m gendd_jax.convert --arch resnet50 --checkpoint r50.pth \
-        --out teachers/r50 [--num_classes 1000] [--image_size 224]
-
-writes an export that `config.teacher.checkpoint` loads. `.safetensors` files
-are read without torch; `.pth`/`.pt`/`.bin` files need torch (an optional
-extra). Checkpoints that wrap the state dict (`model`, `state_dict`,
-`module`, as the reference CIFAR teachers and unilm BEiT checkpoints do) are
-unwrapped, and a DistributedDataParallel `module.` prefix is dropped.
+`.safetensors` files are read without torch; `.pth`/`.pt`/`.bin` files need
+torch (an optional extra). Checkpoints that wrap the state dict (`model`,
+`state_dict`, `module`, as the reference CIFAR teachers and unilm BEiT
+checkpoints do) are unwrapped, and a DistributedDataParallel `module.` prefix
+is dropped.
 
 Conversion is generic: a model's NNX attribute path, after the model class's
 `TORCH_RENAMES` regex substitutions, is the torch module name; the leaf maps
@@ -21,13 +19,14 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 from typing import Any, Mapping
 
 import jax
 import numpy as np
 from flax import nnx
+
 from gendd_jax.errors import ConversionError
+
 
 def load_torch_denoiser(model: nnx.Module, state_dict: Mapping[str, Any]
                         ) -> None:
@@ -182,6 +181,7 @@ def read_checkpoint(path: str) -> dict[str, np.ndarray]:
   if not os.path.exists(path):
     raise ConversionError(f'checkpoint {path} does not exist')
   if path.endswith('.safetensors'):
+    # Imported on use: only .safetensors files need it.
     from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
     try:
       raw = load_file(path)
@@ -189,6 +189,7 @@ def read_checkpoint(path: str) -> dict[str, np.ndarray]:
       raise ConversionError(f'cannot read {path}: {e}') from e
   else:
     try:
+      # torch is an optional heavy dependency, needed only for pickles.
       import torch  # pylint: disable=g-import-not-at-top
     except ImportError as e:
       raise ConversionError(
@@ -228,97 +229,3 @@ def unwrap_state_dict(raw: Any, source: str = 'checkpoint'
 
 def _is_state_dict(d: Mapping) -> bool:
   return bool(d) and any(hasattr(v, 'shape') for v in d.values())
-
-
-# ---------------------------------------------------------------------------
-# Command line.
-# ---------------------------------------------------------------------------
-
-
-def convert(arch: str, checkpoint: str, out: str, num_classes: int,
-            image_size: int, channels: int = 3) -> dict[str, Any]:
-  """Builds `arch`, loads `checkpoint` into it and writes an export."""
-  # Imported here so `load_torch_denoiser` users need no model zoo.
-  from gendd_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  from gendd_jax import models  # pylint: disable=g-import-not-at-top
-  if os.path.exists(os.path.join(out, 'meta.json')):
-    raise ConversionError(f'{out} already holds an export; choose another '
-                          '--out or delete it first')
-  state_dict = read_checkpoint(checkpoint)
-  input_shape = (image_size, image_size, channels)
-  model = empty_model(lambda: models.create_backbone(
-      arch, num_classes=num_classes, input_shape=input_shape,
-      rngs=nnx.Rngs(0)))
-  load_state_dict(model, state_dict)
-  _, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-  meta = dict(stage='teacher', model=arch, num_classes=num_classes,
-              input_shape=list(input_shape), source=os.path.abspath(
-                  checkpoint), params=models.param_count(model))
-  ckpt_lib.save_export(out, dict(params=params, batch_stats=stats), meta)
-  return meta
-
-
-def main(argv=None) -> int:
-  import argparse  # pylint: disable=g-import-not-at-top
-  parser = argparse.ArgumentParser(
-      prog='python -m gendd_jax.convert',
-      description='Convert a PyTorch teacher checkpoint into an export that '
-      '`config.teacher.checkpoint` loads.')
-  parser.add_argument('--arch', required=True,
-                      help='registered model name, e.g. resnet50, '
-                      'resnet32x4, beitv2_large_patch16_224')
-  parser.add_argument('--checkpoint', required=True,
-                      help='.pth/.pt/.bin (needs torch) or .safetensors')
-  parser.add_argument('--out', required=True, help='export directory')
-  parser.add_argument('--num_classes', type=int, default=None,
-                      help='default: read off the classifier in the '
-                      'checkpoint')
-  parser.add_argument('--image_size', type=int, default=None,
-                      help='input resolution (default 224, or 32 for the '
-                      'CIFAR models)')
-  args = parser.parse_args(argv)
-  try:
-    meta = convert_cli(args)
-  except (ConversionError, ValueError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
-  print(f'wrote {args.out}: {meta["model"]}, {meta["params"]:,} parameters, '
-        f'{meta["num_classes"]} classes')
-  return 0
-
-
-def convert_cli(args) -> dict[str, Any]:
-  from gendd_jax import models  # pylint: disable=g-import-not-at-top
-  if args.arch not in models.REGISTRY:
-    raise ConversionError(f'unknown --arch {args.arch!r}; available: '
-                          f'{", ".join(models.BACKBONES)}')
-  image_size = args.image_size or default_image_size(args.arch)
-  num_classes = args.num_classes
-  if num_classes is None:
-    num_classes = infer_num_classes(args.arch, read_checkpoint(
-        args.checkpoint), image_size)
-  return convert(args.arch, args.checkpoint, args.out, num_classes,
-                 image_size)
-
-
-def default_image_size(arch: str) -> int:
-  from gendd_jax import models  # pylint: disable=g-import-not-at-top
-  return getattr(models.REGISTRY[arch], 'default_image_size', 224)
-
-
-def infer_num_classes(arch: str, state_dict: Mapping[str, Any],
-                      image_size: int) -> int:
-  """Reads the class count off the classifier weight in `state_dict`."""
-  from gendd_jax import models  # pylint: disable=g-import-not-at-top
-  model = nnx.eval_shape(lambda: models.create_backbone(
-      arch, num_classes=7, input_shape=(image_size, image_size, 3),
-      rngs=nnx.Rngs(0)))
-  key = torch_key(('fc', 'kernel'), getattr(model, 'TORCH_RENAMES', ()))
-  if key not in state_dict:
-    raise ConversionError(f'cannot find the classifier {key!r} in the '
-                          'checkpoint; pass --num_classes')
-  return int(np.shape(state_dict[key])[0])
-
-
-if __name__ == '__main__':
-  sys.exit(main())

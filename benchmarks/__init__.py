@@ -1,0 +1,1 @@
+"""Benchmarks (outside the package): run from the repository root as `python -m benchmarks.bench`, `python -m benchmarks.bench_input`."""

@@ -1,0 +1,1 @@
+"""Command-line tools: evaluate, export, precompute, convert, build_dataset, sweep_sampling, zoo."""

@@ -1,0 +1,89 @@
+"""What every command shares: the flags that mean the same thing in several
+tools (defined once, so importing two tools never clashes), flag parsing that
+reports mistakes as one line, and running a `main` so that user errors
+(`errors.USER_ERRORS`) print one `error:` line and exit with status 2.
+
+A command declares the shared flags it takes as key flags
+(`flags.declare_key_flag`), so its `--help` lists them.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable, Sequence
+
+from absl import app
+from absl import flags
+from absl.testing import flagsaver
+from ml_collections import config_flags
+
+from gendd_jax import errors
+
+CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Path to a configuration file (optionally `file.py:arg`).',
+    lock_config=True)
+WORKDIR = flags.DEFINE_string(
+    'workdir', None, 'A training run directory (checkpoints, logs, exports '
+    'and results).')
+OUT = flags.DEFINE_string('out', None, 'Directory to write the export to '
+                          '(must not exist yet).')
+CHECKPOINT = flags.DEFINE_string(
+    'checkpoint', None, 'What to read: an export directory (evaluate) or a '
+    'PyTorch checkpoint, .pth/.pt/.bin (needs torch) or .safetensors '
+    '(convert).')
+DATA_DIR = flags.DEFINE_string('data_dir', None, 'TFDS data folder '
+                               '(evaluate: overrides data.data_dir).')
+BATCH_SIZE = flags.DEFINE_integer('batch_size', None, 'Batch size.')
+SEED = flags.DEFINE_integer('seed', None, 'Seed of the sampler noise '
+                            '(default: the config\'s seed, which draws the '
+                            'same noise as training-time evaluation).')
+NUM_CLASSES = flags.DEFINE_integer(
+    'num_classes', None, 'Classes of the model (convert: default, read off '
+    'the classifier in the checkpoint; zoo: 100 for CIFAR models, else '
+    '1000).')
+IMAGE_SIZE = flags.DEFINE_integer(
+    'image_size', None, 'Input resolution (default 32 for the CIFAR models, '
+    'else 224).')
+CLIP_X0 = flags.DEFINE_string(
+    'clip_x0', None, "x0 clipping of the sampler: 'none', 'data' (the "
+    "training targets' range) or a number (default: evaluate, the config's; "
+    "sweep_sampling, 'none', the paper's).")
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl parsing that reports a bad flag as one `error:` line (status 2)."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    errors.fail(str(e).splitlines()[0] if str(e) else repr(e))
+
+
+def _reporting(main: Callable[[list[str]], int | None]):
+  """`main` with user errors turned into `errors.fail`."""
+
+  def wrapped(argv: list[str]) -> int | None:
+    try:
+      return main(argv)
+    except errors.USER_ERRORS as e:
+      errors.fail(str(e))
+
+  return wrapped
+
+
+def run(main: Callable[[list[str]], int | None]) -> None:
+  """`absl.app.run(main)`; `errors.USER_ERRORS` print one `error:` line and
+  exit with status 2. `main` returns the exit status (None: 0)."""
+  app.run(_reporting(main), flags_parser=parse_flags)
+
+
+def call(main: Callable[[list[str]], int | None], argv: Sequence[str]
+         ) -> int:
+  """Runs a command's `main` in this process as `run` would with the
+  command-line arguments `argv` (no program name); returns its exit status.
+  Flag values are restored afterwards."""
+  with flagsaver.flagsaver():
+    try:
+      status = _reporting(main)(parse_flags([sys.argv[0], *argv]))
+    except SystemExit as e:
+      status = e.code
+  return 0 if status is None else int(status)
