@@ -43,7 +43,6 @@ student, CFG sampling, classifier, as theirs) gives the headline ratio.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import functools
 import glob
 import importlib.util
@@ -70,9 +69,10 @@ from gendd_jax import config_lib
 from gendd_jax import data as data_lib
 from gendd_jax import diffusion
 from gendd_jax import gendd
-from gendd_jax import modeling
-from gendd_jax import optim
+from gendd_jax import settings
 from gendd_jax import sharding
+from gendd_jax import stages
+from gendd_jax import teacher as teacher_lib
 from gendd_jax import train
 from gendd_jax.flops import matmul_flops
 from gendd_jax.models import denoiser
@@ -486,28 +486,25 @@ def _bench_gendd(config, info, train_batch, eval_images, repeats: int,
   config.stage = 'gendd'
   config.sampler.also_eval_clipped = False  # Time one sampler pass.
   mesh = sharding.create_mesh(1)
-  teacher_module = train.create_backbone(config.teacher, info, 0)
+  teacher_module = stages.create_backbone(config.teacher, info, 0)
   t_graphdef, t_params, t_bs = nnx.split(teacher_module, nnx.Param,
                                          nnx.BatchStat)
-  teacher = dict(params=t_params, batch_stats=t_bs)
-  module = train.create_model(config, info, 'gendd')
-  graphdef, params, bs = nnx.split(module, nnx.Param, nnx.BatchStat)
-  ospec = train.optim_spec(config, 'gendd', 100)
-  spec = train.make_spec(config, 'gendd', graphdef, t_graphdef, ospec, mesh)
+  module = stages.get('gendd').create_model(config, info)
+  graphdef = nnx.graphdef(module)
+  spec = settings.step_settings(config, 'gendd', 100, precomputed)
   if precomputed:
-    spec = dataclasses.replace(spec, precomputed=True)
     t_model = nnx.merge(t_graphdef, t_params, t_bs)
     train_batch = dict(train_batch, teacher_feature=np.asarray(
         jax.jit(lambda x: t_model(x)[0])(train_batch['image'])))
-  train_step, eval_step = train.build_steps(spec)
-  tx = optim.create_optimizer(ospec)
+  train_step, eval_step = train.jitted_steps(spec, mesh)
   rep = sharding.replicated(mesh)
-  teacher = jax.device_put(teacher, rep)
+  teacher = teacher_lib.Teacher(
+      variables=jax.device_put(dict(params=t_params, batch_stats=t_bs), rep),
+      graphdef=t_graphdef, precomputed=precomputed)
   if spec.clip_to_data or spec.also_clipped:
-    teacher['clip_bound'] = jax.device_put(jnp.float32(1.0), rep)
-  state = {'s': jax.device_put(dict(step=jnp.int32(0), params=params,
-                                    batch_stats=bs,
-                                    opt_state=tx.init(params)), rep)}
+    teacher = teacher.replace(
+        clip_bound=jax.device_put(jnp.float32(1.0), rep))
+  state = {'s': train.create_train_state(module, spec.optim, mesh)}
   batch = sharding.shard_batch(train_batch, mesh)
   eval_in = sharding.shard_batch({'image': eval_images}, mesh)
   n_train, n_eval = len(train_batch['image']), len(eval_images)
@@ -530,9 +527,9 @@ def _bench_gendd(config, info, train_batch, eval_images, repeats: int,
 
     @jax.jit
     def sampling_eval(state, teacher, images):
-      model = nnx.merge(spec.graphdef, state['params'], state['batch_stats'])
+      model = nnx.merge(graphdef, state.params, state.batch_stats)
       z = model.student(images)[0].astype(jnp.float32)
-      w, b = modeling.classifier(teacher['params'])
+      w, b = teacher.classifier()
       logits, _ = gendd.sampled_logits(model.head, sched, jax.random.key(1),
                                        z, settings, w, b)
       return jnp.argmax(logits, -1)

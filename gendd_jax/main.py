@@ -17,19 +17,14 @@ from absl import app
 from absl import flags
 from absl import logging
 import jax
-from ml_collections import config_flags
 
 from gendd_jax import errors
 from gendd_jax import pipeline
 from gendd_jax import reporting
 from gendd_jax import train
+from gendd_jax.cli import common
 from gendd_jax.errors import fail
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'Path to a configuration file (optionally `file.py:arg`).',
-    lock_config=True)
-_WORKDIR = flags.DEFINE_string(
-    'workdir', None, 'Directory for checkpoints, logs, exports and results.')
 _DISTRIBUTED = flags.DEFINE_bool(
     'distributed', False,
     'Call jax.distributed.initialize() (multi-host TPU/GPU launches). On a '
@@ -45,33 +40,18 @@ _PROCESS_ID = flags.DEFINE_integer(
     'process_id', None, 'This process\'s index in [0, num_processes).')
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-  """absl parsing that turns config typos into one clear line."""
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    fail(str(e).splitlines()[0] if str(e) else repr(e))
-  except (AttributeError, KeyError) as e:
-    key = str(e).strip('"\'')
-    fail(f'unknown config key {key!r} in a --config.* override (see the '
-          'config file for the available keys)')
-  except (TypeError, ValueError) as e:
-    fail(f'bad configuration: {e}')
-  return argv
-
-
 def config_and_workdir(argv: list[str]):
   """The parsed `(config, absolute workdir)`; sets up logging and JAX."""
   if len(argv) > 1:
     fail(f'unexpected arguments: {" ".join(argv[1:])}')
   try:
-    config = _CONFIG.value
+    config = common.CONFIG.value
     if config is not None:
       config.get('stage')  # A file that failed to load raises on access.
   except OSError as e:  # config_flags defers file errors to first access.
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     fail(f'could not load the config file: {lines[-1] if lines else e}')
-  if config is None or _WORKDIR.value is None:
+  if config is None or common.WORKDIR.value is None:
     fail('both --config and --workdir are required')
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # Keep library INFO logs out.
@@ -90,7 +70,7 @@ def config_and_workdir(argv: list[str]):
   print(f'JAX {jax.__version__}: {jax.device_count()} device(s) '
         f'({jax.devices()[0].platform}), {jax.process_count()} process(es)',
         flush=True)
-  workdir = _WORKDIR.value
+  workdir = common.WORKDIR.value
   # Local paths become absolute; remote ones (gs://...) stay as given.
   return config, workdir if '://' in workdir else os.path.abspath(workdir)
 
@@ -114,4 +94,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=common.parse_flags)

@@ -122,8 +122,8 @@ def run_sequence(config, workdir: str) -> dict[str, Any]:
       not config.teacher.checkpoint):
     raise ConfigError(
         'this run distils from a teacher: set --config.teacher.checkpoint='
-        '<export dir> (python -m gendd_jax.cli.convert makes one from a PyTorch '
-        'checkpoint)')
+        '<export dir> (python -m gendd_jax.cli.convert makes one from a '
+        'PyTorch checkpoint)')
   reliability.check_workdir(workdir)
   t_start = time.time()
   summary = {}

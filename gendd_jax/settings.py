@@ -34,6 +34,8 @@ class StepSettings:
   kd_weight: float = 1.0
   smooth: float = 0.0
   beta: float = 0.0
+  # Evaluation also reports the linear probe's predictions.
+  probe: bool = False
   loss: gendd.LossSettings | None = None
   sample: gendd.SampleSettings | None = None
   noise_schedule: str = 'cosine'
@@ -95,6 +97,7 @@ def _generative(config, stage: stages.Stage) -> dict:
   target_norm(config)
   return dict(
       smooth=float(g.smooth) if stage.contracts else 0.0,
+      probe=stage.has_probe,
       beta=float(g.beta),
       loss=gendd.LossSettings(g.token_dim, g.diffusion_batch_mul,
                               float(g.cond_drop_prob), bool(g.use_vb)),

@@ -158,7 +158,7 @@ def _stage1_logits(s, model, teacher, image, key):
   return {'acc': model(image, w, b)}, {}
 
 
-def _sampled_logits(s, model, teacher, image, key, probe: bool):
+def _sampled_logits(s, model, teacher, image, key):
   """The configured sampler's logits (and the x0-clipped sampler's, when
   asked for), with the ratio of sample to teacher-feature norms."""
   z, probe_logits, _ = precision.to_float32(model.student(image))
@@ -179,7 +179,7 @@ def _sampled_logits(s, model, teacher, image, key, probe: bool):
     # Error amplification shows up as ratios >> 1.
     diag[name.replace('_acc', '_norm_ratio')] = (
         jnp.linalg.norm(feat, axis=-1) / t_norm)
-  if probe:
+  if s.probe:
     out['probe_acc'] = probe_logits
   return out, diag
 
@@ -207,6 +207,7 @@ class Stage:
     needs_teacher: it loads the frozen teacher export.
     role: the config block its backbone comes from ('teacher'/'student').
     generative: it trains a diffusion head (sampled predictions).
+    has_probe: it trains the linear probe on the detached student feature.
     contracts: distribution contraction applies (`gendd.smooth`).
     reads_precomputed: it can take teacher outputs precomputed on disk.
     reads_logits: its loss reads the teacher's logits.
@@ -226,6 +227,7 @@ class Stage:
   loss: Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
   predict: Callable[..., tuple[Logits, dict[str, jax.Array]]]
   generative: bool = False
+  has_probe: bool = False
   contracts: bool = False
   reads_precomputed: bool = False
   reads_logits: bool = False
@@ -245,12 +247,6 @@ class Stage:
                       self.role)
 
 
-def _sampled(probe: bool):
-  def fn(s, model, teacher, image, key):
-    return _sampled_logits(s, model, teacher, image, key, probe)
-  return fn
-
-
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage('teacher', 'all', False, 'teacher', _build_classifier, _ce_loss,
           _classifier_logits),
@@ -263,11 +259,11 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage('stage1', 'subset', True, 'student', _build_stage1, _stage1_loss,
           _stage1_logits, classifies_with_teacher=True),
     Stage('gendd', 'subset', True, 'student', _build_gendd, _gendd_loss,
-          _sampled(probe=True), generative=True, contracts=True,
+          _sampled_logits, generative=True, has_probe=True, contracts=True,
           reads_precomputed=True, warm_start='stage1',
           classifies_with_teacher=True),
     Stage('gendd_unsup', 'none', True, 'student', _build_gendd, _gendd_loss,
-          _sampled(probe=False), generative=True, reads_precomputed=True,
+          _sampled_logits, generative=True, reads_precomputed=True,
           classifies_with_teacher=True),
 )}
 

@@ -69,6 +69,15 @@ def create_train_state(module: nnx.Module, ospec: optim.OptimSpec, mesh
   return TrainState(graphdef=graphdef, **arrays)
 
 
+def abstract_train_state(params, batch_stats, ospec: optim.OptimSpec,
+                         graphdef=None) -> TrainState:
+  """The shapes of a state (nothing allocated), e.g. to restore into."""
+  return TrainState(
+      graphdef=graphdef, step=jax.ShapeDtypeStruct((), jnp.int32),
+      params=params, batch_stats=batch_stats,
+      opt_state=jax.eval_shape(optim.create_optimizer(ospec).init, params))
+
+
 def _loss_fn(s: StepSettings, graphdef, params, batch_stats, teacher, batch,
              key):
   """`(loss, (metrics, new_batch_stats))` of one (micro-)batch."""

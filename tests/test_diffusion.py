@@ -297,7 +297,8 @@ class DenoiserParityTest(parameterized.TestCase):
   def test_net_prefix_is_stripped(self):
     params = _load('mlp_params.npz')
     net = denoiser.DenoiserMLP(*_NET_ARGS, rngs=nnx.Rngs(1))
-    torch_import.load_torch_denoiser(net, {'net.' + k: v for k, v in params.items()})
+    torch_import.load_torch_denoiser(
+        net, {'net.' + k: v for k, v in params.items()})
     for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(net, nnx.Param)),
                                  nnx.to_flat_state(nnx.state(_net(),
                                                              nnx.Param))):

@@ -49,8 +49,12 @@ class ExportEvaluateTest(absltest.TestCase):
   def test_export_holds_what_evaluation_needs(self):
     self.assertEqual(self.meta['stage'], 'gendd')
     self.assertEqual(self.meta['step'], 14)
-    tree = ckpt_lib.load_export_meta(self.out)
-    self.assertEqual(tree['kind'], export_lib.EXPORT_KIND)
+    meta = ckpt_lib.load_export_meta(self.out)
+    self.assertEqual(meta['parts'], ['classifier', 'model'])
+    # One format: the run's own final export has the same parts and keys.
+    final = ckpt_lib.load_export_meta(os.path.join(self.workdir, 'export'))
+    self.assertEqual(final['parts'], meta['parts'])
+    self.assertEqual(set(final), set(meta))
     ex = evaluate.load(self.out)
     self.assertEqual(ex.classifier['weight'].shape, (10, 64))
     self.assertIn('head', ex.variables['params'])
@@ -75,6 +79,16 @@ class ExportEvaluateTest(absltest.TestCase):
       self.assertEqual(res['images'], len(self.results['labels']))
       self.assertGreater(res['images_per_sec'], 0)
 
+  def test_final_export_evaluates_like_the_exported_checkpoint(self):
+    final = evaluate.load(os.path.join(self.workdir, 'export'))
+    ex = evaluate.load(self.out)
+    probe_final = evaluate.evaluate(final, evaluate.eval_batches(final),
+                                    'probe')
+    probe = evaluate.evaluate(ex, evaluate.eval_batches(ex), 'probe')
+    self.assertEqual(probe_final['top1'], probe['top1'])
+    self.assertEqual(probe_final['top1'],
+                     self.results['accuracy']['probe_acc'])
+
   def test_cli_prints_top1_top5_and_speed(self):
     out_json = os.path.join(_TMP.name, 'eval.json')
     p = _run('gendd_jax.cli.evaluate', f'--checkpoint={self.out}',
@@ -94,6 +108,15 @@ class ExportEvaluateTest(absltest.TestCase):
     self.assertEqual(res['sample']['sampler']['steps'], '2')
     self.assertEqual(res['sample']['sampler']['num_sampling'], 2)
 
+  def _configless(self):
+    """An export without a training config, as `cli.convert` writes."""
+    path = os.path.join(_TMP.name, 'configless')
+    if not os.path.exists(path):
+      ex = evaluate.load(self.out)
+      ckpt_lib.save_export(path, ex.variables,
+                           dict(stage='gendd', num_classes=10))
+    return path
+
   def test_bad_inputs(self):
     cases = [
         (('gendd_jax.cli.export', f'--workdir={self.workdir}',
@@ -102,10 +125,10 @@ class ExportEvaluateTest(absltest.TestCase):
           f'--out={_TMP.name}/x'), 'no checkpoint or final export'),
         (('gendd_jax.cli.export', f'--workdir={self.workdir}',
           f'--out={_TMP.name}/y', '--step=3'), 'no checkpoint for step 3'),
-        (('gendd_jax.cli.evaluate', f'--checkpoint={self.workdir}/export'),
-         'not an evaluation export'),
-        (('gendd_jax.cli.evaluate', f'--checkpoint={self.out}', '--mode=logits'),
-         "mode 'logits' is for classifier exports"),
+        (('gendd_jax.cli.evaluate', f'--checkpoint={self._configless()}'),
+         'holds no training config'),
+        (('gendd_jax.cli.evaluate', f'--checkpoint={self.out}',
+          '--mode=logits'), "mode 'logits' is for classifier exports"),
         (('gendd_jax.cli.evaluate', f'--checkpoint={_TMP.name}/missing'),
          'missing meta.json'),
     ]

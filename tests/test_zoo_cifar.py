@@ -180,21 +180,21 @@ class ConversionTest(absltest.TestCase):
   def test_wrong_depth_names_missing_key(self):
     state = torch_import.unwrap_state_dict(
         torch_cifar.MODELS['resnet8x4'](100).state_dict())
-    with self.assertRaisesRegex(convert.ConversionError,
+    with self.assertRaisesRegex(torch_import.ConversionError,
                                 r"missing keys .*'layer1\.1\."):
       torch_import.load_state_dict(_abstract('resnet32x4'), state)
 
   def test_missing_shortcut_is_named(self):
     state = torch_import.unwrap_state_dict(
         torch_cifar.MODELS['resnet8'](100).state_dict())
-    with self.assertRaisesRegex(convert.ConversionError,
+    with self.assertRaisesRegex(torch_import.ConversionError,
                                 r"missing keys .*'layer1\.0\.downsample"):
       torch_import.load_state_dict(_abstract('resnet8x4'), state)
 
   def test_wrong_class_count_names_classifier(self):
     state = torch_import.unwrap_state_dict(
         torch_cifar.MODELS['wrn_16_1'](100).state_dict())
-    with self.assertRaisesRegex(convert.ConversionError,
+    with self.assertRaisesRegex(torch_import.ConversionError,
                                 r"shape mismatch for .*'fc\.weight'"):
       torch_import.load_state_dict(_abstract('wrn_16_1', num_classes=10), state)
 

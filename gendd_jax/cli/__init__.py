@@ -1,1 +1,2 @@
-"""Command-line tools: evaluate, export, precompute, convert, build_dataset, sweep_sampling, zoo."""
+"""Command-line tools: evaluate, export, precompute, convert, build_dataset,
+sweep_sampling and zoo (absl, shared flags and errors in `common`)."""

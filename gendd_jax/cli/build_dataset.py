@@ -1,6 +1,7 @@
 """Builds an image dataset as TFDS `array_record` for training.
 
-  python -m gendd_jax.cli.build_dataset folder --src /data/pets --data_dir ~/tfds
+  python -m gendd_jax.cli.build_dataset folder --src /data/pets \\
+      --data_dir ~/tfds
   python -m gendd_jax.cli.build_dataset imagenet_lt --src /data/imagenet \\
       --lists /data/imagenet_lt_lists --data_dir ~/tfds
   python -m gendd_jax.cli.build_dataset unlabeled --src '/data/cc3m/*.tar' \\

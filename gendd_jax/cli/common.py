@@ -51,11 +51,18 @@ CLIP_X0 = flags.DEFINE_string(
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl parsing that reports a bad flag as one `error:` line (status 2)."""
+  """absl parsing that reports a bad flag or `--config.*` override as one
+  `error:` line (status 2)."""
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
     errors.fail(str(e).splitlines()[0] if str(e) else repr(e))
+  except (AttributeError, KeyError) as e:
+    key = str(e).strip('"\'')
+    errors.fail(f'unknown config key {key!r} in a --config.* override (see '
+                'the config file for the available keys)')
+  except (TypeError, ValueError) as e:
+    errors.fail(f'bad configuration: {e}')
 
 
 def _reporting(main: Callable[[list[str]], int | None]):

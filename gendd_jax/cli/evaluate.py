@@ -5,7 +5,8 @@ r"""Standalone evaluation of an export (no training code).
       [--sampler=ancestral] [--cfg_scale=2] [--temperature=1] \
       [--num_sampling=5] [--data_dir=...] [--output=eval.json]
 
-Loads an export written by `python -m gendd_jax.cli.export` and evaluates it
+Loads an export (a run's final `<workdir>/export`, or one written by
+`python -m gendd_jax.cli.export` from any checkpoint) and evaluates it
 on the eval split of the config's dataset (the config stored in the export
 unless `--config` is given; its model settings must match the export).
 Modes: `sample` generates the teacher-space feature with the diffusion head
@@ -36,8 +37,8 @@ from gendd_jax import checkpoint as ckpt_lib
 from gendd_jax import data as data_lib
 from gendd_jax import errors
 from gendd_jax import gendd
-from gendd_jax import modeling
 from gendd_jax import precision
+from gendd_jax import stages
 from gendd_jax.cli import common
 
 _MODE = flags.DEFINE_enum('mode', None, ['sample', 'probe', 'both', 'logits'],
@@ -55,10 +56,6 @@ _OUTPUT = flags.DEFINE_string('output', None, 'Also write results as JSON.')
 for _name in ('checkpoint', 'config', 'clip_x0', 'batch_size', 'data_dir',
               'seed'):
   flags.declare_key_flag(_name)
-
-# The `kind` in an evaluation export's meta (written by `cli/export.py`).
-EXPORT_KIND = 'gendd_jax_eval'
-
 
 class Exported(NamedTuple):
   """A loaded export: the model and what classifies its features."""
@@ -84,25 +81,18 @@ def load(directory: str, config=None) -> Exported:
   """Rebuilds the exported model (`config` defaults to the stored one)."""
 
   meta = ckpt_lib.load_export_meta(directory)
-  if meta.get('kind') != EXPORT_KIND:
+  if 'config' not in meta or 'stage' not in meta:
     raise ckpt_lib.CheckpointError(
-        f'{directory} is not an evaluation export (write one with python -m '
+        f'{directory} holds no training config to rebuild its model from '
+        '(a converted teacher? evaluate a run, or export one with python -m '
         'gendd_jax.cli.export --workdir=<run> --out=<dir>)')
-  config, stage, info, graphdef, params, bs = modeling.abstract_model(
-      meta, config)
-  abstract = dict(model=dict(params=params, batch_stats=bs))
-  d = None
-  if stage in ('stage1', 'gendd', 'gendd_unsup'):
-    d = modeling.teacher_feature_dim(config, info)
-    abstract['classifier'] = dict(
-        weight=jax.ShapeDtypeStruct((info['num_classes'], d), 'float32'),
-        bias=jax.ShapeDtypeStruct((info['num_classes'],), 'float32'))
-  if meta.get('config', {}).get('gendd', {}).get('target_norm') == \
-      'standardize':
-    abstract['target_stats'] = dict(
-        mean=jax.ShapeDtypeStruct((d,), 'float32'),
-        std=jax.ShapeDtypeStruct((d,), 'float32'))
-  tree, _ = ckpt_lib.load_export(directory, ckpt_lib.abstract_like(abstract))
+  config, stage, _, graphdef, params, bs = stages.abstract_model(meta, config)
+  tree, _ = ckpt_lib.load_export(
+      directory, ckpt_lib.abstract_like(dict(params=params, batch_stats=bs)))
+  if stages.get(stage).classifies_with_teacher and 'classifier' not in tree:
+    raise ckpt_lib.CheckpointError(
+        f'{directory} lacks the teacher classifier a {stage} model is '
+        'evaluated with')
   return Exported(stage, config, graphdef, tree['model'],
                   tree.get('classifier'), tree.get('target_stats'), meta)
 
@@ -148,6 +138,7 @@ def _sampling(g, spec: SamplerSpec):
 def _logits_fn(ex_key, mode: str, spec: SamplerSpec | None):
   """A jitted `(variables, classifier, stats, image, key) -> logits`."""
   stage, graphdef, g = ex_key
+  record = stages.get(stage)
   if mode == 'sample':
     sched, settings = _sampling(g, spec)
 
@@ -155,7 +146,7 @@ def _logits_fn(ex_key, mode: str, spec: SamplerSpec | None):
     model = nnx.merge(graphdef, variables['params'],
                       variables['batch_stats'])
     if mode == 'logits':
-      if stage == 'stage1':
+      if record.classifies_with_teacher:
         return model(image, classifier['weight'], classifier['bias'])
       return model(image)[1]
     z, probe, _ = precision.to_float32(model.student(image))
@@ -182,7 +173,8 @@ class _Frozen(dict):
 
 
 def modes_of(ex: Exported, mode: str | None) -> tuple[str, ...]:
-  gen = ex.stage in ('gendd', 'gendd_unsup')
+  record = stages.get(ex.stage)
+  gen = record.generative
   mode = mode or ('both' if gen else 'logits')
   if mode == 'logits' and gen:
     raise ValueError("mode 'logits' is for classifier exports; a GenDD "
@@ -190,7 +182,7 @@ def modes_of(ex: Exported, mode: str | None) -> tuple[str, ...]:
   if mode != 'logits' and not gen:
     raise ValueError(f'a {ex.stage} export has no diffusion head or probe; '
                      "use --mode=logits")
-  if mode == 'probe' and ex.stage == 'gendd_unsup':
+  if mode == 'probe' and not record.has_probe:
     raise ValueError('an unsupervised GenDD export has no trained probe')
   return {'both': ('sample', 'probe'), 'sample': ('sample',),
           'probe': ('probe',), 'logits': ('logits',)}[mode]
@@ -204,19 +196,18 @@ def evaluate(ex: Exported, batches: Iterable[dict[str, Any]], mode: str,
   seed = int(ex.config.seed) if seed is None else seed
   fn = _logits_fn(_key(ex), mode, spec if mode == 'sample' else None)
   args = (ex.variables, ex.classifier, ex.target_stats)
-  # The derivation of the training loop's evaluation noise.
-  base = jax.random.fold_in(jax.random.key(seed), 1 << 30)
   batches = list(b for i, b in enumerate(batches)
                  if not max_batches or i < max_batches)
   if not batches:
     raise ValueError('the evaluation split is empty')
   # Compile (and warm up) outside the timed pass.
   jax.block_until_ready(fn(*args, jnp.asarray(batches[0]['image']),
-                           jax.random.fold_in(base, 0)))
+                           stages.eval_key(seed, 0)))
   top1 = top5 = n = 0
   t0 = time.perf_counter()
   for i, b in enumerate(batches):
-    logits = fn(*args, jnp.asarray(b['image']), jax.random.fold_in(base, i))
+    # The training loop's evaluation noise.
+    logits = fn(*args, jnp.asarray(b['image']), stages.eval_key(seed, i))
     k = min(5, logits.shape[-1])
     top = np.asarray(jax.lax.top_k(logits, k)[1])
     valid = np.asarray(b['valid']) > 0

@@ -1,13 +1,14 @@
-r"""Export a training run for evaluation: only what inference needs.
+r"""Export a training run at any checkpoint: only what inference needs.
 
   python -m gendd_jax.cli.export --workdir=runs/r50_600ep/gendd \
       --out=exports/r50
 
 Reads the latest checkpoint of `<workdir>/checkpoints` (or `--step`; or the
-run's final `<workdir>/export` when it kept no checkpoints) and writes an
-orbax checkpoint at `--out` holding the student (parameters and batch
-statistics: backbone, linear probe, condition LayerNorm and diffusion head),
-the frozen teacher classifier `W_cls`/`b_cls` that classifies generated
+run's final `<workdir>/export` when it kept no checkpoints) and writes, in
+the one export format every run's final export also has
+(`checkpoint.save_export`), an orbax checkpoint at `--out` holding the
+student (parameters and batch statistics: backbone, linear probe,
+condition LayerNorm and diffusion head), the frozen teacher classifier `W_cls`/`b_cls` that classifies generated
 features, the target statistics if the head was trained on standardised
 targets, and the config. `python -m gendd_jax.cli.evaluate` loads it without
 the training code. Works for every stage: backbone stages export the
@@ -18,21 +19,20 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from typing import Any
 
 from absl import flags
 from absl import logging
-import jax
+import jax.numpy as jnp
 
 from gendd_jax import checkpoint as ckpt_lib
 from gendd_jax import errors
-from gendd_jax import modeling
-from gendd_jax import optim
+from gendd_jax import settings
 from gendd_jax import sharding
+from gendd_jax import stages
+from gendd_jax import teacher as teacher_lib
 from gendd_jax import train
 from gendd_jax.cli import common
-from gendd_jax.cli.evaluate import EXPORT_KIND
 
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: the '
                              'latest).')
@@ -67,58 +67,49 @@ def _source(workdir: str, step: int | None) -> tuple[str, int | None]:
 
 def export(workdir: str, out: str, step: int | None = None
            ) -> dict[str, Any]:
-  """Writes the evaluation export of `workdir` to `out`; returns its meta."""
-
+  """Writes the export of `workdir` (at `step`) to `out`; returns its meta."""
   if ckpt_lib.exists(out):
     raise ckpt_lib.CheckpointError(f'{out} already exists; choose a new '
                                    '--out (exports are never overwritten)')
   kind, step = _source(workdir, step)
   mesh = sharding.create_mesh(1)
   rep = sharding.replicated(mesh)
-  if kind == 'checkpoint':
+  if kind == 'export':  # The run's final export: re-labelled, not rebuilt.
+    meta = ckpt_lib.load_export_meta(os.path.join(workdir, 'export'))
+  else:
     ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'),
                                  async_save=False)
     meta = ckpt.metadata(step)
-  else:
-    meta = ckpt_lib.load_export_meta(os.path.join(workdir, 'export'))
   if 'config' not in meta or 'input_shape' not in meta:
     raise ckpt_lib.CheckpointError(
         f'{workdir} was written by an older version (its checkpoint has no '
         'config); re-run training to export it')
-  config, stage, info, _, params, batch_stats = modeling.abstract_model(meta)
-  if kind == 'checkpoint':
-    ospec = train.optim_spec(config, stage, 1)
-    opt_state = jax.eval_shape(optim.create_optimizer(ospec).init, params)
-    abstract = ckpt_lib.abstract_like(dict(
-        step=jax.ShapeDtypeStruct((), 'int32'), params=params,
-        batch_stats=batch_stats, opt_state=opt_state), rep)
+  config, stage, info, _, params, batch_stats = stages.abstract_model(meta)
+  abstract = dict(params=params, batch_stats=batch_stats)
+  if kind == 'export':
+    tree, _ = ckpt_lib.load_export(os.path.join(workdir, 'export'),
+                                   ckpt_lib.abstract_like(abstract, rep))
+    model, classifier = tree['model'], tree.get('classifier')
+    classifier = classifier and (classifier['weight'], classifier['bias'])
+    step = meta.get('step')
+  else:
+    state = train.abstract_train_state(
+        params, batch_stats, settings.optim_spec(config, stage, 1))
     try:
-      state, _ = ckpt.restore(abstract, step)
+      arrays, _ = ckpt.restore(
+          ckpt_lib.abstract_like(state.arrays(), rep), step)
     finally:
       ckpt.close()
-  else:
-    state, _ = ckpt_lib.load_export(
-        os.path.join(workdir, 'export'),
-        ckpt_lib.abstract_like(dict(params=params, batch_stats=batch_stats),
-                               rep))
-  tree = dict(model=dict(params=state['params'],
-                         batch_stats=state['batch_stats']))
-  if stage in train.NEEDS_TEACHER:
-    _, teacher = train.load_teacher(config, info, mesh)
-    w, b = modeling.classifier(teacher['params'])
-    tree['classifier'] = dict(weight=w, bias=b)
-  if meta.get('target_stats'):
-    tree['target_stats'] = {k: jax.numpy.asarray(v, 'float32')
-                            for k, v in meta['target_stats'].items()}
-  role = config.teacher if stage == 'teacher' else config.student
-  out_meta = dict(
-      kind=EXPORT_KIND, stage=stage, model=role.model,
-      teacher_model=config.teacher.model, num_classes=info['num_classes'],
-      input_shape=list(info['input_shape']), step=step,
-      source=ckpt_lib.absolute(workdir), clip_bound=meta.get('clip_bound'),
-      config=meta['config'],
-      created=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()))
-  ckpt_lib.save_export(out, tree, out_meta)
+    model = dict(params=arrays['params'], batch_stats=arrays['batch_stats'])
+    classifier = None
+    if stages.get(stage).classifies_with_teacher:
+      classifier = teacher_lib.load(config, info, mesh).classifier()
+  stats = meta.get('target_stats')
+  out_meta = train.export_meta(config, meta, step, ckpt_lib.absolute(workdir))
+  ckpt_lib.save_export(
+      out, model, out_meta, classifier=classifier,
+      target_stats=stats and {k: jnp.asarray(v, 'float32')
+                              for k, v in stats.items()})
   return out_meta
 
 
