@@ -10,9 +10,10 @@ the one export format every run's final export also has
 student (parameters and batch statistics: backbone, linear probe,
 condition LayerNorm and diffusion head), the frozen teacher classifier
 `W_cls`/`b_cls` that classifies generated features, the target statistics
-if the head was trained on standardised targets, and the config. `python -m gendd_jax.cli.evaluate` loads it without
-the training code. Works for every stage: backbone stages export the
-classifier network alone, stage-1 its projection plus `W_cls`.
+if the head was trained on standardised targets, and the config.
+`python -m gendd_jax.cli.evaluate` loads it without the training code.
+Works for every stage: backbone stages export the classifier network alone,
+stage-1 its projection plus `W_cls`.
 """
 
 from __future__ import annotations
