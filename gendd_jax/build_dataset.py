@@ -25,7 +25,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gendd_jax import builders
+from gendd_jax.data import builders
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

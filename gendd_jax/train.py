@@ -45,6 +45,7 @@ from gendd_jax import models
 from gendd_jax import optim
 from gendd_jax import precision
 from gendd_jax import sharding
+from gendd_jax.data import features
 from gendd_jax.errors import ConfigError
 from gendd_jax.errors import NonFiniteError
 from gendd_jax.errors import Preempted
@@ -618,9 +619,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   info, stream = dataset.info, dataset.train
   precomputed = _teacher_source(config, stage)
   if precomputed:
-    from gendd_jax import precompute  # pylint: disable=g-import-not-at-top
-    stream, pmeta = precompute.train_stream(config, jax.process_index(),
-                                            jax.process_count())
+    stream, pmeta = features.train_stream(config, jax.process_index(),
+                                          jax.process_count())
     if stage in ('kd', 'kl') and not pmeta['logits']:
       raise ConfigError(f'stage {stage!r} needs teacher logits; the features '
                         f'at {config.teacher.features} were written without '

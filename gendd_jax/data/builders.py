@@ -1,4 +1,5 @@
-"""TFDS builders that write image datasets as `array_record`.
+"""TFDS builders that write image datasets as `array_record`, and read them
+back as sources (`load_source`, `info`).
 
 Four kinds of source, each built into its own TFDS dataset under `data_dir`:
 
@@ -67,9 +68,8 @@ from etils import epath
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from gendd_jax.augment import CorruptImageError
-from gendd_jax.data import DataError
 from gendd_jax.errors import BuildError
+from gendd_jax.errors import CorruptImageError
 
 KINDS = ('folder', 'imagenet_lt', 'unlabeled', 'npz')
 BUILDER_NAMES = {'folder': 'gendd_image_folder',
@@ -793,7 +793,7 @@ def info(kind: str, name: str, data_dir: str) -> dict[str, Any]:
   if not is_built(kind, name, data_dir):
     raise BuildError(f'dataset {dataset_name(kind, name)} is not built in '
                      f'{data_dir}; build it with `python -m '
-                     f'gendd_jax.build_dataset {kind} --src ... --data_dir '
+                     f'gendd_jax.cli.build_dataset {kind} --src ... --data_dir '
                      f'{data_dir} --name {name}`')
   ds_info = tfds.builder_from_directory(path).info
   meta = dict(ds_info.metadata or {})

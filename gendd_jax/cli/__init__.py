@@ -1,0 +1,1 @@
+"""Command-line tools (absl), each run as `python -m gendd_jax.cli.<name>`."""
