@@ -45,8 +45,7 @@ def stage(epochs: float, lr: float, *, weight_decay: float = 1e-4,
 def teacher_block(model: str, **settings) -> ml_collections.ConfigDict:
   """The teacher: its model, its export (`checkpoint`), and where its
   outputs come from during training: 'model' (a forward pass per step) or
-  'precomputed' (`features`, written by
-  `python -m gendd_jax.cli.precompute`)."""
+  'precomputed' (`features`, from `python -m gendd_jax.cli.precompute`)."""
   return ml_collections.ConfigDict(dict(
       model=model, checkpoint='', source='model', features='', **settings))
 

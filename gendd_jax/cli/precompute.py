@@ -1,16 +1,11 @@
 r"""The precompute command: runs the frozen teacher once over the training
-split and writes its features (`write_features`), for training without the
-teacher forward.
+split and writes its features (`write_features`; the format and how training
+reads it: `gendd_jax.data.features`).
 
   python -m gendd_jax.cli.precompute --config=configs/digits.py \
       --workdir=features/digits --config.teacher.checkpoint=<teacher export> \
       [--config.precompute.views=4] [--config.precompute.dtype=float16]
 
-The output is a TFDS dataset (`array_record` shards plus
-`dataset_info.json`, readable with
-`tfds.builder_from_directory(workdir).as_data_source('train')`) of records
-`{id, view, feature, label[, logits]}` and `precompute.json`; the views and
-how training reads them are described in `gendd_jax.data.features`.
 `--config` and `--workdir` are the flags of `gendd_jax.main`.
 """
 
@@ -33,9 +28,7 @@ from gendd_jax import errors
 from gendd_jax import main as main_lib
 from gendd_jax import sharding
 from gendd_jax import train
-from gendd_jax.data.features import FEATURES_NAME
-from gendd_jax.data.features import ImageSource
-from gendd_jax.data.features import image_source
+from gendd_jax.data import features
 from gendd_jax.errors import PrecomputeError
 
 _TEMPLATE = '{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}'
@@ -51,7 +44,8 @@ def _features_spec(dim: int, num_classes: int, dtype: str, logits: bool):
   return tfds.features.FeaturesDict(spec)
 
 
-def _batches(source: ImageSource, views: int, aug_seed: int, batch: int
+def _batches(source: features.ImageSource, views: int, aug_seed: int,
+             batch: int
              ) -> Iterator[tuple[np.ndarray, int, np.ndarray, np.ndarray]]:
   """`(ids, view, images, labels)` in record order: view-major, then id."""
   for k in range(views + 1):
@@ -62,9 +56,10 @@ def _batches(source: ImageSource, views: int, aug_seed: int, batch: int
       yield ids, k, np.stack(images), np.asarray(labels, np.int64)
 
 
-def write_features(out_dir: str, teacher_fn, source: ImageSource, *,
-                   views: int, aug_seed: int, batch: int, dtype: str,
-                   with_logits: bool, shard_size: int, num_classes: int,
+def write_features(out_dir: str, teacher_fn,
+                   source: features.ImageSource, *, views: int,
+                   aug_seed: int, batch: int, dtype: str, with_logits: bool,
+                   shard_size: int, num_classes: int,
                    extra_meta: dict[str, Any] | None = None,
                    quiet: bool = False) -> dict[str, Any]:
   """Runs `teacher_fn(images) -> (feature, logits)` over every view and
@@ -73,7 +68,7 @@ def write_features(out_dir: str, teacher_fn, source: ImageSource, *,
   if views and not source.has_augmentation:
     raise PrecomputeError('precompute.views > 0 needs a training '
                           'augmentation (data.augment is "none")')
-  version_dir = os.path.join(out_dir, FEATURES_NAME, '1.0.0')
+  version_dir = os.path.join(out_dir, features.FEATURES_NAME, '1.0.0')
   if os.path.exists(os.path.join(version_dir, 'dataset_info.json')):
     raise PrecomputeError(f'{out_dir} already holds precomputed features')
   os.makedirs(version_dir, exist_ok=True)
@@ -88,7 +83,7 @@ def write_features(out_dir: str, teacher_fn, source: ImageSource, *,
     if spec is None:
       spec = _features_spec(feat.shape[-1], num_classes, dtype, with_logits)
       for s in range(num_shards):
-        name = (f'{FEATURES_NAME}-train.array_record-{s:05d}-of-'
+        name = (f'{features.FEATURES_NAME}-train.array_record-{s:05d}-of-'
                 f'{num_shards:05d}')
         writers.append(array_record_module.ArrayRecordWriter(
             os.path.join(version_dir, name), 'group_size:1'))
@@ -110,7 +105,7 @@ def write_features(out_dir: str, teacher_fn, source: ImageSource, *,
       name='train', shard_lengths=lengths, num_bytes=0,
       filename_template=tfds.core.ShardedFileTemplate(
           data_dir=version_dir, template=_TEMPLATE,
-          dataset_name=FEATURES_NAME, split='train',
+          dataset_name=features.FEATURES_NAME, split='train',
           filetype_suffix='array_record'))
   tfds.folder_dataset.write_metadata(
       data_dir=version_dir, features=spec, split_infos=[split],
@@ -129,13 +124,13 @@ def run(config, workdir: str, quiet: bool = False) -> dict[str, Any]:
   if jax.process_count() > 1:
     raise PrecomputeError('run precompute as a single process')
   p = config.precompute
-  source = image_source(config)
+  source = features.image_source(config)
   info = source.info
   mesh = sharding.mesh_from_config(config.mesh)
   graphdef, variables = train.load_teacher(config, info, mesh)
   model = nnx.merge(graphdef, variables['params'], variables['batch_stats'])
   fwd = jax.jit(lambda x: model(x, train=False))
-  meta = write_features(
+  return write_features(
       workdir, lambda images: fwd(jnp.asarray(images)), source,
       views=int(p.views), aug_seed=int(p.aug_seed),
       batch=int(config.data.eval_batch_size), dtype=str(p.dtype),
@@ -143,7 +138,6 @@ def run(config, workdir: str, quiet: bool = False) -> dict[str, Any]:
       num_classes=int(info['num_classes']),
       extra_meta=dict(dataset=config.data.name,
                       teacher=config.teacher.checkpoint), quiet=quiet)
-  return meta
 
 
 def main(argv) -> None:

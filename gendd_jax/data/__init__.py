@@ -1,10 +1,6 @@
 """The `Dataset` interface and `open_dataset`, which opens `config.data` from
-host memory (`memory`: digits, digits32, CIFAR) or through grain (`streams`:
-TFDS/builder datasets named `'<kind>:<name>'`).
-
-Below it: `augment` (decoding, views, mixing), `builders` (TFDS builders),
-`memory`, `streams` (grain pipelines) and `features` (precomputed teacher
-features). The names other modules use are re-exported here.
+host memory (`memory`) or through grain (`streams`); re-exports the names
+other modules use. Below it: `augment`, `builders`, `features`.
 """
 
 from __future__ import annotations
@@ -13,16 +9,11 @@ import dataclasses
 import itertools
 from typing import Any, Callable, Iterator
 
-import numpy as np
-
 from gendd_jax.data import memory
 from gendd_jax.data import streams
-from gendd_jax.data.memory import AVAILABLE  # noqa: F401 (re-exported)
-from gendd_jax.data.memory import ArraySplit  # noqa: F401 (re-exported)
-from gendd_jax.data.memory import ArrayStream  # noqa: F401 (re-exported)
-from gendd_jax.data.memory import TrainBatches  # noqa: F401 (re-exported)
-from gendd_jax.data.memory import create_splits  # noqa: F401 (re-exported)
-from gendd_jax.data.memory import eval_batches  # noqa: F401 (re-exported)
+from gendd_jax.data.memory import (  # noqa: F401 (re-exported)
+    AVAILABLE, ArraySplit, ArrayStream, TrainBatches, create_splits,
+    eval_batches)
 from gendd_jax.errors import DataError
 from gendd_jax.errors import PipelineError
 
@@ -44,8 +35,8 @@ class Dataset:
   """
   info: dict
   train: Any
-  eval_batches: Callable[[], Iterator[dict[str, np.ndarray]]]
-  train_eval_batches: Callable[..., Iterator[dict[str, np.ndarray]]]
+  eval_batches: Callable[[], Iterator[dict[str, Any]]]
+  train_eval_batches: Callable[..., Iterator[dict[str, Any]]]
 
 
 def open_dataset(d, seed: int, process_index: int = 0,

@@ -228,20 +228,14 @@ def eval_view(img: np.ndarray, size: int = 224, resize: int = 256,
 
 def pad_crop_flip(images: np.ndarray, rng: np.random.Generator,
                   pad: int = 4, fill=0.0) -> np.ndarray:
-  """The CIFAR training view of a batch `[N, H, W, C]`: pad by `pad`, take a
-  random crop of the original size, and flip half of the images
-  horizontally (torchvision's `RandomCrop(32, padding=4)` +
-  `RandomHorizontalFlip()`). One image is `pad_crop_flip(img[None], rng)[0]`,
-  drawing the same numbers as a batch of one.
-
-  `fill` is the padding value per channel: 0 for uint8 images; for
-  normalised images, pass the normalised value of black (`info['black']`)
-  to pad as the reference does (it pads the raw image with 0, then
-  normalises).
+  """The CIFAR training view of `[N, H, W, C]` (one image: `img[None]`): pad
+  by `pad` with `fill` per channel, random crop of the original size, flip
+  half horizontally (torchvision's `RandomCrop(32, padding=4)` +
+  `RandomHorizontalFlip()`). For normalised images pass the normalised
+  black (`info['black']`) as `fill`: the reference pads the raw image with 0.
   """
   n, h, w, c = images.shape
-  padded = np.empty((n, h + 2 * pad, w + 2 * pad, c), images.dtype)
-  padded[...] = np.asarray(fill, images.dtype)
+  padded = np.full((n, h + 2 * pad, w + 2 * pad, c), fill, images.dtype)
   padded[:, pad:pad + h, pad:pad + w] = images
   dy = rng.integers(0, 2 * pad + 1, n)
   dx = rng.integers(0, 2 * pad + 1, n)

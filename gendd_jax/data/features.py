@@ -2,15 +2,14 @@
 any view (`image_source`), the stored records (`open_features`) and the
 training stream joining the two (`train_stream`).
 
-`python -m gendd_jax.cli.precompute` writes a TFDS dataset (`array_record`
-shards plus `dataset_info.json`) of records `{id, view, feature, label[,
-logits]}` under `<dir>/FEATURES_NAME/1.0.0`, and `precompute.json` beside it:
+`python -m gendd_jax.cli.precompute` writes a TFDS dataset (`array_record`)
+of records `{id, view, feature, label[, logits]}` under
+`<dir>/FEATURES_NAME/1.0.0`, and `<dir>/precompute.json`:
 
 * view 0 is the deterministic evaluation view of every example;
 * views 1..K (`precompute.views = K`) are training augmentations, view `k` of
-  example `id` drawn with `np.random.default_rng((aug_seed, id, k))`, so the
-  student sees exactly the image the teacher saw; `aug_seed` is recorded in
-  `precompute.json`.
+  example `id` drawn with `np.random.default_rng((aug_seed, id, k))`
+  (`aug_seed` recorded), so the student sees exactly the teacher's image.
 
 Training reads it with `config.teacher.source = 'precomputed'` and
 `config.teacher.features = <dir>`: the stream runs over the records (each

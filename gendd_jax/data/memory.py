@@ -16,9 +16,7 @@ import os
 from typing import Iterator
 
 import numpy as np
-from gendd_jax.data.augment import CIFAR_MEAN
-from gendd_jax.data.augment import CIFAR_STD
-from gendd_jax.data.augment import pad_crop_flip
+from gendd_jax.data import augment
 from gendd_jax.errors import DataError
 
 AVAILABLE = ('digits', 'digits32', 'cifar10', 'cifar100')
@@ -125,8 +123,8 @@ def load_tfds_arrays(name: str, split: str, data_dir: str | None
 
 def normalise_cifar(name: str, images: np.ndarray) -> np.ndarray:
   """uint8 `[N, 32, 32, 3]` -> float32, standardised per channel."""
-  mean = np.asarray(CIFAR_MEAN[name], np.float32)
-  std = np.asarray(CIFAR_STD[name], np.float32)
+  mean = np.asarray(augment.CIFAR_MEAN[name], np.float32)
+  std = np.asarray(augment.CIFAR_STD[name], np.float32)
   return (images.astype(np.float32) / 255.0 - mean) / std
 
 
@@ -236,7 +234,7 @@ class TrainBatches:
       # Global step and process slice: every process draws its own part of
       # one deterministic global stream.
       rng = np.random.default_rng((self.seed, step, self.offset, 1))
-      images = pad_crop_flip(images, rng, fill=self.fill)
+      images = augment.pad_crop_flip(images, rng, fill=self.fill)
     return dict(image=images, label=s.labels[idx],
                 label_mask=s.label_mask[idx])
 
@@ -288,9 +286,8 @@ class ArrayStream:
 
 def open_in_memory(d, seed: int, process_index: int = 0,
                    process_count: int = 1):
-  """The in-memory datasets (`AVAILABLE`): `(info, train stream, () -> test
-  batches, () -> train batches in the evaluation view)`, the parts of a
-  `data.Dataset`."""
+  """The parts of a `data.Dataset` for an in-memory dataset (`AVAILABLE`):
+  `(info, train stream, () -> test batches, () -> train batches)`."""
   train, test, info = create_splits(
       d.name, fold=d.fold, num_folds=d.num_folds,
       label_fraction=d.label_fraction, seed=seed,
@@ -303,5 +300,4 @@ def open_in_memory(d, seed: int, process_index: int = 0,
   def over(split):
     return lambda: eval_batches(split, d.eval_batch_size, process_index,
                                 process_count)
-
   return info, ArrayStream(batches), over(test), over(train)

@@ -1,6 +1,5 @@
-"""grain input pipelines over random-access sources (TFDS `array_record`):
-the training stream, evaluation batches, and the TFDS/builder datasets
-(`data.name = '<kind>:<name>'`) opened through them.
+"""grain input pipelines over random-access sources (TFDS `array_record`),
+and the TFDS/builder datasets (`data.name = '<kind>:<name>'`) read by them.
 
 Training stream, per process:
 
@@ -315,9 +314,8 @@ def _mixer(d, num_classes: int) -> BatchFn | None:
 
 def open_dataset(d, seed: int, process_index: int = 0,
                  process_count: int = 1):
-  """A TFDS/builder dataset (`data.name = '<kind>:<name>'`) read through
-  grain: `(info, train stream, () -> evaluation batches, () -> train batches
-  in the evaluation view)`, the parts of a `data.Dataset`."""
+  """The parts of a `data.Dataset` for a TFDS/builder dataset (`'<kind>:
+  <name>'`) read through grain: `(info, train, () -> eval, () -> train)`."""
   if d.label_fraction < 1.0:
     raise PipelineError('data.label_fraction < 1 is only supported for the '
                         'in-memory datasets')
