@@ -34,7 +34,7 @@ from absl import flags
 import numpy as np
 from PIL import Image
 
-from gendd_jax import augment
+from gendd_jax.data import augment
 
 _NUM_IMAGES = flags.DEFINE_integer('num_images', 200,
                                    'Synthetic JPEGs per pass.')

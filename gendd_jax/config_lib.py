@@ -45,13 +45,13 @@ def stage(epochs: float, lr: float, *, weight_decay: float = 1e-4,
 def teacher_block(model: str, **settings) -> ml_collections.ConfigDict:
   """The teacher: its model, its export (`checkpoint`), and where its
   outputs come from during training: 'model' (a forward pass per step) or
-  'precomputed' (`features`, written by `python -m gendd_jax.precompute`)."""
+  'precomputed' (`features`, from `python -m gendd_jax.cli.precompute`)."""
   return ml_collections.ConfigDict(dict(
       model=model, checkpoint='', source='model', features='', **settings))
 
 
 def precompute_block() -> ml_collections.ConfigDict:
-  """Settings of `python -m gendd_jax.precompute`: augmented `views` per
+  """Settings of `python -m gendd_jax.cli.precompute`: augmented `views` per
   example beside the deterministic one, their seed, the stored dtype,
   whether to keep logits (for kd/kl), records per shard."""
   return ml_collections.ConfigDict(dict(

@@ -10,12 +10,10 @@ print one line and exit with status 2.
 
 from __future__ import annotations
 
-import os
 import sys
 
 from absl import app
 from absl import flags
-from absl import logging
 import jax
 
 from gendd_jax import errors
@@ -40,22 +38,8 @@ _PROCESS_ID = flags.DEFINE_integer(
     'process_id', None, 'This process\'s index in [0, num_processes).')
 
 
-def config_and_workdir(argv: list[str]):
-  """The parsed `(config, absolute workdir)`; sets up logging and JAX."""
-  if len(argv) > 1:
-    fail(f'unexpected arguments: {" ".join(argv[1:])}')
-  try:
-    config = common.CONFIG.value
-    if config is not None:
-      config.get('stage')  # A file that failed to load raises on access.
-  except OSError as e:  # config_flags defers file errors to first access.
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    fail(f'could not load the config file: {lines[-1] if lines else e}')
-  if config is None or common.WORKDIR.value is None:
-    fail('both --config and --workdir are required')
-  if not flags.FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)  # Keep library INFO logs out.
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+def _initialize_distributed() -> None:
+  """`jax.distributed.initialize` as the flags ask (before any JAX use)."""
   if _DISTRIBUTED.value:
     try:
       jax.distributed.initialize(
@@ -67,16 +51,12 @@ def config_and_workdir(argv: list[str]):
            for f in (_COORDINATOR, _NUM_PROCESSES, _PROCESS_ID)):
     fail('--coordinator_address/--num_processes/--process_id need '
          '--distributed')
-  print(f'JAX {jax.__version__}: {jax.device_count()} device(s) '
-        f'({jax.devices()[0].platform}), {jax.process_count()} process(es)',
-        flush=True)
-  workdir = common.WORKDIR.value
-  # Local paths become absolute; remote ones (gs://...) stay as given.
-  return config, workdir if '://' in workdir else os.path.abspath(workdir)
 
 
 def main(argv: list[str]) -> None:
-  config, workdir = config_and_workdir(argv)
+  config, workdir = common.config_and_workdir(argv)
+  _initialize_distributed()
+  print(common.devices_line(), flush=True)
   try:
     if config.stage == 'pipeline':
       pipeline.run(config, workdir)

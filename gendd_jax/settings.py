@@ -157,8 +157,8 @@ def precomputed_teacher(config, stage: str) -> bool:
   if source == 'model' or not stages.get(stage).reads_precomputed:
     return False
   if not config.teacher.get('features'):
-    raise ConfigError("teacher.source='precomputed' needs "
-                      'teacher.features=<output dir of gendd_jax.precompute>')
+    raise ConfigError("teacher.source='precomputed' needs teacher.features="
+                      '<output dir of gendd_jax.cli.precompute>')
   return True
 
 

@@ -35,6 +35,7 @@ from gendd_jax import settings as settings_lib
 from gendd_jax import sharding
 from gendd_jax import stages
 from gendd_jax import teacher as teacher_lib
+from gendd_jax.data import features as features_lib
 from gendd_jax.errors import ConfigError
 from gendd_jax.errors import Preempted
 from gendd_jax.settings import StepSettings
@@ -222,8 +223,6 @@ def _setup(config, workdir: str, quiet: bool) -> _Run:
   info, stream = dataset.info, dataset.train
   precomputed = settings_lib.precomputed_teacher(config, stage.name)
   if precomputed:
-    # TEMP until the data/ package lands: precompute imports train.
-    from gendd_jax import precompute as features_lib  # noqa
     stream, pmeta = features_lib.train_stream(config, jax.process_index(),
                                               jax.process_count())
     if stage.reads_logits and not pmeta['logits']:

@@ -11,7 +11,7 @@ from absl.testing import parameterized
 import numpy as np
 from PIL import Image
 
-from gendd_jax import augment
+from gendd_jax.data import augment
 
 
 def _smooth_image(h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -148,7 +148,7 @@ class ViewTest(parameterized.TestCase):
     padded[4:36, 4:36] = img
     seen = set()
     for seed in range(30):
-      out = augment.pad_crop_flip(img, _rng(seed))
+      out = augment.pad_crop_flip(img[None], _rng(seed))[0]
       self.assertEqual((out.shape, out.dtype), ((32, 32, 3), np.uint8))
       match = [(dy, dx, f) for dy in range(9) for dx in range(9)
                for f in (0, 1)
@@ -338,7 +338,7 @@ class TransformTest(parameterized.TestCase):
     # CIFAR training on 32 x 32 is pad-crop-flip then normalise.
     np.testing.assert_array_equal(
         augment.train_transform('cifar', 32, as_uint8=True)(img, _rng(5)),
-        augment.pad_crop_flip(img, _rng(5)))
+        augment.pad_crop_flip(img[None], _rng(5))[0])
 
   def test_odd_sizes_like_tfds_mock_data(self):
     for h, w in ((47, 17), (1, 1), (3, 200), (300, 2)):

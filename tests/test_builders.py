@@ -25,7 +25,7 @@ import tensorflow_datasets as tfds
 
 from gendd_jax.cli import build_dataset
 from gendd_jax.cli import common
-from gendd_jax import builders
+from gendd_jax.data import builders
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORRUPT = b'\xff\xd8\xff\xe0 this is not a whole JPEG'
@@ -528,7 +528,7 @@ class CommandTest(_TempDirClass):
 _NO_TF_SCRIPT = r'''
 import json, sys
 import tensorflow_datasets as tfds
-from gendd_jax import builders
+from gendd_jax.data import builders
 tfds.disable_progress_bar()
 data_dir, folder, npz, shard = sys.argv[1:]
 quiet = lambda _: None

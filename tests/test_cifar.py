@@ -11,6 +11,7 @@ import tensorflow_datasets as tfds
 
 from gendd_jax import config_lib
 from gendd_jax import data
+from gendd_jax.data import augment
 from gendd_jax import train
 from gendd_jax import settings
 
@@ -21,8 +22,8 @@ class AugmentTest(absltest.TestCase):
     rng = np.random.default_rng(0)
     images = rng.normal(size=(64, 8, 8, 3)).astype(np.float32)
     fill = (-1.0, -2.0, -3.0)
-    out = data.pad_crop_flip(images, np.random.default_rng(1), pad=2,
-                             fill=fill)
+    out = augment.pad_crop_flip(images, np.random.default_rng(1), pad=2,
+                                fill=fill)
     self.assertEqual(out.shape, images.shape)
     padded = np.empty((64, 12, 12, 3), np.float32)
     padded[...] = fill

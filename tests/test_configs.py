@@ -24,7 +24,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-from gendd_jax import builders
+from gendd_jax.data import builders
 from gendd_jax import checkpoint as ckpt_lib
 from gendd_jax import config_lib
 from gendd_jax import pipeline

@@ -13,10 +13,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from PIL import Image
 
-from gendd_jax import builders
+from gendd_jax.data import builders
 from gendd_jax import config_lib
 from gendd_jax import data as data_lib
-from gendd_jax import input_pipeline as ip
+from gendd_jax.data import streams as ip
 from gendd_jax import train
 from gendd_jax import errors
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gendd_jax import checkpoint as ckpt_lib
-from gendd_jax import input_pipeline as ip
+from gendd_jax.data import streams as ip
 
 _N = 48
 

@@ -15,7 +15,7 @@ from absl.testing import absltest
 import numpy as np
 from PIL import Image
 
-from gendd_jax import builders
+from gendd_jax.data import builders
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -14,13 +14,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from gendd_jax import data as data_lib
-from gendd_jax import precompute
 from gendd_jax import sharding
 from gendd_jax import train
 from gendd_jax import errors
 from gendd_jax import settings
 from gendd_jax import stages
 from gendd_jax import teacher as teacher_lib
+from gendd_jax.cli import precompute
+from gendd_jax.data import augment
+from gendd_jax.data import features as features_lib
 import test_train
 
 _TMP = None
@@ -62,9 +64,9 @@ class PrecomputeTest(absltest.TestCase):
   def test_deterministic_view_equals_on_the_fly_teacher(self):
     out, meta = features('float32')
     c = _config()
-    records, stored = precompute.open_features(out)
+    records, stored = features_lib.open_features(out)
     self.assertEqual(stored['records'], meta['records'])
-    source = precompute.image_source(c)
+    source = features_lib.image_source(c)
     self.assertEqual(len(records), len(source.ids))
     self.assertEqual(meta['views'], 0)
     graphdef, variables = _teacher(c)
@@ -87,8 +89,8 @@ class PrecomputeTest(absltest.TestCase):
   def test_float16_storage(self):
     out32, _ = features('float32')
     out16, _ = features('float16')
-    r32, _ = precompute.open_features(out32)
-    r16, _ = precompute.open_features(out16)
+    r32, _ = features_lib.open_features(out32)
+    r16, _ = features_lib.open_features(out16)
     self.assertEqual(r16[3]['feature'].dtype, np.float16)
     np.testing.assert_array_equal(
         r16[3]['feature'], r32[3]['feature'].astype(np.float16))
@@ -98,7 +100,7 @@ class PrecomputeTest(absltest.TestCase):
     out, _ = features('float32')
     c.teacher.source = 'precomputed'
     c.teacher.features = out
-    stream, _ = precompute.train_stream(c)
+    stream, _ = features_lib.train_stream(c)
     batch = next(stream)
     self.assertIn('teacher_feature', batch)
     info = dict(num_classes=10, input_shape=(64,))
@@ -163,16 +165,16 @@ class AugmentedViewsTest(absltest.TestCase):
       img = split.images[pos[i]]
       if k == 0:
         return img
-      return data_lib.pad_crop_flip(
-          img[None], precompute.view_rng(seed, i, k))[0]
+      return augment.pad_crop_flip(
+          img[None], features_lib.view_rng(seed, i, k))[0]
 
     def example(i, k, seed):
       return view(i, k, seed), int(split.labels[pos[i]]), True
 
-    src = precompute.ImageSource(ids=split.index, example=example,
-                                 has_augmentation=True,
-                                 info=dict(num_classes=3,
-                                           input_shape=(8, 8, 3)))
+    src = features_lib.ImageSource(ids=split.index, example=example,
+                                   has_augmentation=True,
+                                   info=dict(num_classes=3,
+                                             input_shape=(8, 8, 3)))
     out = os.path.join(_TMP.name, 'views')
     calls = []
 
@@ -184,7 +186,7 @@ class AugmentedViewsTest(absltest.TestCase):
         dtype='float32', with_logits=True, shard_size=5, num_classes=3,
         quiet=True)
     self.assertEqual(meta['records'], 18)
-    records, stored = precompute.open_features(out)
+    records, stored = features_lib.open_features(out)
     self.assertEqual((stored['aug_seed'], stored['views']), (7, 2))
     self.assertLen(records, 18)
     for r in (records[i] for i in range(18)):

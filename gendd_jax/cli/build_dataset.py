@@ -11,7 +11,7 @@
       --src /data/imagenet_tars --data_dir ~/tfds   # manual_dir: the tars
   python -m gendd_jax.cli.build_dataset tfds --name cifar100 --data_dir ~/tfds
 
-The kinds and their source layouts are described in `gendd_jax.builders`;
+The kinds and their source layouts are described in `gendd_jax.data.builders`;
 `tfds` prepares a catalogue dataset in `array_record` format (imagenet2012
 from its manual tars in `--src`, checked first; others are downloaded by
 TFDS, so run it where the internet is reachable). Training names them
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from absl import flags
 
-from gendd_jax import builders
+from gendd_jax.data import builders
 from gendd_jax import errors
 from gendd_jax.cli import common
 

@@ -9,12 +9,15 @@ A command declares the shared flags it takes as key flags
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable, Sequence
 
 from absl import app
 from absl import flags
+from absl import logging
 from absl.testing import flagsaver
+import jax
 from ml_collections import config_flags
 
 from gendd_jax import errors
@@ -63,6 +66,36 @@ def parse_flags(argv: list[str]) -> list[str]:
                 'the config file for the available keys)')
   except (TypeError, ValueError) as e:
     errors.fail(f'bad configuration: {e}')
+
+
+def config_and_workdir(argv: list[str]):
+  """The parsed `(--config, absolute --workdir)` of a command that takes
+  both; keeps library INFO logs out unless `--verbosity` is given."""
+  if len(argv) > 1:
+    errors.fail(f'unexpected arguments: {" ".join(argv[1:])}')
+  try:
+    config = CONFIG.value
+    if config is not None:
+      config.get('stage')  # A file that failed to load raises on access.
+  except OSError as e:  # config_flags defers file errors to first access.
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    errors.fail(f'could not load the config file: '
+                f'{lines[-1] if lines else e}')
+  if config is None or WORKDIR.value is None:
+    errors.fail('both --config and --workdir are required')
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  workdir = WORKDIR.value
+  # Local paths become absolute; remote ones (gs://...) stay as given.
+  return config, workdir if '://' in workdir else os.path.abspath(workdir)
+
+
+def devices_line() -> str:
+  """What this process sees: JAX version, devices and processes."""
+  return (f'JAX {jax.__version__}: {jax.device_count()} device(s) '
+          f'({jax.devices()[0].platform}), {jax.process_count()} '
+          'process(es)')
 
 
 def _reporting(main: Callable[[list[str]], int | None]):

@@ -1,4 +1,5 @@
-"""Per-example image decoding and augmentation on the host, and batch mixing.
+"""Image decoding, the training and evaluation views, normalisation statistics
+(ImageNet, CIFAR) and batch mixing, on the host.
 
 Everything here is numpy + Pillow and runs in the input pipeline's worker
 processes. Every random choice is drawn from an explicit
@@ -45,6 +46,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # RandAugment's fill colour: the ImageNet mean in uint8, as the reference's
 # `img_mean=tuple(min(255, round(255 * x)) for x in rgb_mean)`.
 IMAGENET_FILL = tuple(min(255, round(255 * m)) for m in IMAGENET_MEAN)
+# Per-channel CIFAR statistics (as the reference scripts).
+CIFAR_MEAN = {'cifar10': (0.4914, 0.4822, 0.4465),
+              'cifar100': (0.5071, 0.4867, 0.4408)}
+CIFAR_STD = {'cifar10': (0.2470, 0.2435, 0.2616),
+             'cifar100': (0.2675, 0.2565, 0.2761)}
 
 # Transform kinds accepted by `train_transform` / `eval_transform`.
 KINDS = ('none', 'regular', 'rand', 'cifar')
@@ -220,21 +226,25 @@ def eval_view(img: np.ndarray, size: int = 224, resize: int = 256,
   return np.asarray(_center_crop(im, size))
 
 
-def pad_crop_flip(img: np.ndarray, rng: np.random.Generator,
-                  pad: int = 4) -> np.ndarray:
-  """CIFAR training view of one image: zero-pad by `pad`, random crop of the
-  original size, horizontal flip with probability 0.5 (torchvision's
-  `RandomCrop(32, padding=4)` + `RandomHorizontalFlip()` on uint8, before
-  normalisation). Per-example version of `data.pad_crop_flip`."""
-  h, w = img.shape[:2]
-  padded = np.zeros((h + 2 * pad, w + 2 * pad) + img.shape[2:], img.dtype)
-  padded[pad:pad + h, pad:pad + w] = img
-  top = int(rng.integers(0, 2 * pad + 1))
-  left = int(rng.integers(0, 2 * pad + 1))
-  out = padded[top:top + h, left:left + w]
-  if rng.random() < 0.5:
-    out = out[:, ::-1]
-  return np.ascontiguousarray(out)
+def pad_crop_flip(images: np.ndarray, rng: np.random.Generator,
+                  pad: int = 4, fill=0.0) -> np.ndarray:
+  """The CIFAR training view of `[N, H, W, C]` (one image: `img[None]`): pad
+  by `pad` with `fill` per channel, random crop of the original size, flip
+  half horizontally (torchvision's `RandomCrop(32, padding=4)` +
+  `RandomHorizontalFlip()`). For normalised images pass the normalised
+  black (`info['black']`) as `fill`: the reference pads the raw image with 0.
+  """
+  n, h, w, c = images.shape
+  padded = np.full((n, h + 2 * pad, w + 2 * pad, c), fill, images.dtype)
+  padded[:, pad:pad + h, pad:pad + w] = images
+  dy = rng.integers(0, 2 * pad + 1, n)
+  dx = rng.integers(0, 2 * pad + 1, n)
+  flip = rng.random(n) < 0.5
+  rows = dy[:, None] + np.arange(h)[None, :]            # [N, H]
+  cols = dx[:, None] + np.arange(w)[None, :]            # [N, W]
+  cols = np.where(flip[:, None], cols[:, ::-1], cols)
+  return padded[np.arange(n)[:, None, None], rows[:, :, None],
+                cols[:, None, :]]
 
 
 # ------------------------------------------------------------------ colour
@@ -453,8 +463,7 @@ def normalise(img: np.ndarray, mean: Sequence[float] = IMAGENET_MEAN,
 def _stats(kind: str, mean, std) -> tuple[tuple[float, ...],
                                           tuple[float, ...]]:
   if kind == 'cifar':
-    from gendd_jax import data  # Lazy: keeps this module free of cycles.
-    default = data.CIFAR_MEAN['cifar100'], data.CIFAR_STD['cifar100']
+    default = CIFAR_MEAN['cifar100'], CIFAR_STD['cifar100']
   else:
     default = IMAGENET_MEAN, IMAGENET_STD
   return (tuple(mean) if mean is not None else default[0],
@@ -533,7 +542,7 @@ class TrainView:
       arr = np.asarray(img)
       if arr.shape[:2] != (size, size):
         arr = EvalView(size, size, as_uint8=True)(arr)
-      return _finish(pad_crop_flip(arr, rng), self.mean, self.std,
+      return _finish(pad_crop_flip(arr[None], rng)[0], self.mean, self.std,
                      self.as_uint8)
     im = _to_pil(img)
     box = random_resized_crop_box(im.size[1], im.size[0], rng,

@@ -1,4 +1,5 @@
-"""grain input pipelines over random-access sources (TFDS `array_record`).
+"""grain input pipelines over random-access sources (TFDS `array_record`),
+and the TFDS/builder datasets (`data.name = '<kind>:<name>'`) read by them.
 
 Training stream, per process:
 
@@ -26,6 +27,12 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import grain
 import numpy as np
+import tensorflow_datasets as tfds
+
+from gendd_jax.data import augment
+from gendd_jax.data import builders
+from gendd_jax.errors import BuildError
+from gendd_jax.errors import CorruptImageError
 from gendd_jax.errors import PipelineError
 
 Example = dict[str, Any]
@@ -233,7 +240,6 @@ def open_source(name: str, split: str, data_dir: str | None,
   Images stay encoded (decoded and augmented in the pipeline, where a
   corrupt one is skipped and counted) unless `decode_images`.
   """
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   kind, dataset = parse_name(name)
   if kind == 'tfds':
     decoders = None if decode_images else {
@@ -247,12 +253,11 @@ def open_source(name: str, split: str, data_dir: str | None,
           f'{data_dir or "(default)"} ({type(e).__name__}: '
           f'{str(e).splitlines()[0] if str(e) else ""}); prepare it first '
           '(array_record format), see the README') from e
-  from gendd_jax import builders  # pylint: disable=g-import-not-at-top
   decoders = None if decode_images else {'image': tfds.decode.SkipDecoding()}
   try:
     return builders.load_source(kind, dataset, data_dir, split,
                                 decoders=decoders)
-  except (builders.BuildError, ValueError) as e:
+  except (BuildError, ValueError) as e:
     raise PipelineError(f'{name} split {split!r}: {e}') from e
 
 
@@ -271,14 +276,13 @@ def example_fn(transform: Callable[[np.ndarray, np.random.Generator],
                labelled: bool = True) -> ExampleFn:
   """record -> `{image, id[, label, label_mask]}`; None (counted) when the
   image cannot be decoded."""
-  from gendd_jax import augment  # pylint: disable=g-import-not-at-top
 
   def fn(record, rng):
     image = record['image']
     if isinstance(image, (bytes, np.bytes_)):
       try:
         image = augment.decode(bytes(image))
-      except augment.CorruptImageError:
+      except CorruptImageError:
         if skipped is not None:
           skipped.add(str(record.get('file_name', record['_index'])))
         return None
@@ -296,7 +300,6 @@ def _mixer(d, num_classes: int) -> BatchFn | None:
   """Mixup/CutMix and label smoothing as a batch transform (soft labels)."""
   if not (d.mixup > 0 or d.cutmix > 0 or d.label_smoothing > 0):
     return None
-  from gendd_jax import augment  # pylint: disable=g-import-not-at-top
 
   def fn(batch, rng):
     if 'label' not in batch:
@@ -311,10 +314,8 @@ def _mixer(d, num_classes: int) -> BatchFn | None:
 
 def open_dataset(d, seed: int, process_index: int = 0,
                  process_count: int = 1):
-  """A TFDS/builder dataset (`data.name = '<kind>:<name>'`) as a
-  `data.Dataset` read through grain."""
-  from gendd_jax import augment  # pylint: disable=g-import-not-at-top
-  from gendd_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  """The parts of a `data.Dataset` for a TFDS/builder dataset (`'<kind>:
+  <name>'`) read through grain: `(info, train, () -> eval, () -> train)`."""
   if d.label_fraction < 1.0:
     raise PipelineError('data.label_fraction < 1 is only supported for the '
                         'in-memory datasets')
@@ -355,22 +356,15 @@ def open_dataset(d, seed: int, process_index: int = 0,
       _mixer(d, num_classes) if labelled else None,
       process_index=process_index, process_count=process_count, read=read)
 
-  def batches(src, max_batches=None):
+  def batches(src):
     fn = example_fn(eval_view, SkipCounter('undecodable evaluation images'),
                     src is eval_src or labelled)
-    it = eval_batches(src, d.eval_batch_size, fn,
-                      process_index=process_index,
-                      process_count=process_count, read=read)
-    for i, b in enumerate(it):
-      if max_batches is not None and i >= max_batches:
-        return
-      yield b
+    return eval_batches(src, d.eval_batch_size, fn,
+                        process_index=process_index,
+                        process_count=process_count, read=read)
 
   info = dict(num_classes=num_classes, labelled=labelled,
               input_shape=(d.image_size, d.image_size, 3),
               num_examples=len(train_src), skipped=skipped)
-  return data_lib.Dataset(
-      info=info, train=stream,
-      eval_batches=lambda: batches(eval_src),
-      train_eval_batches=lambda max_batches=None: batches(train_src,
-                                                          max_batches))
+  return (info, stream, lambda: batches(eval_src),
+          lambda: batches(train_src))

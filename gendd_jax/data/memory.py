@@ -1,4 +1,5 @@
-"""In-memory datasets, deterministic batching and the digits protocol.
+"""In-memory datasets (digits, digits32, CIFAR), the digits folds, and their
+deterministic batching (`TrainBatches`, `ArrayStream`, `eval_batches`).
 
 The bundled example uses scikit-learn's handwritten digits (1,797 real 8x8
 images shipped inside the package, so nothing is downloaded). CIFAR-10/100
@@ -12,19 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Callable, Iterator
+from typing import Iterator
 
 import numpy as np
+from gendd_jax.data import augment
 from gendd_jax.errors import DataError
 
 AVAILABLE = ('digits', 'digits32', 'cifar10', 'cifar100')
 AUGMENTATIONS = ('none', 'cifar')
-
-# Per-channel normalisation of the CIFAR images (as the reference scripts).
-CIFAR_MEAN = {'cifar10': (0.4914, 0.4822, 0.4465),
-              'cifar100': (0.5071, 0.4867, 0.4408)}
-CIFAR_STD = {'cifar10': (0.2470, 0.2435, 0.2616),
-             'cifar100': (0.2675, 0.2565, 0.2761)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,8 +123,8 @@ def load_tfds_arrays(name: str, split: str, data_dir: str | None
 
 def normalise_cifar(name: str, images: np.ndarray) -> np.ndarray:
   """uint8 `[N, 32, 32, 3]` -> float32, standardised per channel."""
-  mean = np.asarray(CIFAR_MEAN[name], np.float32)
-  std = np.asarray(CIFAR_STD[name], np.float32)
+  mean = np.asarray(augment.CIFAR_MEAN[name], np.float32)
+  std = np.asarray(augment.CIFAR_STD[name], np.float32)
   return (images.astype(np.float32) / 255.0 - mean) / std
 
 
@@ -238,32 +234,9 @@ class TrainBatches:
       # Global step and process slice: every process draws its own part of
       # one deterministic global stream.
       rng = np.random.default_rng((self.seed, step, self.offset, 1))
-      images = pad_crop_flip(images, rng, fill=self.fill)
+      images = augment.pad_crop_flip(images, rng, fill=self.fill)
     return dict(image=images, label=s.labels[idx],
                 label_mask=s.label_mask[idx])
-
-
-def pad_crop_flip(images: np.ndarray, rng: np.random.Generator,
-                  pad: int = 4, fill=0.0) -> np.ndarray:
-  """Zero-pad by `pad`, take a random crop of the original size, and flip
-  half of the images horizontally (the CIFAR training augmentation).
-
-  `fill` is the padding value per channel: for normalised images, pass the
-  normalised value of black (`info['black']`) to pad as the reference does
-  (it pads the raw image with 0, then normalises).
-  """
-  n, h, w, c = images.shape
-  padded = np.empty((n, h + 2 * pad, w + 2 * pad, c), images.dtype)
-  padded[...] = np.asarray(fill, images.dtype)
-  padded[:, pad:pad + h, pad:pad + w] = images
-  dy = rng.integers(0, 2 * pad + 1, n)
-  dx = rng.integers(0, 2 * pad + 1, n)
-  flip = rng.random(n) < 0.5
-  rows = dy[:, None] + np.arange(h)[None, :]            # [N, H]
-  cols = dx[:, None] + np.arange(w)[None, :]            # [N, W]
-  cols = np.where(flip[:, None], cols[:, ::-1], cols)
-  return padded[np.arange(n)[:, None, None], rows[:, :, None],
-                cols[:, None, :]]
 
 
 def eval_batches(split: ArraySplit, global_batch: int, process_index: int = 0,
@@ -311,30 +284,10 @@ class ArrayStream:
     self.step = int(state['step'])
 
 
-@dataclasses.dataclass
-class Dataset:
-  """What the training loop needs from a dataset, whatever its source.
-
-  Attributes:
-    info: `num_classes`, `input_shape`, `labelled` and dataset-specific
-      entries.
-    train: this process's training batches: an iterator with
-      `steps_per_epoch`, `get_state()` and `set_state()`.
-    eval_batches: `() -> iterator` over the evaluation split, every example
-      once, in fixed-shape batches with `valid`/`valid_global` masks, `label`
-      and `id`.
-    train_eval_batches: the same over the training split in the evaluation
-      view (for target statistics); `max_batches` caps the pass.
-  """
-  info: dict
-  train: Any
-  eval_batches: Callable[[], Iterator[dict[str, np.ndarray]]]
-  train_eval_batches: Callable[..., Iterator[dict[str, np.ndarray]]]
-
-
 def open_in_memory(d, seed: int, process_index: int = 0,
-                   process_count: int = 1) -> Dataset:
-  """The in-memory datasets (`AVAILABLE`) behind the `Dataset` interface."""
+                   process_count: int = 1):
+  """The parts of a `data.Dataset` for an in-memory dataset (`AVAILABLE`):
+  `(info, train stream, () -> test batches, () -> train batches)`."""
   train, test, info = create_splits(
       d.name, fold=d.fold, num_folds=d.num_folds,
       label_fraction=d.label_fraction, seed=seed,
@@ -344,33 +297,7 @@ def open_in_memory(d, seed: int, process_index: int = 0,
                          process_count, augment=d.augment,
                          fill=info.get('black', 0.0))
 
-  def over(split, batch_size):
-    def fn(max_batches: int | None = None):
-      for i, b in enumerate(eval_batches(split, batch_size, process_index,
-                                         process_count)):
-        if max_batches is not None and i >= max_batches:
-          return
-        yield b
-    return fn
-
-  return Dataset(info=info, train=ArrayStream(batches),
-                 eval_batches=over(test, d.eval_batch_size),
-                 train_eval_batches=over(train, d.eval_batch_size))
-
-
-def open_dataset(d, seed: int, process_index: int = 0,
-                 process_count: int = 1) -> Dataset:
-  """`config.data` -> a `Dataset`: in-memory for `AVAILABLE` names, else a
-  TFDS/builder dataset (`'<kind>:<name>'`) read through grain."""
-  if d.name in AVAILABLE:
-    return open_in_memory(d, seed, process_index, process_count)
-  if ':' not in d.name:
-    raise DataError(f'unknown dataset {d.name!r}; available: '
-                    f'{", ".join(AVAILABLE)}, or "tfds:<name>" / '
-                    '"<kind>:<name>" for prepared TFDS datasets')
-  from gendd_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  try:
-    return input_pipeline.open_dataset(d, seed, process_index,
-                                       process_count)
-  except input_pipeline.PipelineError as e:
-    raise DataError(str(e)) from e
+  def over(split):
+    return lambda: eval_batches(split, d.eval_batch_size, process_index,
+                                process_count)
+  return info, ArrayStream(batches), over(test), over(train)

@@ -1,4 +1,5 @@
-"""TFDS builders that write image datasets as `array_record`.
+"""TFDS builders that write image datasets as `array_record`, and read them
+back as sources (`load_source`, `info`).
 
 Four kinds of source, each built into its own TFDS dataset under `data_dir`:
 
@@ -67,8 +68,8 @@ from etils import epath
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from gendd_jax.augment import CorruptImageError
 from gendd_jax.errors import BuildError
+from gendd_jax.errors import CorruptImageError
 
 KINDS = ('folder', 'imagenet_lt', 'unlabeled', 'npz')
 BUILDER_NAMES = {'folder': 'gendd_image_folder',
