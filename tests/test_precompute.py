@@ -18,7 +18,7 @@ from gendd_jax import data as data_lib
 from gendd_jax import precompute
 from gendd_jax import sharding
 from gendd_jax import train
-import test_train
+import testing
 
 _TMP = None
 
@@ -26,17 +26,17 @@ _TMP = None
 def setUpModule():
   global _TMP
   _TMP = tempfile.TemporaryDirectory(prefix='gendd_test_precompute_')
-  test_train.setUpModule()
+  testing.set_up_module()
 
 
 def tearDownModule():
   features.cache_clear()
-  test_train.tearDownModule()
+  testing.tear_down_module()
   _TMP.cleanup()
 
 
 def _config(stage='gendd'):
-  return test_train.gendd_config(stage)
+  return testing.gendd_config(stage)
 
 
 @functools.lru_cache(maxsize=None)

@@ -31,7 +31,7 @@ import orbax.checkpoint as ocp
 from gendd_jax import checkpoint as ckpt_lib
 from gendd_jax import data as data_lib
 from gendd_jax import train
-import test_train
+import testing
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TMP = None
@@ -41,11 +41,11 @@ _GRACE_SECONDS = 30
 def setUpModule():
   global _TMP
   _TMP = tempfile.TemporaryDirectory(prefix='gendd_test_reliability_')
-  test_train.setUpModule()
+  testing.set_up_module()
 
 
 def tearDownModule():
-  test_train.tearDownModule()
+  testing.tear_down_module()
   _TMP.cleanup()
 
 
@@ -53,7 +53,7 @@ def _args(workdir, *extra):
   """A 42-step GenDD stage checkpointing every 3 steps, logging each."""
   return ['--config=configs/digits.py:quick', f'--workdir={workdir}',
           '--config.stage=gendd',
-          f'--config.teacher.checkpoint={test_train.teacher_export()[0]}',
+          f'--config.teacher.checkpoint={testing.teacher_export()[0]}',
           '--config.gendd.width=32', '--config.gendd.depth=1',
           '--config.sampler.steps=4',
           '--config.sampler.also_eval_clipped=False',
@@ -204,8 +204,8 @@ def _nan_at(step_index):
 class NonFiniteTest(absltest.TestCase):
 
   def _config(self, mode):
-    test_train.teacher_export()  # Trained before the stream is patched.
-    c = test_train.gendd_config()
+    testing.teacher_export()  # Trained before the stream is patched.
+    c = testing.gendd_config()
     c.checkpoint_every_steps = 3
     c.on_nonfinite = mode
     return c
@@ -263,11 +263,11 @@ class BadInputTest(absltest.TestCase):
     # Stage-1 projects the 32-d student feature to the 64-d teacher's; a
     # GenDD run whose teacher is 48-d cannot start from it.
     s1 = os.path.join(_TMP.name, 'stage1')
-    c = test_train.small_config('stage1')
-    c.teacher.checkpoint = test_train.teacher_export()[0]
+    c = testing.small_config('stage1')
+    c.teacher.checkpoint = testing.teacher_export()[0]
     train.train_and_evaluate(c, s1, quiet=True)
     other = os.path.join(_TMP.name, 'teacher48')
-    t = test_train.small_config('teacher')
+    t = testing.small_config('teacher')
     t.teacher.hidden = (256, 48)
     train.train_and_evaluate(t, other, quiet=True)
     proc = _run(_args(os.path.join(_TMP.name, 'w3'),
@@ -278,7 +278,7 @@ class BadInputTest(absltest.TestCase):
 
   def test_label_count_differs_from_teacher_classifier(self):
     export = os.path.join(_TMP.name, 'teacher_5_classes')
-    shutil.copytree(test_train.teacher_export()[0], export)
+    shutil.copytree(testing.teacher_export()[0], export)
     meta_path = os.path.join(export, 'meta.json')
     with open(meta_path) as f:
       meta = json.load(f)
@@ -298,7 +298,7 @@ class BadInputTest(absltest.TestCase):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
       return real_save(self, step, *a, **k)
 
-    c = test_train.gendd_config()
+    c = testing.gendd_config()
     c.checkpoint_every_steps = 3
     with mock.patch.object(ocp.CheckpointManager, 'save', save), \
         self.assertRaisesRegex(ckpt_lib.CheckpointError,
