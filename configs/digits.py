@@ -21,7 +21,8 @@ Run a single stage (e.g. the teacher of fold 0):
       --workdir=runs/teacher --config.stage=teacher
 
 `--config=configs/digits.py:quick` is a smaller, faster variant used by the
-tests and the notebook.
+tests and the notebook. `:tiny` (or `:quick,tiny`) runs every stage for two
+steps on 2 folds and one seed (`config_lib.tiny`).
 """
 
 import ml_collections
@@ -33,8 +34,11 @@ from gendd_jax.config_lib import stage
 VARIANTS = ('', 'quick')
 
 
-def get_config(arg: str = ''):
-  """The digits configuration; `arg='quick'` shrinks it for tests."""
+def get_config(arg: str | None = None):
+  """The digits configuration; variant 'quick' shrinks it for tests, `tiny`
+  to two steps per stage."""
+  a = config_lib.parse_arg(arg, variant='')
+  arg = a.variant
   c = ml_collections.ConfigDict()
   c.stage = 'pipeline'
   c.seed = 0
@@ -105,4 +109,4 @@ def get_config(arg: str = ''):
   elif arg:
     raise ValueError(f"unknown variant {arg!r} of configs/digits.py; "
                      "expected '' or 'quick'")
-  return c
+  return config_lib.tiny(c) if a.tiny else c
