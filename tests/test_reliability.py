@@ -120,7 +120,14 @@ class PreemptionTest(absltest.TestCase):
       np.testing.assert_array_equal(got[k], v, err_msg=k)
 
   def test_kill_9_at_a_random_step_then_resume_is_bit_exact(self):
-    kill_at = random.Random(time.time_ns()).randint(4, 30)
+    # Replay a run with GENDD_KILL_SEED=<seed printed below> (or pick the
+    # step itself with GENDD_KILL_STEP=<4..30>).
+    seed = int(os.environ.get('GENDD_KILL_SEED', time.time_ns()))
+    kill_at = int(os.environ.get('GENDD_KILL_STEP', 0)) or random.Random(
+        seed).randint(4, 30)
+    replay = (f'kill -9 at step {kill_at}: replay with '
+              f'GENDD_KILL_SEED={seed} (or GENDD_KILL_STEP={kill_at})')
+    print(replay, flush=True)
     workdir = os.path.join(_TMP.name, f'killed_at_{kill_at}')
     proc = _start(_args(workdir))
     try:
@@ -135,13 +142,16 @@ class PreemptionTest(absltest.TestCase):
       proc.send_signal(signal.SIGKILL)
     finally:
       proc.wait(60)
-    self.assertEqual(proc.returncode, -signal.SIGKILL)
-    self.assertFalse(os.path.exists(os.path.join(workdir, 'export')))
+    self.assertEqual(proc.returncode, -signal.SIGKILL, replay)
+    self.assertFalse(os.path.exists(os.path.join(workdir, 'export')), replay)
     again = _run(_args(workdir))
-    self.assertEqual(again.returncode, 0, again.stderr[-3000:])
-    self.assertIn('[gendd] resumed from step', again.stdout,
-                  f'killed at step {kill_at}')
-    self.assertSameWeights(workdir)
+    self.assertEqual(again.returncode, 0,
+                     f'{replay}\n{again.stderr[-3000:]}')
+    self.assertIn('[gendd] resumed from step', again.stdout, replay)
+    try:
+      self.assertSameWeights(workdir)
+    except AssertionError as e:
+      raise AssertionError(f'{replay}\n{e}') from None
 
   def test_sigterm_saves_and_exits_zero_then_resumes(self):
     workdir = os.path.join(_TMP.name, 'sigterm')
