@@ -167,8 +167,11 @@ class StageTest(parameterized.TestCase):
     self.assertEqual(seen, [{'image'}] * 3)
     # No probe: nothing was trained on labels.
     self.assertEqual(set(res['accuracy']), {'sampled_acc', 'sampled_clip_acc'})
-    for acc in res['accuracy'].values():
-      self.assertBetween(acc, 0.0, 100.0)
+    # Three steps cannot beat chance (10%): the recorded value of this
+    # deterministic run (88 of 899 test images, both samplers), within 1
+    # point for other CPUs' rounding.
+    for name, acc in res['accuracy'].items():
+      self.assertAlmostEqual(acc, 9.789, delta=1.0, msg=name)
 
   def test_resume_equals_uninterrupted_run(self):
     dir_a, res_a = testing.gendd_run()
