@@ -114,7 +114,8 @@ class StageTest(parameterized.TestCase):
   def test_periodic_evaluation(self):
     config = testing.small_config('teacher', epochs=2)
     config.eval_every_steps = 5  # 14 steps: evaluations at 5 and 10.
-    res = train.train_and_evaluate(config, testing.workdir('periodic'), quiet=True)
+    res = train.train_and_evaluate(config, testing.workdir('periodic'),
+                                   quiet=True)
     self.assertEqual([h['step'] for h in res['periodic_eval']], [5, 10])
     # Measured: 66.7% after 5 steps, 78.5% after 10 (chance: 10%).
     for h in res['periodic_eval']:
@@ -200,7 +201,8 @@ class StageTest(parameterized.TestCase):
       return original(batches, step)
 
     with mock.patch.object(data_lib.TrainBatches, 'batch', record):
-      res_b = train.train_and_evaluate(testing.gendd_config(), dir_b, quiet=True)
+      res_b = train.train_and_evaluate(testing.gendd_config(), dir_b,
+                                       quiet=True)
     self.assertEqual(steps, list(range(5, 14)))
 
     # Bit-for-bit on CPU: weights, optimizer state, predictions.
