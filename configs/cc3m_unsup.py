@@ -10,6 +10,11 @@ CC3M is built once from its image shards:
 
   python -m gendd_jax.cli.build_dataset unlabeled --src '/data/cc3m/*.tar' \
       --name cc3m --data_dir <tfds dir>
+
+`:tiny` (alone or after the variant, e.g. `cc3m_unsup.py:mbv1_kl,tiny`) runs
+the same wiring for two steps per stage on a laptop, with no download and no
+teacher file (`config_lib.tiny`: digits at 32x32, batch 4, small head, a two-
+step random teacher stage first where the config distils).
 """
 
 from gendd_jax import config_lib
@@ -19,7 +24,9 @@ _PAIRS = {'r18': ('resnet34', 'resnet18'), 'mbv1': ('resnet50',
                                                     'mobilenet_v1')}
 
 
-def get_config(variant: str = 'r18'):
+def get_config(arg: str | None = None):
+  a = config_lib.parse_arg(arg, variant='r18')
+  variant = a.variant
   if variant not in VARIANTS:
     raise ValueError(f'unknown variant {variant!r} of configs/cc3m_unsup.py; '
                      f'expected one of {", ".join(VARIANTS)}')
@@ -31,4 +38,4 @@ def get_config(variant: str = 'r18'):
   c.data.num_classes = 1000  # From the teacher; CC3M has no labels.
   if variant.endswith('_kl'):
     c.pipeline.stages = ('kl',)
-  return c
+  return config_lib.tiny(c) if a.tiny else c

@@ -12,6 +12,11 @@ diffusion_batch_mul 30, smooth per pair as in the released scripts,
 
   python -m gendd_jax.main --config=configs/cifar100_gendd.py:vgg13-vgg8 \
       --workdir=runs/vgg8 --config.teacher.checkpoint=runs/vgg13/export
+
+`:tiny` (alone or after the variant, e.g. `cifar100_gendd.py:vgg13-vgg8,tiny`)
+runs the same wiring for two steps per stage on a laptop, with no download and
+no teacher file (`config_lib.tiny`: digits at 32x32, batch 4, small head, a
+two-step random teacher stage first where the config distils).
 """
 
 from gendd_jax import config_lib
@@ -19,5 +24,7 @@ from gendd_jax import config_lib
 VARIANTS = tuple(config_lib.CIFAR_PAIRS)
 
 
-def get_config(pair: str = 'resnet32x4-resnet8x4'):
-  return config_lib.cifar100_gendd(pair)
+def get_config(arg: str | None = None):
+  a = config_lib.parse_arg(arg, variant='resnet32x4-resnet8x4')
+  c = config_lib.cifar100_gendd(a.variant)
+  return config_lib.tiny(c) if a.tiny else c

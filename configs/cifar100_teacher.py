@@ -11,6 +11,11 @@ prepared once beforehand (`tfds build cifar100 --data_dir <dir>`):
 The export in `<workdir>/export` is what `config.teacher.checkpoint` of a
 distillation run points at. The argument after ':' is any registered model
 (`python -m gendd_jax.cli.zoo --list`); default resnet32x4.
+
+`:tiny` (alone or after the variant, e.g. `cifar100_teacher.py:vgg13,tiny`)
+runs the same wiring for two steps per stage on a laptop, with no download and
+no teacher file (`config_lib.tiny`: digits at 32x32, batch 4, small head, a
+two-step random teacher stage first where the config distils).
 """
 
 from gendd_jax import config_lib
@@ -20,5 +25,7 @@ VARIANTS = ('resnet32x4', 'resnet56', 'resnet110', 'wrn_40_2', 'vgg13',
             'cifar_resnet50')
 
 
-def get_config(arg: str = ''):
-  return config_lib.cifar100(teacher=arg or 'resnet32x4')
+def get_config(arg: str | None = None):
+  a = config_lib.parse_arg(arg, variant='resnet32x4')
+  c = config_lib.cifar100(teacher=a.variant)
+  return config_lib.tiny(c) if a.tiny else c

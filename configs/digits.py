@@ -21,7 +21,8 @@ Run a single stage (e.g. the teacher of fold 0):
       --workdir=runs/teacher --config.stage=teacher
 
 `--config=configs/digits.py:quick` is a smaller, faster variant used by the
-tests and the notebook.
+tests and the notebook. `:tiny` (or `:quick,tiny`) runs every stage for two
+steps on 2 folds and one seed (`config_lib.tiny`).
 """
 
 import ml_collections
@@ -33,8 +34,11 @@ from gendd_jax.config_lib import stage
 VARIANTS = ('', 'quick')
 
 
-def get_config(arg: str = ''):
-  """The digits configuration; `arg='quick'` shrinks it for tests."""
+def get_config(arg: str | None = None):
+  """The digits configuration; variant 'quick' shrinks it for tests, `tiny`
+  to two steps per stage."""
+  a = config_lib.parse_arg(arg, variant='')
+  arg = a.variant
   c = ml_collections.ConfigDict()
   c.stage = 'pipeline'
   c.seed = 0
@@ -58,8 +62,8 @@ def get_config(arg: str = ''):
   # estimate to the range of the training targets) or a number.
   # also_eval_clipped: with clip_x0 'none', also report the 'data'-clipped
   # sampler on the same head and noise, so both are measured.
-  # eval_kind/eval_steps: the defaults of `python -m gendd_jax.cli.evaluate`, the
-  # cheapest setting within 0.2 points of the 64-step sampler's accuracy
+  # eval_kind/eval_steps: the defaults of `python -m gendd_jax.cli.evaluate`,
+  # the cheapest setting within 0.2 points of the 64-step sampler's accuracy
   # (docs/results/sampling_digits.md: one posterior-mean call, 87.31% vs
   # 87.37% over the 5 folds, 64x fewer network calls).
   c.sampler = ml_collections.ConfigDict(dict(
@@ -105,4 +109,4 @@ def get_config(arg: str = ''):
   elif arg:
     raise ValueError(f"unknown variant {arg!r} of configs/digits.py; "
                      "expected '' or 'quick'")
-  return c
+  return config_lib.tiny(c) if a.tiny else c

@@ -10,6 +10,9 @@ sampler study (`python -m gendd_jax.cli.sweep_sampling`):
 
   python -m gendd_jax.main --config=configs/digits32_cifar_style.py \
       --workdir=runs/digits32
+
+`:tiny` runs the same wiring for two steps per stage, batch 4 and a small
+head (`config_lib.tiny`).
 """
 
 import ml_collections
@@ -17,7 +20,8 @@ import ml_collections
 from gendd_jax import config_lib
 
 
-def get_config():
+def get_config(arg: str | None = None):
+  a = config_lib.parse_arg(arg)
   c = config_lib.cifar100('resnet32', 'resnet8')
   c.data = ml_collections.ConfigDict(dict(
       name='digits32', data_dir='', augment='none', fold=0, num_folds=2,
@@ -40,4 +44,4 @@ def get_config():
       protocol='kfold', seeds=(0,), stages=('teacher', 'stage1', 'gendd')))
   c.log_every_steps = 50
   c.checkpoint_every_steps = 0
-  return c
+  return config_lib.tiny(c) if a.tiny else c

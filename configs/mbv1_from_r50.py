@@ -7,11 +7,17 @@ weight decay 2e-2, batch 512, 20 warm-up epochs, cosine, smooth 0.9,
   python -m gendd_jax.main --config=configs/mbv1_from_r50.py \
       --workdir=<dir> --config.teacher.checkpoint=<resnet50 export> \
       --config.data.data_dir=<tfds dir>
+
+`--config=configs/mbv1_from_r50.py:tiny` runs the same wiring for two steps per
+stage on a laptop, with no download and no teacher file (`config_lib.tiny`:
+digits at 32x32, batch 4, small head, a two-step random teacher stage first).
 """
 
 from gendd_jax import config_lib
 
 
-def get_config():
-  return config_lib.imagenet('resnet50', 'mobilenet_v1', epochs=100,
-                             weight_decay=2e-2, warmup_epochs=20)
+def get_config(arg: str | None = None):
+  a = config_lib.parse_arg(arg)
+  c = config_lib.imagenet('resnet50', 'mobilenet_v1', epochs=100,
+                          weight_decay=2e-2, warmup_epochs=20)
+  return config_lib.tiny(c) if a.tiny else c

@@ -10,11 +10,17 @@ random-resized-crop + flip, 64-step CFG sampling. bfloat16 compute.
       --workdir=gs://bucket/runs/r18_from_r34 \
       --config.teacher.checkpoint=teachers/resnet34 \
       --config.data.data_dir=gs://bucket/tfds
+
+`--config=configs/r18_from_r34.py:tiny` runs the same wiring for two steps per
+stage on a laptop, with no download and no teacher file (`config_lib.tiny`:
+digits at 32x32, batch 4, small head, a two-step random teacher stage first).
 """
 
 from gendd_jax import config_lib
 
 
-def get_config():
-  return config_lib.imagenet('resnet34', 'resnet18', epochs=100,
-                             weight_decay=2e-2, warmup_epochs=10)
+def get_config(arg: str | None = None):
+  a = config_lib.parse_arg(arg)
+  c = config_lib.imagenet('resnet34', 'resnet18', epochs=100,
+                          weight_decay=2e-2, warmup_epochs=10)
+  return config_lib.tiny(c) if a.tiny else c

@@ -13,13 +13,19 @@ On a TPU pod slice (see launch/README.md):
       --config.data.data_dir=gs://bucket/tfds
 
 A smaller slice keeps the global batch with `--config.grad_accum_steps=N`.
+
+`--config=configs/r50_600ep.py:tiny` runs the same wiring for two steps per
+stage on a laptop, with no download and no teacher file (`config_lib.tiny`:
+digits at 32x32, batch 4, small head, a two-step random teacher stage first).
 """
 
 from gendd_jax import config_lib
 
 
-def get_config():
-  return config_lib.imagenet(
+def get_config(arg: str | None = None):
+  a = config_lib.parse_arg(arg)
+  c = config_lib.imagenet(
       'beitv2_large_patch16_224', 'resnet50', epochs=600, weight_decay=1e-2,
       augment='rand', mixup=0.2, cutmix=1.0, label_smoothing=0.1,
       smooth=0.9, beta=0.0)
+  return config_lib.tiny(c) if a.tiny else c

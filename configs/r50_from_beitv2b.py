@@ -6,12 +6,18 @@ colour jitter), smooth 0.9, feature mixup off (beta 0). bfloat16 compute.
 
   python -m gendd_jax.main --config=configs/r50_from_beitv2b.py \
       --workdir=<dir> --config.teacher.checkpoint=<beitv2_base export>
+
+`--config=configs/r50_from_beitv2b.py:tiny` runs the same wiring for two steps
+per stage on a laptop, with no download and no teacher file (`config_lib.tiny`:
+digits at 32x32, batch 4, small head, a two-step random teacher stage first).
 """
 
 from gendd_jax import config_lib
 
 
-def get_config():
-  return config_lib.imagenet(
+def get_config(arg: str | None = None):
+  a = config_lib.parse_arg(arg)
+  c = config_lib.imagenet(
       'beitv2_base_patch16_224', 'resnet50', epochs=300, weight_decay=2e-2,
       augment='rand', mixup=0.1, cutmix=1.0, smooth=0.9, beta=0.0)
+  return config_lib.tiny(c) if a.tiny else c

@@ -1,10 +1,20 @@
 """Building blocks shared by the files in `configs/`.
 
 Configs stay the single source of hyperparameters; this module only fixes the
-shape of the recurring blocks so every config names the same keys.
+shape of the recurring blocks so every config names the same keys, parses the
+argument after the config file's ':' (`parse_arg`) and shrinks any config to
+a laptop-sized run of the same wiring (`tiny`).
+
+Config arguments: tokens separated by ',' (or ':'), e.g.
+`configs/cifar100_gendd.py:resnet56-resnet20,tiny`, `configs/r50_600ep.py:tiny`
+or `configs/cc3m_unsup.py:variant=mbv1_kl,tiny`. A bare word names the
+config's variant (its first setting), `tiny` switches the shrink on, and
+`key=value` sets any other setting a config declares.
 """
 
 from __future__ import annotations
+
+import re
 
 import ml_collections
 
@@ -304,4 +314,126 @@ def cifar100_gendd(pair: str) -> ml_collections.ConfigDict:
   c.gendd.smooth = CIFAR_PAIRS[pair]
   c.pipeline = ml_collections.ConfigDict(dict(protocol='sequence',
                                               stages=('stage1', 'gendd')))
+  return c
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """The argument after a config file's ':' as settings.
+
+  `defaults` declares the settings and their defaults; the first one is
+  positional (a bare word sets it, normally the variant; with no settings a
+  bare word other than `tiny` is an error). `tiny=False` is
+  always declared: the bare word `tiny` switches it on. Tokens are separated
+  by ',' or ':'; `key=value` sets `key`, converted to its default's type
+  (bools from 0/1/true/false). An unknown key, a second bare word, or a value
+  that does not convert is a `ValueError`.
+  """
+  positional = next(iter(defaults), None)
+  defaults = dict(defaults)
+  defaults.setdefault('tiny', False)
+  out = dict(defaults)
+  seen_positional = False
+  for token in re.split('[,:]', arg or ''):
+    token = token.strip()
+    if not token:
+      continue
+    if '=' in token:
+      key, value = (t.strip() for t in token.split('=', 1))
+    elif token == 'tiny':
+      key, value = 'tiny', 'true'
+    else:
+      if positional is None:
+        raise ValueError(f'config argument {arg!r}: this config has no '
+                         f'variant {token!r}; it takes ' +
+                         ', '.join(sorted(defaults)))
+      if seen_positional:
+        raise ValueError(f'config argument {arg!r}: more than one bare word '
+                         f'({out[positional]!r}, {token!r}); use key=value')
+      key, value = positional, token
+      seen_positional = True
+    if key not in defaults:
+      raise ValueError(f'config argument {arg!r}: unknown setting {key!r}; '
+                       f'expected {", ".join(defaults)}')
+    out[key] = _convert(defaults[key], value, key)
+  return ml_collections.ConfigDict(out)
+
+
+def _convert(default, value: str, key: str):
+  if isinstance(default, bool):
+    if value.lower() in ('1', 'true', 'yes'):
+      return True
+    if value.lower() in ('0', 'false', 'no'):
+      return False
+    raise ValueError(f'config setting {key}={value!r} is not a boolean')
+  if isinstance(default, (int, float)):
+    try:
+      return type(default)(value)
+    except ValueError:
+      raise ValueError(f'config setting {key}={value!r} is not a '
+                       f'{type(default).__name__}') from None
+  return value
+
+
+# Reduced BEiT widths of the tiny runs (patch 16 on 32x32 images: 4 tokens).
+TINY_BEIT = dict(embed_dim=32, depth=1, num_heads=2)
+TINY_BATCH = 4
+# Test examples of a tiny sequence run: digits32 in 20 folds, fold 0.
+_TINY_SEQUENCE_FOLDS = 20
+_DIGITS = 1797
+
+
+def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Shrinks `c` (in place) to a run of two steps per stage that needs no
+  download and no teacher file; returns it.
+
+  Kept as configured: the stages, the student and teacher architectures
+  (BEiTs at `TINY_BEIT` width and depth), precision, the optimisers and
+  their schedules' shapes (warm-up and decays scaled with the epochs).
+  Changed: the data become the in-memory digits at 32x32x3 ('digits32':
+  1,797 images, 10 classes, no files; the 8x8 'digits' stay as they are),
+  batch 4, one target-statistics batch; the k-fold protocol keeps 2 folds and
+  one seed, a sequence uses fold 0 of 20 (90 test images). The in-memory
+  data offer the 'cifar' crop and flip only, so 'regular'/'rand'
+  augmentation becomes 'cifar', and mixup, CutMix and label smoothing (grain
+  path only) are dropped. A sequence that distils from a teacher and has no
+  'teacher' stage gets one first (two steps from random initialisation: a
+  random teacher, no export needed). The diffusion head is token 16, width
+  32, depth 1, diffusion_batch_mul 2, with 2-step sampling. Nothing is
+  checkpointed mid-run; every step is logged.
+  """
+  kfold = c.stage == 'pipeline' and c.pipeline.get('protocol') == 'kfold'
+  folds = 2 if kfold else _TINY_SEQUENCE_FOLDS
+  old = c.data
+  name = 'digits' if old.name == 'digits' else 'digits32'
+  c.data = ml_collections.ConfigDict(dict(
+      name=name, data_dir='',
+      augment='cifar' if name == 'digits32' and old.augment != 'none'
+      else 'none',
+      fold=0, num_folds=folds, label_fraction=old.get('label_fraction', 1.0),
+      batch_size=TINY_BATCH, eval_batch_size=45, stats_batches=1))
+  if kfold:
+    c.pipeline.seeds = (0,)
+  elif c.stage == 'pipeline':
+    stages = tuple(c.pipeline.stages)
+    if 'teacher' not in stages:
+      c.pipeline.stages = ('teacher',) + stages
+      if 'teacher' not in c.stages:
+        c.stages.teacher = stage(1, 2e-3, weight_decay=1e-4)
+  for role in (c.teacher, c.student):
+    if role.model.startswith('beit'):
+      role.update(TINY_BEIT)
+  c.gendd.update(token_dim=16, width=32, depth=1, diffusion_batch_mul=2)
+  c.sampler.steps = '2'
+  c.sampler.num_sampling = 1
+  c.log_every_steps = 1
+  c.checkpoint_every_steps = 0
+  # Training examples of fold 0 within one of the exact count; 2.5 steps'
+  # worth of epochs truncates to two steps either way.
+  train_examples = _DIGITS - _DIGITS // folds
+  steps_per_epoch = train_examples // TINY_BATCH
+  for s in c.stages.values():
+    scale = 2.5 / steps_per_epoch / s.epochs
+    s.epochs *= scale
+    s.warmup_epochs *= scale
+    s.decay_epochs = tuple(e * scale for e in s.decay_epochs)
   return c

@@ -116,7 +116,10 @@ class TeacherConfigTest(absltest.TestCase):
     self.assertEqual(res['steps'], 8)
     self.assertEqual((meta['stage'], meta['model'], meta['num_classes']),
                      ('teacher', 'resnet8', 100))
-    self.assertBetween(res['accuracy']['acc'], 0.0, 100.0)
+    # Random mock images and labels: nothing to learn, so no margin over
+    # chance (1%) to assert. The recorded value of this deterministic run
+    # instead (6.25%), within one 16-image batch's 6.25 points.
+    self.assertAlmostEqual(res['accuracy']['acc'], 6.25, delta=6.25)
 
 
 if __name__ == '__main__':

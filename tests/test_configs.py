@@ -1,18 +1,24 @@
-"""Every config in `configs/` is wired: two training steps of each stage of a
-shrunk copy run on CPU, and the real schedules add up.
+"""Every config in `configs/` is wired, in its `:tiny` form, and the real
+schedules add up.
 
-The shrunk copy keeps each config's stages, architectures (BEiT teachers at
-reduced width and depth), augmentation, mixup and precision; it swaps the
-dataset for a tiny generated one, the images for 32x32, the batch for 4,
-the teacher for randomly initialised weights, and the diffusion head for a
-small one, and scales every stage to two steps.
+`config_lib.tiny` shrinks a config to two steps per stage on the in-memory
+digits at 32x32 (batch 4, small diffusion head, BEiTs at reduced width and
+depth, a two-step random teacher stage first where the config distils),
+keeping its stages, architectures and precision. Per config family one
+variant trains for real (`TwoSteps_*`); every other config and variant is
+traced abstractly (`TracedTest`: the model and one train and eval step of
+each stage through `jax.eval_shape`, no compute). Families whose full-size
+data go through grain train on a tiny generated image folder instead, with
+their configured augmentation, mixup, CutMix and label smoothing, and a
+random teacher export (`random_teacher`). `PrecisionTest` reads the compute
+dtype of every convolution and matmul of the traced student and teacher
+forwards, and the `dtype` of every head layer.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
-import importlib.util
 import io
 import os
 import tempfile
@@ -21,31 +27,28 @@ from absl.testing import absltest
 from absl.testing import parameterized
 from flax import nnx
 import jax
+from jax.extend import core as jex_core
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
 from gendd_jax.data import builders
 from gendd_jax import checkpoint as ckpt_lib
 from gendd_jax import config_lib
+from gendd_jax import data as data_lib
 from gendd_jax import pipeline
 from gendd_jax import precision
-from gendd_jax import train
 from gendd_jax import settings
-from gendd_jax import stages
+from gendd_jax import sharding
+from gendd_jax import stages as stages_lib
+from gendd_jax import teacher as teacher_lib
+from gendd_jax import train
+import testing
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_CONFIGS = os.path.join(_ROOT, 'configs')
+_CONFIGS = testing.CONFIGS
 _TMP = None
 _CLASSES = 3
 _TRAIN_PER_CLASS = 3  # 9 images: two steps of 4 per epoch.
-
-
-def load_module(name):
-  spec = importlib.util.spec_from_file_location(
-      f'config_{name}', os.path.join(_CONFIGS, f'{name}.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def all_configs() -> list[tuple[str, str]]:
@@ -55,19 +58,51 @@ def all_configs() -> list[tuple[str, str]]:
     if not fname.endswith('.py') or fname.startswith('_'):
       continue
     stem = fname[:-3]
-    for variant in getattr(load_module(stem), 'VARIANTS', ('',)):
+    for variant in getattr(testing.config_module(stem), 'VARIANTS', ('',)):
       out.append((stem, variant))
   return out
 
 
-def get_config(stem, variant):
-  module = load_module(stem)
-  return module.get_config(variant) if variant else module.get_config()
+def get_config(stem, variant, tiny=False):
+  arg = ','.join(t for t in (variant, 'tiny' if tiny else '') if t)
+  return testing.load_config(stem, arg or None)
+
+
+# Family -> (config, variant) trained for two steps, whether it reads the
+# grain path (a generated image folder with the configured augmentation),
+# and the configs it stands for (the others are traced).
+FAMILIES = {
+    'digits': (('digits', 'quick'), False, ('digits',)),
+    'digits32_cifar_style': (('digits32_cifar_style', ''), False,
+                             ('digits32_cifar_style',)),
+    'cifar100_teacher': (('cifar100_teacher', 'vgg13'), False,
+                         ('cifar100_teacher',)),
+    'cifar100_gendd': (('cifar100_gendd', 'vgg13-mobilenetv2'), False,
+                       ('cifar100_gendd',)),
+    'imagenet_cnn': (('r18_from_r34', ''), False,
+                     ('r18_from_r34', 'mbv1_from_r50')),
+    'beit': (('r50_600ep', ''), True,
+             ('r50_from_beitv2b', 'r50_from_beitv2l', 'r50_600ep')),
+    'cc3m_unsup': (('cc3m_unsup', 'r18'), True, ('cc3m_unsup',)),
+    'imagenet_lt': (('imagenet_lt', 'r18'), True, ('imagenet_lt',)),
+}
+_TRAINED = {v[0]: v[1] for v in FAMILIES.values()}
 
 
 def setUpModule():
   global _TMP
   _TMP = tempfile.TemporaryDirectory(prefix='gendd_test_configs_')
+
+
+def tearDownModule():
+  random_teacher.cache_clear()
+  mock_folder.cache_clear()
+  _TMP.cleanup()
+
+
+@functools.lru_cache(maxsize=None)
+def mock_folder() -> str:
+  """A 3-class image folder built as 'folder:mock'; returns its data_dir."""
   src = os.path.join(_TMP.name, 'src')
   rng = np.random.default_rng(0)
   for split, n in (('train', _TRAIN_PER_CLASS), ('val', 2)):
@@ -80,58 +115,30 @@ def setUpModule():
         Image.fromarray(img).save(buf, format='PNG')
         with open(os.path.join(folder, f'{i}.png'), 'wb') as f:
           f.write(buf.getvalue())
-  builders.build('folder', src, os.path.join(_TMP.name, 'tfds'), 'mock',
-                 log=lambda *a, **k: None)
+  out = os.path.join(_TMP.name, 'tfds')
+  builders.build('folder', src, out, 'mock', log=lambda *a, **k: None)
+  return out
 
 
-def tearDownModule():
-  random_teacher.cache_clear()
-  _TMP.cleanup()
-
-
-_BEIT_TINY = dict(embed_dim=32, depth=1, num_heads=2)
-
-
-def shrink(config):
-  """The shrunk copy described in the module docstring."""
-  c = copy.deepcopy(config)
+def on_grain(tiny, full):
+  """`tiny` reading the mock folder through grain with `full`'s
+  augmentation, mixup, CutMix and label smoothing; two steps per stage."""
+  c = copy.deepcopy(tiny)
   with c.unlocked():
-    in_memory = c.data.name in ('digits', 'digits32')
-    if not in_memory:
-      old = c.data
-      c.data = config_lib.image_data(
-          'folder:mock', image_size=32, augment=old.augment, batch_size=4,
-          eval_batch_size=3, mixup=old.get('mixup', 0.0),
-          cutmix=old.get('cutmix', 0.0),
-          label_smoothing=old.get('label_smoothing', 0.0),
-          eval_split='val')
-      c.data.data_dir = os.path.join(_TMP.name, 'tfds')
-      c.data.num_threads = 1
-      c.data.prefetch = 4
-      c.data.stats_batches = 1
-    else:  # 2 folds of the digits: 7 steps of 128 per epoch.
-      c.data.num_folds = 2
-      c.data.batch_size = 128
-      c.pipeline.seeds = (0,)
-    for role in (c.teacher, c.student):
-      if role.model.startswith('beit'):
-        role.update(_BEIT_TINY)
-    c.gendd.token_dim = 16
-    c.gendd.width = 32
-    c.gendd.depth = 1
-    c.gendd.diffusion_batch_mul = 2
-    c.sampler.steps = '2'
-    c.sampler.num_sampling = 1
-    c.log_every_steps = 1
-    c.checkpoint_every_steps = 0
-    spe = 0 if in_memory else _CLASSES * _TRAIN_PER_CLASS // 4
-    for s in c.stages.values():
-      scale = 1.0 / s.epochs
-      if spe:  # Two steps per stage.
-        s.epochs = 2.0 / spe
-      else:    # Digits, 2 folds: 7 steps per epoch.
-        s.epochs = 2.0 / 7
-      scale *= s.epochs
+    old = full.data
+    c.data = config_lib.image_data(
+        'folder:mock', image_size=32, augment=old.augment, batch_size=4,
+        eval_batch_size=3, mixup=old.get('mixup', 0.0),
+        cutmix=old.get('cutmix', 0.0),
+        label_smoothing=old.get('label_smoothing', 0.0), eval_split='val')
+    c.data.data_dir = mock_folder()
+    c.data.num_threads = 1
+    c.data.prefetch = 4
+    c.data.stats_batches = 1
+    spe = _CLASSES * _TRAIN_PER_CLASS // 4
+    for name, s in c.stages.items():
+      scale = 2.0 / spe / s.epochs
+      s.epochs *= scale
       s.warmup_epochs *= scale
       s.decay_epochs = tuple(e * scale for e in s.decay_epochs)
   return c
@@ -143,7 +150,7 @@ def random_teacher(model: str, settings: tuple, num_classes: int,
   """An export of a randomly initialised teacher; returns its directory."""
   block = config_lib.teacher_block(model, **dict(settings))
   info = dict(num_classes=num_classes, input_shape=input_shape)
-  net = stages.create_backbone(block, info, 0)
+  net = stages_lib.create_backbone(block, info, 0)
   _, params, bs = nnx.split(net, nnx.Param, nnx.BatchStat)
   out = os.path.join(_TMP.name, 'teachers', f'{model}_{num_classes}')
   ckpt_lib.save_export(out, dict(params=params, batch_stats=bs),
@@ -152,110 +159,276 @@ def random_teacher(model: str, settings: tuple, num_classes: int,
   return out
 
 
+def _case_name(stem, variant):
+  return (stem + (f'_{variant}' if variant else '')).replace('-', '_')
+
+
+def stages_of(c) -> tuple[str, ...]:
+  return tuple(c.pipeline.stages) if c.stage == 'pipeline' else (c.stage,)
+
+
 class CoverageTest(absltest.TestCase):
 
   def test_every_config_file_is_covered(self):
-    trained = [k for k in globals() if k.startswith('TwoSteps_')]
-    built = len(config_lib.CIFAR_PAIRS) - len(_TRAINED_CIFAR_PAIRS)
-    self.assertLen(trained, len(all_configs()) - built)
-    stems = {s for s, _ in all_configs()}
+    configs = all_configs()
+    trained = sorted(k for k in globals() if k.startswith('TwoSteps_'))
+    self.assertLen(trained, len(FAMILIES))
+    traced = [p for p in configs if p not in _TRAINED]
+    self.assertLen(traced, len(TracedTest.CASES))
+    self.assertEqual(sorted(set(traced) | set(_TRAINED)), sorted(configs))
+    # Every config file belongs to exactly one family.
+    stems = sorted({s for s, _ in configs})
+    members = sorted(m for v in FAMILIES.values() for m in v[2])
+    self.assertEqual(members, stems)
     for must in ('r50_600ep', 'r18_from_r34', 'mbv1_from_r50',
                  'r50_from_beitv2b', 'r50_from_beitv2l', 'cc3m_unsup',
                  'imagenet_lt', 'cifar100_gendd', 'cifar100_teacher',
-                 'digits'):
+                 'digits', 'digits32_cifar_style'):
       self.assertIn(must, stems)
-    self.assertLen([v for s, v in all_configs() if s == 'cifar100_gendd'],
-                   10)
+    self.assertLen([v for s, v in configs if s == 'cifar100_gendd'], 10)
+    self.assertLen(PrecisionTest.CASES, len(configs))
 
+  def test_tiny_keeps_the_wiring(self):
+    for stem, variant in all_configs():
+      full = get_config(stem, variant)
+      tiny = get_config(stem, variant, tiny=True)
+      name = f'{stem}:{variant}'
+      self.assertEqual(tiny.teacher.model, full.teacher.model, name)
+      self.assertEqual(tiny.student.model, full.student.model, name)
+      self.assertEqual(tiny.precision.to_dict(), full.precision.to_dict(),
+                       name)
+      self.assertEqual(tiny.stage, full.stage, name)
+      full_stages = stages_of(full)
+      self.assertEqual(stages_of(tiny)[-len(full_stages):], full_stages,
+                       name)
+      self.assertIn(tiny.data.name, ('digits', 'digits32'), name)
+      self.assertEqual(tiny.data.batch_size, 4, name)
+      self.assertEqual(tiny.gendd.smooth, full.gendd.smooth, name)
+      for s in stages_of(tiny):
+        if s in full.stages:
+          self.assertEqual(
+              (tiny.stages[s].optimizer, tiny.stages[s].schedule,
+               tiny.stages[s].lr), (full.stages[s].optimizer,
+                                    full.stages[s].schedule,
+                                    full.stages[s].lr), name)
+
+  def test_argument_grammar(self):
+    a = config_lib.parse_arg('resnet56-resnet20,tiny', variant='x')
+    self.assertEqual((a.variant, a.tiny), ('resnet56-resnet20', True))
+    a = config_lib.parse_arg('resnet56-resnet20:tiny', variant='x')
+    self.assertEqual((a.variant, a.tiny), ('resnet56-resnet20', True))
+    a = config_lib.parse_arg('tiny=0,variant=y', variant='x')
+    self.assertEqual((a.variant, a.tiny), ('y', False))
+    self.assertEqual(config_lib.parse_arg(None, variant='x').variant, 'x')
+    self.assertTrue(config_lib.parse_arg('tiny').tiny)
+    with self.assertRaisesRegex(ValueError, 'no variant'):
+      config_lib.parse_arg('big')
+    with self.assertRaisesRegex(ValueError, 'unknown setting'):
+      config_lib.parse_arg('size=3', variant='x')
+    with self.assertRaisesRegex(ValueError, 'more than one bare word'):
+      config_lib.parse_arg('a,b', variant='x')
+    with self.assertRaisesRegex(ValueError, 'not a boolean'):
+      config_lib.parse_arg('tiny=maybe', variant='x')
+    with self.assertRaisesRegex(ValueError, 'unknown CIFAR-100 pair'):
+      get_config('cifar100_gendd', 'resnet8-resnet8', tiny=True)
+    with self.assertRaisesRegex(ValueError, 'no variant'):
+      get_config('r50_600ep', 'r50')
 
 
 class _TwoSteps(absltest.TestCase):
-  """Two steps of each stage of one config variant."""
+  """Two steps of each stage of one config variant's `:tiny` form."""
 
-  def run_config(self, stem, variant):
-    config = get_config(stem, variant)
-    c = shrink(config)
-    if c.stage == 'pipeline' and c.pipeline.protocol == 'kfold':
-      c.pipeline.stages = ('teacher', 'gendd')
-    names = (tuple(c.pipeline.stages) if c.stage == 'pipeline'
-             else (c.stage,))
-    if any(stages.get(s).needs_teacher for s in names) and \
-        'teacher' not in names:
-      teacher_args = tuple(sorted(
+  def run_config(self, stem, variant, grain):
+    c = get_config(stem, variant, tiny=True)
+    if grain:  # A random teacher export replaces the teacher stage.
+      c = on_grain(c, get_config(stem, variant))
+      with c.unlocked():
+        c.pipeline.stages = tuple(
+            s for s in c.pipeline.stages if s != 'teacher')
+      settings = tuple(sorted(
           (k, v) for k, v in c.teacher.items()
           if k not in ('model', 'checkpoint', 'source', 'features',
                        'init_from')))
-      c.teacher.checkpoint = random_teacher(c.teacher.model, teacher_args,
+      c.teacher.checkpoint = random_teacher(c.teacher.model, settings,
                                             _CLASSES, (32, 32, 3))
+    if c.stage == 'pipeline' and c.pipeline.protocol == 'kfold':
+      # Two folds of every stage are traced by TracedTest.
+      c.pipeline.stages = ('teacher', 'gendd')
+    stages = stages_of(c)
     workdir = os.path.join(_TMP.name, 'runs', f'{stem}_{variant}')
     if c.stage == 'pipeline':
       out = pipeline.run(c, workdir)
       if c.pipeline.protocol == 'sequence':
-        self.assertEqual(tuple(out['stages']), names)
-        for stage in names:
+        self.assertEqual(tuple(out['stages']), stages)
+        for stage in stages:
           self.assertEqual(out['stages'][stage]['steps'], 2)
       else:
         self.assertIn('gendd', out['methods'])
     else:
       res = train.train_and_evaluate(c, workdir, quiet=True)
       self.assertEqual(res['steps'], 2)
-    # The configured precision reached the models.
-    for role in ('student', 'teacher', 'head'):
-      precision.compute_dtype(config.precision[role])
 
 
-def _two_steps_class(stem, variant):
+def _two_steps_class(family, stem, variant, grain):
   def test_two_steps_of_every_stage(self):
-    self.run_config(stem, variant)
+    self.run_config(stem, variant, grain)
 
-  name = f'TwoSteps_{stem}' + (f'_{variant}' if variant else '')
-  return name.replace('-', '_'), type(name, (_TwoSteps,), {
+  name = f'TwoSteps_{family}'
+  return name, type(name, (_TwoSteps,), {
       'test_two_steps_of_every_stage': test_two_steps_of_every_stage})
 
 
-# CIFAR-100 pairs whose two steps run; the other pairs differ only in their
-# networks and `smooth`, and are built and traced abstractly (`BuildsTest`).
-# Every CIFAR network's forward is checked against torch in
-# tests/test_zoo_cifar.py.
-_TRAINED_CIFAR_PAIRS = ('resnet32x4-resnet8x4', 'resnet32x4-shufflev1',
-                        'vgg13-mobilenetv2')
-
-
-def _trained(stem, variant) -> bool:
-  return stem != 'cifar100_gendd' or variant in _TRAINED_CIFAR_PAIRS
-
-
-# One class per (config, variant): parallel workers take whole classes.
-for _stem, _variant in all_configs():
-  if _trained(_stem, _variant):
-    _name, _cls = _two_steps_class(_stem, _variant)
-    globals()[_name] = _cls
+# One class per family: parallel workers take whole classes.
+for _family, ((_stem, _variant), _grain, _) in FAMILIES.items():
+  _name, _cls = _two_steps_class(_family, _stem, _variant, _grain)
+  globals()[_name] = _cls
 del _cls  # Only the named copies are test classes.
 
 
-class BuildsTest(parameterized.TestCase):
-  """The CIFAR-100 pairs not trained above: their config, models and
-  feature widths, traced without computing anything."""
+def _info(c) -> dict:
+  ds = data_lib.open_dataset(c.data, c.seed)
+  return dict(ds.info, steps_per_epoch=ds.train.steps_per_epoch)
 
-  @parameterized.parameters(
-      *[p for p in config_lib.CIFAR_PAIRS if p not in _TRAINED_CIFAR_PAIRS])
-  def test_pair_builds(self, pair):
-    c = shrink(get_config('cifar100_gendd', pair))
-    teacher, student = pair.split('-')
-    self.assertEqual((c.teacher.model, c.student.model), (teacher, student))
-    self.assertEqual(c.gendd.smooth, config_lib.CIFAR_PAIRS[pair])
-    info = dict(num_classes=100, input_shape=(32, 32, 3))
-    x = jax.ShapeDtypeStruct((2, 32, 32, 3), 'float32')
-    feat_t = jax.eval_shape(
-        lambda x: stages.create_backbone(c.teacher, info, 0)(x)[0], x)
-    self.assertEqual(feat_t.shape,
-                     (2, stages.teacher_feature_dim(c, info)))
-    for stage in c.pipeline.stages:
-      def forward(x, stage=stage):
-        model = stages.get(stage).create_model(c, info)
-        return (model.student(x) if stage == 'gendd' else model.backbone(x))[0]
-      feat_s = jax.eval_shape(forward, x)
-      self.assertEqual(feat_s.shape[0], 2)
+
+def abstract_step(c, stage: str, info: dict):
+  """`(state, teacher, batch)` shapes and the jitted steps of `stage`."""
+  c = copy.deepcopy(c)
+  with c.unlocked():
+    c.stage = stage
+  mesh = sharding.create_mesh(1)
+  record = stages_lib.get(stage)
+  module = nnx.eval_shape(lambda: record.create_model(c, info))
+  graphdef, params, bs = nnx.split(module, nnx.Param, nnx.BatchStat)
+  teacher = teacher_lib.Teacher()
+  if record.needs_teacher:
+    t_mod = nnx.eval_shape(lambda: precision.set_compute_dtype(
+        stages_lib.create_backbone(c.teacher, info, 0),
+        precision.compute_dtypes(c)['teacher']))
+    t_graphdef, t_params, t_bs = nnx.split(t_mod, nnx.Param, nnx.BatchStat)
+    teacher = teacher_lib.Teacher(
+        variables=dict(params=t_params, batch_stats=t_bs),
+        graphdef=t_graphdef)
+    if record.generative:
+      teacher = teacher.replace(
+          clip_bound=jax.ShapeDtypeStruct((), jnp.float32))
+  s = settings.step_settings(c, stage, info['steps_per_epoch'])
+  assert s.optim.total_steps == 2, (stage, s.optim.total_steps)
+  train_step, eval_step = train.jitted_steps(s, mesh)
+  state = train.abstract_train_state(params, bs, s.optim, graphdef)
+  n = c.data.batch_size
+  batch = record.visible(dict(
+      image=jax.ShapeDtypeStruct((n,) + tuple(info['input_shape']),
+                                 jnp.float32),
+      label=jax.ShapeDtypeStruct((n,), jnp.int32),
+      label_mask=jax.ShapeDtypeStruct((n,), jnp.bool_)))
+  return train_step, eval_step, state, teacher, batch
+
+
+class TracedTest(parameterized.TestCase):
+  """The configs and variants not trained above: every stage's model, train
+  step and eval step of the `:tiny` form, traced without computing."""
+
+  CASES = [p for p in all_configs() if p not in _TRAINED]
+
+  @parameterized.named_parameters(*[(_case_name(*p),) + p for p in CASES])
+  def test_every_stage_traces(self, stem, variant):
+    c = get_config(stem, variant, tiny=True)
+    full = get_config(stem, variant)
+    info = _info(c)
+    self.assertEqual((c.teacher.model, c.student.model),
+                     (full.teacher.model, full.student.model))
+    if stem == 'cifar100_gendd':
+      teacher, student = variant.split('-')
+      self.assertEqual((c.teacher.model, c.student.model), (teacher, student))
+      self.assertEqual(c.gendd.smooth, config_lib.CIFAR_PAIRS[variant])
+    for stage in stages_of(c):
+      train_step, eval_step, state, teacher, batch = abstract_step(
+          c, stage, info)
+      new_state, metrics = jax.eval_shape(train_step, state, teacher, batch)
+      self.assertEqual(jax.tree.structure(new_state),
+                       jax.tree.structure(state), stage)
+      for a, b in zip(jax.tree.leaves(new_state), jax.tree.leaves(state)):
+        self.assertEqual((a.shape, a.dtype), (b.shape, b.dtype), stage)
+      self.assertEqual(metrics['loss'].shape, (), stage)
+      preds, _ = jax.eval_shape(eval_step, state, teacher, dict(
+          image=batch['image']), 0)
+      self.assertNotEmpty(preds, stage)
+      for p in preds.values():
+        self.assertEqual(p.shape, (c.data.batch_size,), stage)
+      if stage in ('gendd', 'gendd_unsup'):
+        self.assertEqual(state.params['head']['input_proj']['kernel']
+                         .shape[0], c.gendd.token_dim)
+
+
+_CONV_DOT = ('conv_general_dilated', 'dot_general')
+
+
+def compute_dtypes_of(fn, *args) -> set:
+  """The operand dtypes of every convolution and matmul `fn` runs."""
+  found = set()
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name in _CONV_DOT:
+        found.update(str(v.aval.dtype) for v in eqn.invars)
+      for sub in jex_core.jaxprs_in_params(eqn.params):
+        walk(sub)
+
+  walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  return found
+
+
+class PrecisionTest(parameterized.TestCase):
+  """The configured compute dtype per role is what the built models run:
+  every convolution and matmul of the traced student and teacher forwards,
+  and the `dtype` of every layer of the diffusion head."""
+
+  CASES = all_configs()
+
+  @parameterized.named_parameters(*[(_case_name(*p),) + p for p in CASES])
+  def test_models_compute_in_the_configured_dtype(self, stem, variant):
+    c = get_config(stem, variant, tiny=True)
+    full = get_config(stem, variant)
+    self.assertEqual(c.precision.to_dict(), full.precision.to_dict())
+    info = _info(c)
+    x = jax.ShapeDtypeStruct((2,) + tuple(info['input_shape']), jnp.float32)
+    want = {r: jnp.dtype(precision.compute_dtype(c.precision[r])).name
+            for r in ('student', 'teacher', 'head')}
+    stages = stages_of(c)
+    # The teacher as distillation loads it, and as the teacher stage trains.
+    teacher = nnx.eval_shape(lambda: precision.set_compute_dtype(
+        stages_lib.create_backbone(c.teacher, info, 0),
+        c.precision.teacher))
+    built = [('teacher', teacher)]
+    if 'teacher' in stages:
+      built.append(('teacher', nnx.eval_shape(
+          lambda: stages_lib.get('teacher').create_model(c, info))))
+    students = [s for s in stages if s != 'teacher']
+    for stage in students:
+      model = nnx.eval_shape(
+          lambda s=stage: stages_lib.get(s).create_model(c, info))
+      backbone = model.backbone if hasattr(model, 'backbone') else model
+      built.append(('student', backbone))
+      if hasattr(model, 'head'):
+        layers = [n for _, n in nnx.iter_graph(model.head)
+                  if isinstance(n, nnx.Module) and hasattr(n, 'dtype')]
+        self.assertNotEmpty(layers)
+        got = {None if n.dtype is None else jnp.dtype(n.dtype).name
+               for n in layers}
+        # float32: layers as built (None: they compute in their inputs'
+        # dtype, float32 here); otherwise every layer in the configured one.
+        allowed = ({None, 'float32'} if want['head'] == 'float32'
+                   else {want['head']})
+        self.assertLessEqual(got, allowed, f'{stage} head')
+    for role, module in built:
+      graphdef, state = nnx.split(module)
+
+      def forward(state, x, graphdef=graphdef):
+        return nnx.merge(graphdef, state)(x)
+
+      got = compute_dtypes_of(forward, state, x)
+      self.assertNotEmpty(got, role)
+      self.assertEqual(got, {want[role]}, f'{role} of {stem}:{variant}')
 
 
 class ScheduleMathTest(parameterized.TestCase):

@@ -14,7 +14,7 @@ from absl.testing import absltest
 from gendd_jax import checkpoint as ckpt_lib
 from gendd_jax.cli import evaluate
 from gendd_jax.cli import export as export_lib
-import test_train
+import testing
 
 _TMP = None
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,11 +23,11 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def setUpModule():
   global _TMP
   _TMP = tempfile.TemporaryDirectory(prefix='gendd_test_export_')
-  test_train.setUpModule()
+  testing.set_up_module()
 
 
 def tearDownModule():
-  test_train.tearDownModule()
+  testing.tear_down_module()
   _TMP.cleanup()
 
 
@@ -42,7 +42,7 @@ class ExportEvaluateTest(absltest.TestCase):
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    cls.workdir, cls.results = test_train.gendd_run()
+    cls.workdir, cls.results = testing.gendd_run()
     cls.out = os.path.join(_TMP.name, 'export_gendd')
     cls.meta = export_lib.export(cls.workdir, cls.out)
 
@@ -155,7 +155,7 @@ class ExportEvaluateTest(absltest.TestCase):
 class BackboneExportTest(absltest.TestCase):
 
   def test_teacher_export_evaluates_logits(self):
-    export_dir, res = test_train.teacher_export()
+    export_dir, res = testing.teacher_export()
     workdir = os.path.dirname(export_dir)
     out = os.path.join(_TMP.name, 'export_teacher')
     export_lib.export(workdir, out)

@@ -20,7 +20,7 @@ import numpy as np
 
 from gendd_jax import diffusion
 from gendd_jax import gendd
-from gendd_jax.models import denoiser
+import testing
 
 
 @functools.lru_cache(maxsize=None)
@@ -29,24 +29,7 @@ def _schedule(spacing):
   return diffusion.create_schedule('cosine', 1000, spacing)
 
 
-@functools.lru_cache(maxsize=None)
-def _head(token_dim=4, cond_dim=6, width=16, depth=1, num_tokens=4, seed=0,
-          *, freq_dim=32, remat=False, scale=0.2):
-  """A tiny head with random weights everywhere (never mutated: cached).
-
-  The adaLN and output layers are zero-initialised (the head would output 0
-  whatever its input); random values make every input matter. The values
-  come from numpy, so building the head compiles nothing.
-  """
-  abstract = nnx.eval_shape(lambda: denoiser.DenoiserMLP(
-      token_dim, cond_dim, width, depth, num_tokens, freq_dim=freq_dim,
-      remat=remat, rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(abstract)
-  rng = np.random.default_rng(seed)
-  state = jax.tree.map(
-      lambda x: jnp.asarray(scale * rng.standard_normal(x.shape), x.dtype),
-      state)
-  return nnx.merge(graphdef, state)
+_head = testing.random_head
 
 
 def _rows_reference(head, schedule, key, z, target, settings):

@@ -95,7 +95,8 @@ class GrainTrainTest(absltest.TestCase):
     dir_a = os.path.join(_TMP.name, 'a')
     res_a = train.train_and_evaluate(_config(), dir_a, quiet=True)
     self.assertEqual(res_a['steps'], 15)
-    self.assertBetween(res_a['accuracy']['acc'], 0.0, 100.0)
+    # Measured: 100% (12 of 12); chance is 33.3% (3 classes).
+    self.assertGreaterEqual(res_a['accuracy']['acc'], 75.0)
     self.assertLen(res_a['labels'], 12)
 
     dir_b = os.path.join(_TMP.name, 'b')

@@ -204,9 +204,18 @@ class PipelineTest(absltest.TestCase):
     self.assertEqual(set(methods), {
         'teacher', 'scratch', 'kd', 'stage1', 'gendd', 'gendd_probe', 'kl',
         'gendd_unsup'})
+    # Chance is 10%. Measured: teacher 79.9, scratch 27.3, kd 29.9, stage1
+    # 21.6, kl 33.8. The GenDD rows (2 epochs) stay at chance; for them the
+    # recorded values of this deterministic run, within 1 point for other
+    # CPUs' rounding.
+    at_chance = dict(gendd=8.514, gendd_probe=9.794, gendd_unsup=8.570)
     for key, m in methods.items():
       self.assertLen(m['per_seed'], 1, key)  # quick: one seed.
-      self.assertBetween(m['mean'], 0.0, 100.0, key)
+      if key in at_chance:
+        self.assertAlmostEqual(m['mean'], at_chance[key], delta=1.0,
+                               msg=key)
+      else:
+        self.assertGreater(m['mean'], 15.0, key)
       self.assertIn(f"| {m['label']} | {m['mean']:.2f}", table, key)
       self.assertEqual(m['num_images'], 1797, key)  # Every image once.
     self.assertGreater(methods['teacher']['mean'], 50.0)  # Chance: 10%.

@@ -23,7 +23,7 @@ from gendd_jax import teacher as teacher_lib
 from gendd_jax.cli import precompute
 from gendd_jax.data import augment
 from gendd_jax.data import features as features_lib
-import test_train
+import testing
 
 _TMP = None
 
@@ -31,17 +31,17 @@ _TMP = None
 def setUpModule():
   global _TMP
   _TMP = tempfile.TemporaryDirectory(prefix='gendd_test_precompute_')
-  test_train.setUpModule()
+  testing.set_up_module()
 
 
 def tearDownModule():
   features.cache_clear()
-  test_train.tearDownModule()
+  testing.tear_down_module()
   _TMP.cleanup()
 
 
 def _config(stage='gendd'):
-  return test_train.gendd_config(stage)
+  return testing.gendd_config(stage)
 
 
 @functools.lru_cache(maxsize=None)

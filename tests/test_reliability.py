@@ -32,7 +32,7 @@ from gendd_jax import checkpoint as ckpt_lib
 from gendd_jax import data as data_lib
 from gendd_jax import train
 from gendd_jax import errors
-import test_train
+import testing
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TMP = None
@@ -42,11 +42,11 @@ _GRACE_SECONDS = 30
 def setUpModule():
   global _TMP
   _TMP = tempfile.TemporaryDirectory(prefix='gendd_test_reliability_')
-  test_train.setUpModule()
+  testing.set_up_module()
 
 
 def tearDownModule():
-  test_train.tearDownModule()
+  testing.tear_down_module()
   _TMP.cleanup()
 
 
@@ -54,7 +54,7 @@ def _args(workdir, *extra):
   """A 42-step GenDD stage checkpointing every 3 steps, logging each."""
   return ['--config=configs/digits.py:quick', f'--workdir={workdir}',
           '--config.stage=gendd',
-          f'--config.teacher.checkpoint={test_train.teacher_export()[0]}',
+          f'--config.teacher.checkpoint={testing.teacher_export()[0]}',
           '--config.gendd.width=32', '--config.gendd.depth=1',
           '--config.sampler.steps=4',
           '--config.sampler.also_eval_clipped=False',
@@ -121,7 +121,14 @@ class PreemptionTest(absltest.TestCase):
       np.testing.assert_array_equal(got[k], v, err_msg=k)
 
   def test_kill_9_at_a_random_step_then_resume_is_bit_exact(self):
-    kill_at = random.Random(time.time_ns()).randint(4, 30)
+    # Replay a run with GENDD_KILL_SEED=<seed printed below> (or pick the
+    # step itself with GENDD_KILL_STEP=<4..30>).
+    seed = int(os.environ.get('GENDD_KILL_SEED', time.time_ns()))
+    kill_at = int(os.environ.get('GENDD_KILL_STEP', 0)) or random.Random(
+        seed).randint(4, 30)
+    replay = (f'kill -9 at step {kill_at}: replay with '
+              f'GENDD_KILL_SEED={seed} (or GENDD_KILL_STEP={kill_at})')
+    print(replay, flush=True)
     workdir = os.path.join(_TMP.name, f'killed_at_{kill_at}')
     proc = _start(_args(workdir))
     try:
@@ -136,13 +143,16 @@ class PreemptionTest(absltest.TestCase):
       proc.send_signal(signal.SIGKILL)
     finally:
       proc.wait(60)
-    self.assertEqual(proc.returncode, -signal.SIGKILL)
-    self.assertFalse(os.path.exists(os.path.join(workdir, 'export')))
+    self.assertEqual(proc.returncode, -signal.SIGKILL, replay)
+    self.assertFalse(os.path.exists(os.path.join(workdir, 'export')), replay)
     again = _run(_args(workdir))
-    self.assertEqual(again.returncode, 0, again.stderr[-3000:])
-    self.assertIn('[gendd] resumed from step', again.stdout,
-                  f'killed at step {kill_at}')
-    self.assertSameWeights(workdir)
+    self.assertEqual(again.returncode, 0,
+                     f'{replay}\n{again.stderr[-3000:]}')
+    self.assertIn('[gendd] resumed from step', again.stdout, replay)
+    try:
+      self.assertSameWeights(workdir)
+    except AssertionError as e:
+      raise AssertionError(f'{replay}\n{e}') from None
 
   def test_sigterm_saves_and_exits_zero_then_resumes(self):
     workdir = os.path.join(_TMP.name, 'sigterm')
@@ -205,8 +215,8 @@ def _nan_at(step_index):
 class NonFiniteTest(absltest.TestCase):
 
   def _config(self, mode):
-    test_train.teacher_export()  # Trained before the stream is patched.
-    c = test_train.gendd_config()
+    testing.teacher_export()  # Trained before the stream is patched.
+    c = testing.gendd_config()
     c.checkpoint_every_steps = 3
     c.on_nonfinite = mode
     return c
@@ -264,11 +274,11 @@ class BadInputTest(absltest.TestCase):
     # Stage-1 projects the 32-d student feature to the 64-d teacher's; a
     # GenDD run whose teacher is 48-d cannot start from it.
     s1 = os.path.join(_TMP.name, 'stage1')
-    c = test_train.small_config('stage1')
-    c.teacher.checkpoint = test_train.teacher_export()[0]
+    c = testing.small_config('stage1')
+    c.teacher.checkpoint = testing.teacher_export()[0]
     train.train_and_evaluate(c, s1, quiet=True)
     other = os.path.join(_TMP.name, 'teacher48')
-    t = test_train.small_config('teacher')
+    t = testing.small_config('teacher')
     t.teacher.hidden = (256, 48)
     train.train_and_evaluate(t, other, quiet=True)
     proc = _run(_args(os.path.join(_TMP.name, 'w3'),
@@ -279,7 +289,7 @@ class BadInputTest(absltest.TestCase):
 
   def test_label_count_differs_from_teacher_classifier(self):
     export = os.path.join(_TMP.name, 'teacher_5_classes')
-    shutil.copytree(test_train.teacher_export()[0], export)
+    shutil.copytree(testing.teacher_export()[0], export)
     meta_path = os.path.join(export, 'meta.json')
     with open(meta_path) as f:
       meta = json.load(f)
@@ -299,7 +309,7 @@ class BadInputTest(absltest.TestCase):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
       return real_save(self, step, *a, **k)
 
-    c = test_train.gendd_config()
+    c = testing.gendd_config()
     c.checkpoint_every_steps = 3
     with mock.patch.object(ocp.CheckpointManager, 'save', save), \
         self.assertRaisesRegex(ckpt_lib.CheckpointError,

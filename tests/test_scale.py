@@ -21,17 +21,17 @@ from gendd_jax import settings
 from gendd_jax import reporting
 from gendd_jax import stages
 from gendd_jax import teacher as teacher_lib
-import test_train
+import testing
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def setUpModule():
-  test_train.setUpModule()
+  testing.set_up_module()
 
 
 def tearDownModule():
-  test_train.tearDownModule()
+  testing.tear_down_module()
 
 
 def _batch(n=16, seed=0):
@@ -60,7 +60,7 @@ class AccumulationTest(absltest.TestCase):
     batch = _batch()
     results = {}
     for accum in (1, 2, 4):
-      c = test_train.small_config('teacher')
+      c = testing.small_config('teacher')
       c.grad_accum_steps = accum
       state, metrics = _one_step(c, 'teacher', batch)
       results[accum] = (jax.device_get(state.params),
@@ -71,7 +71,7 @@ class AccumulationTest(absltest.TestCase):
           a, b, rtol=2e-5, atol=2e-6), results[accum][0], results[1][0])
 
   def test_batch_must_split_over_devices_and_micro_batches(self):
-    c = test_train.small_config('teacher')
+    c = testing.small_config('teacher')
     c.grad_accum_steps = 3  # 128 is not divisible by 3.
     with self.assertRaisesRegex(errors.ConfigError, 'grad_accum_steps 3'):
       settings.create_mesh(c)
@@ -83,8 +83,8 @@ class AccumulationTest(absltest.TestCase):
 class PrecisionTest(absltest.TestCase):
 
   def test_bfloat16_compute_float32_state(self):
-    export, _ = test_train.teacher_export()
-    c = test_train.gendd_config()
+    export, _ = testing.teacher_export()
+    c = testing.gendd_config()
     info = dict(num_classes=10, input_shape=(8, 8, 1))
     mesh = sharding.create_mesh(1)
     batch = _batch(seed=1)
@@ -114,7 +114,7 @@ class PrecisionTest(absltest.TestCase):
     self.assertTrue(export)
 
   def test_unknown_dtype(self):
-    c = test_train.small_config('teacher')
+    c = testing.small_config('teacher')
     c.precision.head = 'float8'
     with self.assertRaisesRegex(errors.ConfigError,
                                 "precision.head: unknown compute dtype"):
@@ -140,7 +140,7 @@ class MeshTest(absltest.TestCase):
       sharding.mesh_from_config({'data': 4})
 
   def test_startup_summary(self):
-    c = test_train.gendd_config()
+    c = testing.gendd_config()
     c.grad_accum_steps = 2
     info = dict(num_classes=10, input_shape=(8, 8, 1))
     mesh = sharding.create_mesh(1)
@@ -162,12 +162,12 @@ _SHARDED_ACCUM = r'''
 import sys
 sys.path[:0] = [{root!r}, {tests!r}]
 import jax, numpy as np
-import test_scale, test_train
+import test_scale, testing
 # `_one_step` builds a 1-device mesh; make it span the 8 devices.
 _mesh = test_scale.sharding.create_mesh
 test_scale.sharding.create_mesh = lambda n=None: _mesh(None)
-test_train.setUpModule()
-c = test_train.small_config('teacher')
+testing.set_up_module()
+c = testing.small_config('teacher')
 out = {{}}
 for accum in (1, 2):
   c.grad_accum_steps = accum

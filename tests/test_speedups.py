@@ -18,7 +18,7 @@ import numpy as np
 
 from gendd_jax import diffusion
 from gendd_jax import gendd
-import test_gendd
+import testing
 
 _C, _DZ, _W, _K = 4, 6, 16, 3
 
@@ -26,7 +26,7 @@ _C, _DZ, _W, _K = 4, 6, 16, 3
 def _head(depth=2, remat=False, seed=0):
   """A tiny head with random values in every parameter (the adaLN and
   output layers start at zero, which would hide their inputs)."""
-  return test_gendd._head(_C, _DZ, _W, depth, _K, seed, freq_dim=16,
+  return testing.random_head(_C, _DZ, _W, depth, _K, seed, freq_dim=16,
                           remat=remat, scale=0.3)
 
 

@@ -1,0 +1,131 @@
+"""Helpers shared by the test modules (no test module imports another).
+
+* The digits runs several modules build on: `small_config` (the quick digits
+  config shrunk to 7 steps per epoch), `teacher_export` (a teacher trained
+  once per process), `gendd_config` and `gendd_run` (one uninterrupted GenDD
+  stage). They live in a temporary directory made by `set_up_module()` and
+  removed (with the cached runs) by `tear_down_module()`; a test module that
+  uses them calls both from its own `setUpModule`/`tearDownModule`.
+* `random_head`: a tiny diffusion head with random values in every
+  parameter.
+* `load_config(stem, arg)`: a file of `configs/` (not a package).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import tempfile
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gendd_jax import train
+from gendd_jax.models import denoiser
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(ROOT, 'configs')
+_TMP = None  # A TemporaryDirectory between set_up_module/tear_down_module.
+
+
+def set_up_module():
+  """Makes the temporary directory the cached digits runs live in."""
+  global _TMP
+  _TMP = tempfile.TemporaryDirectory(prefix='gendd_testing_')
+
+
+def tear_down_module():
+  # The cached runs live in the directory: forget them with it.
+  teacher_export.cache_clear()
+  gendd_run.cache_clear()
+  _TMP.cleanup()
+
+
+def tmp_dir() -> str:
+  """The directory made by `set_up_module()`."""
+  return _TMP.name
+
+
+def workdir(name: str) -> str:
+  path = os.path.join(_TMP.name, name)
+  os.makedirs(path, exist_ok=True)
+  return path
+
+
+def config_module(stem: str):
+  """`configs/<stem>.py` as a module (configs/ is not a package)."""
+  spec = importlib.util.spec_from_file_location(
+      f'config_{stem}', os.path.join(CONFIGS, f'{stem}.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def load_config(stem: str = 'digits', arg: str | None = 'quick'):
+  """`configs/<stem>.py:<arg>` (`arg=None`: the file's default)."""
+  module = config_module(stem)
+  return module.get_config() if arg is None else module.get_config(arg)
+
+
+def small_config(stage, epochs=1.0, **stage_overrides):
+  """The quick config, shrunk: 7 steps per epoch, tiny head and sampler."""
+  c = load_config('digits', 'quick')
+  c.stage = stage
+  c.gendd.width = 32
+  c.gendd.depth = 1
+  c.gendd.diffusion_batch_mul = 1
+  c.sampler.steps = '4'
+  c.sampler.also_eval_clipped = False
+  c.log_every_steps = 1
+  for name in c.stages:
+    c.stages[name].epochs = float(epochs)
+  for k, v in stage_overrides.items():
+    c.stages[stage][k] = v
+  return c
+
+
+@functools.lru_cache(maxsize=None)
+def teacher_export():
+  """Trains the teacher once per process; returns `(export_dir, results)`."""
+  path = workdir('teacher')
+  res = train.train_and_evaluate(small_config('teacher', epochs=4), path,
+                                 quiet=True)
+  return os.path.join(path, 'export'), res
+
+
+def gendd_config(stage='gendd'):
+  c = small_config(stage, epochs=2, warmup_epochs=0.5)
+  c.teacher.checkpoint = teacher_export()[0]
+  c.checkpoint_every_steps = 5  # 14 steps: checkpoints at 5 and 10.
+  c.keep_checkpoints = 5
+  return c
+
+
+@functools.lru_cache(maxsize=None)
+def gendd_run():
+  """An uninterrupted gendd run; returns `(workdir, results)`."""
+  path = workdir('gendd_a')
+  return path, train.train_and_evaluate(gendd_config(), path, quiet=True)
+
+
+@functools.lru_cache(maxsize=None)
+def random_head(token_dim=4, cond_dim=6, width=16, depth=1, num_tokens=4,
+                seed=0, *, freq_dim=32, remat=False, scale=0.2):
+  """A tiny head with random weights everywhere (never mutated: cached).
+
+  The adaLN and output layers are zero-initialised (the head would output 0
+  whatever its input); random values make every input matter. The values
+  come from numpy, so building the head compiles nothing.
+  """
+  abstract = nnx.eval_shape(lambda: denoiser.DenoiserMLP(
+      token_dim, cond_dim, width, depth, num_tokens, freq_dim=freq_dim,
+      remat=remat, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(abstract)
+  rng = np.random.default_rng(seed)
+  state = jax.tree.map(
+      lambda x: jnp.asarray(scale * rng.standard_normal(x.shape), x.dtype),
+      state)
+  return nnx.merge(graphdef, state)
