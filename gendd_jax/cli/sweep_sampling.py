@@ -151,7 +151,7 @@ def markdown(res: dict) -> str:
 def plot(res: dict, path: str) -> None:
   # matplotlib is optional and heavy: imported only to draw the plot.
   import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
+  matplotlib.use('Agg')  # Headless: chosen before pyplot is imported.
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   fig, ax = plt.subplots(figsize=(6, 4))
   by = {}

@@ -62,6 +62,7 @@ def stratified_folds(labels: np.ndarray, num_folds: int, seed: int
                      ) -> list[tuple[np.ndarray, np.ndarray]]:
   """Stratified k-fold `(train_idx, test_idx)` pairs; every example is tested
   exactly once over the folds."""
+  # scikit-learn is imported lazily: only the k-fold protocol needs it.
   from sklearn.model_selection import StratifiedKFold
   if num_folds < 2:
     raise DataError(f'data.num_folds must be >= 2, got {num_folds}')
