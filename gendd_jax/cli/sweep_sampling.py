@@ -151,7 +151,8 @@ def markdown(res: dict) -> str:
 def plot(res: dict, path: str) -> None:
   # matplotlib is optional and heavy: imported only to draw the plot.
   import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')  # Headless: chosen before pyplot is imported.
+  matplotlib.use('Agg')
+  # Optional, like matplotlib above; the headless backend is chosen first.
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   fig, ax = plt.subplots(figsize=(6, 4))
   by = {}
