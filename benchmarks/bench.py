@@ -80,7 +80,8 @@ from gendd_jax.models import denoiser
 _SETTINGS = flags.DEFINE_list('settings', ['digits', 'head_only', 'cifar'],
                               'Which settings to run.')
 _REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed repeats per figure.')
-_STEPS = flags.DEFINE_integer('steps', 5, 'Train steps per timed repeat.')
+_STEPS = flags.DEFINE_integer('train_steps', 5,
+                             'Train steps per timed repeat.')
 _REFERENCE = flags.DEFINE_string(
     'reference', '', 'Path of a local copy of the authors\' PyTorch code '
     '(holding GenDD_cifar/); times it on head_only and cifar too.')

@@ -45,7 +45,7 @@ _QUALITY = flags.DEFINE_integer('quality', 90, 'JPEG quality.')
 _IMAGE_SIZE = flags.DEFINE_integer('image_size', 224, 'Training view side.')
 _MIX_BATCH = flags.DEFINE_integer('mix_batch', 128,
                                   'Batch size of the mixup/cutmix figures.')
-_SEED = flags.DEFINE_integer('seed', 0, 'Seed of images and augmentation.')
+_SEED = flags.DEFINE_integer('data_seed', 0, 'Seed of images and augmentation.')
 _PIN = flags.DEFINE_bool('pin', True, 'Pin the process to one CPU core.')
 
 

@@ -73,7 +73,7 @@ def _config(**data):
 
 def _params(workdir):
   return ocp.StandardCheckpointer().restore(
-      os.path.join(workdir, 'export', 'weights'))['params']
+      os.path.join(workdir, 'export', 'weights'))['model']['params']
 
 
 class GrainTrainTest(absltest.TestCase):

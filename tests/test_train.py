@@ -42,8 +42,9 @@ def tearDownModule():
 
 
 def _weights(workdir):
+  """The model part of a run's export (parameters and batch statistics)."""
   return ocp.StandardCheckpointer().restore(
-      os.path.join(workdir, 'export', 'weights'))
+      os.path.join(workdir, 'export', 'weights'))['model']
 
 
 def _final_state(workdir):
@@ -140,6 +141,11 @@ class StageTest(parameterized.TestCase):
       self.assertTrue(os.path.exists(os.path.join(workdir, name)), name)
     w = _weights(workdir)['params']
     self.assertSameElements(w, ('backbone', 'cls_projector', 'head'))
+    # The export also carries the teacher classifier that classifies samples.
+    exported = ocp.StandardCheckpointer().restore(
+        os.path.join(workdir, 'export', 'weights'))
+    self.assertSameElements(exported, ('model', 'classifier'))
+    self.assertEqual(exported['classifier']['weight'].shape, (10, 64))
 
   def test_gendd_unsup_uses_no_labels(self):
     batch = dict(image=np.zeros((2, 64), np.float32),

@@ -119,11 +119,15 @@ class Attention(nnx.Module):
                        'input_shape')
     bias = jnp.concatenate([self.q_bias[...], jnp.zeros_like(self.v_bias[...]),
                             self.v_bias[...]])
-    qkv = (self.qkv(x) + bias).reshape(b, n, 3, self.num_heads, -1)
+    qkv = self.qkv(x)
+    # The float32 biases must not promote the attention products out of the
+    # compute dtype; the softmax itself runs in float32.
+    qkv = (qkv + bias.astype(qkv.dtype)).reshape(b, n, 3, self.num_heads, -1)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     q = q * (q.shape[-1] ** -0.5)
-    logits = jnp.einsum('bqhc,bkhc->bhqk', q, k) + self.position_bias()
-    weights = jax.nn.softmax(logits, axis=-1)
+    logits = jnp.einsum('bqhc,bkhc->bhqk', q, k)
+    logits = logits.astype(jnp.float32) + self.position_bias()
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum('bhqk,bkhc->bqhc', weights, v).reshape(b, n, d)
     return self.proj(out)
 
