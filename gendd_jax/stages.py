@@ -20,6 +20,7 @@ teacher (`teacher.Teacher`: `outputs`, `classifier`, `target_stats`,
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -54,8 +55,20 @@ def create_backbone(cfg: ml_collections.ConfigDict, info, seed: int):
 
 
 def teacher_feature_dim(config, info) -> int:
-  return nnx.eval_shape(
-      lambda: create_backbone(config.teacher, info, 0)).feature_dim
+  """The teacher's feature width (its shapes are built once per setting)."""
+  kwargs = tuple(sorted(
+      (k, tuple(v) if isinstance(v, list) else v)
+      for k, v in config.teacher.items() if k not in _NOT_MODEL_ARGS))
+  return _feature_dim(config.teacher.model, kwargs, info['num_classes'],
+                      tuple(info['input_shape']))
+
+
+@functools.lru_cache(maxsize=None)
+def _feature_dim(model: str, kwargs: tuple, num_classes: int,
+                 input_shape: tuple) -> int:
+  return nnx.eval_shape(lambda: models.create_backbone(
+      model, num_classes=num_classes, input_shape=input_shape,
+      rngs=nnx.Rngs(0), **dict(kwargs))).feature_dim
 
 
 def _build_classifier(config, info, dtypes, role: str) -> nnx.Module:
