@@ -12,45 +12,29 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any
 
 from etils import epath
 import grain
 import jax
+from jax.experimental import multihost_utils
+import numpy as np
 import orbax.checkpoint as ocp
+from gendd_jax import paths
 from gendd_jax.errors import CheckpointError
+from gendd_jax.errors import IncompatibleCheckpointError
 
 
-# Paths may be local or remote (`gs://...`): everything goes through epath.
-
-
-def absolute(path: str) -> str:
-  """`path` made absolute, unless it is a URL such as `gs://bucket/run`."""
-  return path if '://' in path else os.path.abspath(path)
-
-
-def exists(path: str) -> bool:
-  return epath.Path(path).exists()
-
-
-def isdir(path: str) -> bool:
-  return epath.Path(path).is_dir()
-
-
-def makedirs(path: str) -> None:
-  epath.Path(path).mkdir(parents=True, exist_ok=True)
-
-
-def read_text(path: str) -> str:
-  return epath.Path(path).read_text()
-
-
-def write_text(path: str, text: str) -> None:
-  """Writes `text` to `path` via a temporary file and a rename (atomic on
-  local disks), so a reader never sees a partial file."""
-  tmp = epath.Path(path + '.tmp')
-  tmp.write_text(text)
-  tmp.replace(path)
+def publish(files: dict[str, str], name: str) -> None:
+  """Process 0 writes `files` (`{path: text}`, each atomically); every
+  process then waits at a barrier, so no host reads (or moves on past) a
+  file before it is complete."""
+  if jax.process_index() == 0:
+    for path, text in files.items():
+      paths.write_text(path, text)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f'gendd_publish_{name}')
 
 
 def abstract_like(tree: Any, sharding: Any = None) -> Any:
@@ -82,7 +66,7 @@ class Checkpointer:
 
   def __init__(self, directory: str, max_to_keep: int = 2,
                async_save: bool = True):
-    self.directory = absolute(directory)
+    self.directory = paths.absolute(directory)
     self._options = dict(max_to_keep=max_to_keep, async_save=async_save)
     self._mngr = self._manager()
 
@@ -96,19 +80,35 @@ class Checkpointer:
                        'meta': ocp.JsonCheckpointHandler(),
                        'data': grain.checkpoint.CheckpointHandler()})
 
-  def restore_latest_valid(self, abstract_state: Any, log=None
-                           ) -> tuple[Any, dict[str, Any]]:
-    """`restore` of the newest checkpoint that can be read.
+  def restore_latest_valid(self, abstract_state: Any, check=None, log=None
+                           ) -> tuple[Any, dict[str, Any]] | None:
+    """`restore` of the newest checkpoint that can be read (None: there is
+    no checkpoint).
 
-    An unreadable (corrupt or partially written) checkpoint is renamed to
-    `<step>.corrupt` (kept for inspection, ignored from then on) and the
-    previous one is tried, with a message through `log`.
+    Checkpoints are tried newest first, the same list on every process
+    (process 0's listing). For each one:
+
+    1. its JSON `meta` is read and handed to `check(step, meta)`, which may
+       refuse the resume by raising (e.g. a changed config); that error
+       propagates and nothing is renamed;
+    2. its state tree is compared with `abstract_state`: a difference raises
+       `IncompatibleCheckpointError` naming it, and nothing is renamed;
+    3. its arrays are restored, with one retry (a transient read error).
+
+    A checkpoint whose meta, tree or arrays cannot be read on some process
+    (corrupt or partially written) is renamed to `<step>.corrupt` by process
+    0 (kept for inspection, ignored from then on) and the previous one is
+    tried, with a message through `log`. Running out of memory is reported
+    as it is, never taken for corruption.
     """
     errors = []
-    for step in sorted(self.all_steps(), reverse=True):
+    steps = _agreed(sorted(self.all_steps(), reverse=True))
+    if not steps:
+      return None
+    for step in steps:
       try:
-        out = self.restore(abstract_state, step)
-      except CheckpointError as e:
+        out = self._restore_checked(abstract_state, step, check)
+      except _Unreadable as e:
         errors.append(str(e))
         aside = self._move_aside(step)
         if log:
@@ -122,6 +122,58 @@ class Checkpointer:
     raise CheckpointError(f'no readable checkpoint in {self.directory}: '
                           + '; '.join(errors))
 
+  def _restore_checked(self, abstract_state, step, check):
+    """Steps 1-3 of `restore_latest_valid` for one checkpoint; raises
+    `_Unreadable` (agreed by every process) for a corrupt one."""
+    failure = ''
+    try:
+      meta = self.metadata(step)
+    except CheckpointError as e:
+      failure = str(e)
+    if _any_process(failure):
+      raise _Unreadable(failure or f'checkpoint {step} is unreadable on '
+                        'another process')
+    if check is not None:
+      check(step, meta)
+    try:
+      stored = self._state_shapes(step)
+    except CheckpointError as e:
+      failure = str(e)
+    if _any_process(failure):
+      raise _Unreadable(failure or f'checkpoint {step} is unreadable on '
+                        'another process')
+    differences = tree_differences(stored, _shapes(abstract_state))
+    if differences:
+      raise IncompatibleCheckpointError(
+          f'checkpoint {self.directory}/{step} does not fit this run\'s '
+          f'state ({"; ".join(differences[:8])}'
+          f'{"; ..." if len(differences) > 8 else ""}): was it written with '
+          'another model or optimiser? It was left in place')
+    out = None
+    for attempt in range(2):
+      try:
+        out = self.restore(abstract_state, step)
+        failure = ''
+      except CheckpointError as e:
+        if _out_of_memory(e):
+          raise
+        failure = str(e)
+      if not _any_process(failure):
+        return out
+      if attempt == 0:
+        time.sleep(1.0)  # Then once more: a transient error passes.
+    raise _Unreadable(failure or f'checkpoint {step} could not be restored '
+                      'on another process')
+
+  def _state_shapes(self, step: int) -> dict[str, tuple[int, ...]]:
+    try:
+      md = self._mngr.metadata(step).item_metadata['state']
+      return _shapes(getattr(md, 'tree', md))
+    except Exception as e:  # orbax raises many types; report one clearly.
+      raise CheckpointError(
+          f'checkpoint {self.directory}/{step} state metadata could not be '
+          f'read ({type(e).__name__}: {_first_line(e)})') from e
+
   def _move_aside(self, step: int) -> str:
     src = epath.Path(self.directory) / str(step)
     dest = epath.Path(self.directory) / f'{step}.corrupt'
@@ -131,6 +183,8 @@ class Checkpointer:
       n += 1
     if jax.process_index() == 0:
       src.rename(dest)
+    if jax.process_count() > 1:  # Nobody rescans before the rename.
+      multihost_utils.sync_global_devices(f'gendd_move_aside_{step}')
     self._mngr.close()
     self._mngr = self._manager()  # Forget the moved step.
     return str(dest)
@@ -174,7 +228,7 @@ class Checkpointer:
       raise CheckpointError(f'no checkpoint in {self.directory}')
     items = dict(state=ocp.args.StandardRestore(abstract_state),
                  meta=ocp.args.JsonRestore())
-    has_data = isdir(os.path.join(self.directory, str(step), 'data'))
+    has_data = paths.isdir(os.path.join(self.directory, str(step), 'data'))
     snapshot = _StateSnapshot()
     if has_data:
       items['data'] = grain.checkpoint.CheckpointRestore(snapshot)
@@ -213,6 +267,49 @@ class Checkpointer:
       self._mngr.close()
 
 
+class _Unreadable(Exception):
+  """A checkpoint that cannot be read (on some process): moved aside."""
+
+
+def _agreed(steps: list[int]) -> list[int]:
+  """Process 0's list of steps, on every process."""
+  if jax.process_count() == 1:
+    return steps
+  raw = np.full(64, -1, np.int64)
+  raw[:min(len(steps), 64)] = steps[:64]
+  out = np.asarray(multihost_utils.broadcast_one_to_all(raw))
+  return [int(v) for v in out if v >= 0]
+
+
+def _any_process(failure: str) -> bool:
+  """Whether `failure` is non-empty on some process."""
+  if jax.process_count() == 1:
+    return bool(failure)
+  flags = multihost_utils.process_allgather(np.int32(bool(failure)))
+  return bool(np.max(flags))
+
+
+def _out_of_memory(e: BaseException) -> bool:
+  text = f'{e} {e.__cause__}'
+  return (isinstance(e.__cause__, MemoryError) or 'RESOURCE_EXHAUSTED' in text
+          or 'out of memory' in text.lower())
+
+
+def tree_differences(have: dict[str, tuple[int, ...]],
+                     want: dict[str, tuple[int, ...]]) -> list[str]:
+  """What differs between two `{path: shape}` maps (stored vs expected)."""
+  out = []
+  for key in sorted(set(have) | set(want)):
+    if key not in have:
+      out.append(f'{key} is missing')
+    elif key not in want:
+      out.append(f'{key} is stored but not expected')
+    elif have[key] != want[key]:
+      out.append(f'{key} has shape {have[key]} stored, {want[key]} '
+                 'expected')
+  return out
+
+
 def _first_line(e: BaseException) -> str:
   text = str(e).strip().splitlines()
   return text[0][:300] if text else ''
@@ -230,23 +327,21 @@ def save_export(directory: str, model: Any, meta: dict[str, Any],
   statistics of standardised targets) and JSON metadata, which lists the
   parts. Call it on every process (orbax coordinates the array writes);
   only process 0 writes the metadata, last, so a complete `meta.json` marks
-  a complete export.
+  a complete export, and every process returns once it is written.
   """
   tree = dict(model=model)
   if classifier is not None:
     tree['classifier'] = dict(weight=classifier[0], bias=classifier[1])
   if target_stats is not None:
     tree['target_stats'] = dict(target_stats)
-  directory = absolute(directory)
-  makedirs(directory)
+  directory = paths.absolute(directory)
+  paths.makedirs(directory)
   ckptr = ocp.StandardCheckpointer()
   ckptr.save(os.path.join(directory, 'weights'), tree, force=True)
   ckptr.wait_until_finished()
-  if jax.process_index() != 0:
-    return
-  write_text(os.path.join(directory, 'meta.json'),
-             json.dumps(dict(meta, parts=sorted(tree)), indent=1,
-                        sort_keys=True))
+  publish({os.path.join(directory, 'meta.json'): json.dumps(
+      dict(meta, parts=sorted(tree)), indent=1, sort_keys=True)},
+          'export')
 
 
 def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
@@ -255,10 +350,9 @@ def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
     names = []
     for p in path:
-      if isinstance(p, jax.tree_util.GetAttrKey):
-        continue  # NNX Variable `.value`.
-      names.append(str(getattr(p, 'key', getattr(p, 'idx', p))))
-    if names and names[-1] == 'value':  # How orbax stores a Variable.
+      names.append(str(getattr(p, 'key', getattr(p, 'idx',
+                                                 getattr(p, 'name', p)))))
+    if names and names[-1] == 'value':  # An NNX Variable's value.
       names.pop()
     out['/'.join(names)] = tuple(leaf.shape)
   return out
@@ -266,11 +360,11 @@ def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
 
 def load_export_meta(directory: str) -> dict[str, Any]:
   path = os.path.join(directory, 'meta.json')
-  if not exists(path):
+  if not paths.exists(path):
     raise CheckpointError(f'no exported model at {directory} (missing '
                           'meta.json)')
   try:
-    return json.loads(read_text(path))
+    return json.loads(paths.read_text(path))
   except (OSError, ValueError) as e:
     raise CheckpointError(f'corrupt export metadata {path}: {e}') from e
 
@@ -284,7 +378,7 @@ def load_export(directory: str, abstract_model: Any
     `tree['target_stats']` where the export has them.
   """
   meta = load_export_meta(directory)
-  path = os.path.join(absolute(directory), 'weights')
+  path = os.path.join(paths.absolute(directory), 'weights')
   ckptr = ocp.StandardCheckpointer()
   try:
     stored = ckptr.metadata(path).item_metadata.tree
@@ -296,17 +390,14 @@ def load_export(directory: str, abstract_model: Any
     raise CheckpointError(f'{directory} is not an export of this version '
                           '(its weights have no model part)')
   # Compare shapes first: a mismatched restore fails deep inside orbax.
-  have, want = _shapes(stored['model']), _shapes(abstract_model)
-  for key in sorted(set(have) | set(want)):
-    if key not in have:
-      raise CheckpointError(f'export {directory} lacks parameter {key}')
-    if key not in want:
-      raise CheckpointError(f'export {directory} has unexpected parameter '
-                            f'{key}: built for another architecture?')
-    if have[key] != want[key]:
-      raise CheckpointError(
-          f'export {directory}: parameter {key} has shape {have[key]}, the '
-          f'configured model expects {want[key]}')
+  differences = tree_differences(_shapes(stored['model']),
+                                 _shapes(abstract_model))
+  if differences:
+    more = '; ...' if len(differences) > 5 else ''
+    raise CheckpointError(
+        f'export {directory} does not fit the configured model '
+        f'({"; ".join(differences[:5])}{more}): built for another '
+        'architecture?')
   abstract = {k: jax.tree.map(
       lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), v)
               for k, v in stored.items() if k != 'model'}

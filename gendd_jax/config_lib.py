@@ -82,6 +82,11 @@ def runtime(c: ml_collections.ConfigDict, *, log_every_steps: int = 200,
   on_nonfinite: 'stop' (name the step and the last good checkpoint) or
     'skip' (drop such steps and carry on); either way the update of a step
     with a non-finite loss or gradient is never applied.
+  allow_config_changes: resume from a checkpoint even where the config
+    differs from the one it was saved with in what the state depends on
+    (schedule, model, batch, data); by default such a resume is refused with
+    the differing keys (`reliability.SAFE_TO_CHANGE` lists what may always
+    change).
   """
   c.mesh = ml_collections.ConfigDict(dict(data=-1))
   c.precision = ml_collections.ConfigDict(dict(
@@ -92,6 +97,7 @@ def runtime(c: ml_collections.ConfigDict, *, log_every_steps: int = 200,
   c.eval_every_steps = eval_every_steps
   c.checkpoint_every_steps = checkpoint_every_steps
   c.keep_checkpoints = keep_checkpoints
+  c.allow_config_changes = False
   return c
 
 

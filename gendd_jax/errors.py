@@ -2,8 +2,16 @@
 
 A leaf: it imports nothing from the package, so every room can raise these
 without creating an import cycle. Commands catch `USER_ERRORS` and print one
-`error:` line with exit status 2 (`fail`); a non-finite training step exits 3,
-a preemption (SIGTERM, checkpoint saved) exits 0.
+`error:` line (`fail`) with the error's exit status (`exit_status`):
+
+  0  a preemption (SIGTERM, checkpoint saved): not an error
+  2  a user error: bad settings, missing or unreadable inputs
+  3  a non-finite training step
+  4  a resume refused: the config differs from the checkpoint's
+  5  the workdir is held by another live run
+  6  a resume refused: the checkpoint cannot be restored into this run
+     (another state tree or process count)
+  7  a peer process of a multi-process run was lost
 """
 
 from __future__ import annotations
@@ -48,8 +56,26 @@ class CheckpointError(RuntimeError):
   """A checkpoint is missing, unreadable or does not fit the model."""
 
 
+class ConfigChangedError(CheckpointError):
+  """Resuming with a config that differs in what the saved state depends on
+  (schedule, model, batch, data)."""
+  exit_status = 4
+
+
+class IncompatibleCheckpointError(CheckpointError):
+  """A readable checkpoint that does not fit this run (another state tree or
+  process count); it is left in place."""
+  exit_status = 6
+
+
+class WorkdirBusyError(RuntimeError):
+  """Another live run holds the workdir."""
+  exit_status = 5
+
+
 class NonFiniteError(FloatingPointError):
   """A training step produced a non-finite loss or gradient."""
+  exit_status = 3
 
 
 class Preempted(Exception):  # noqa: N818 (a signal, not an error)
@@ -57,7 +83,12 @@ class Preempted(Exception):  # noqa: N818 (a signal, not an error)
 
 
 USER_ERRORS = (CheckpointError, ConfigError, ConversionError, DataError,
-               ModelError)
+               ModelError, WorkdirBusyError)
+
+
+def exit_status(error: BaseException) -> int:
+  """The exit status a command reports `error` with (see the table above)."""
+  return getattr(error, 'exit_status', 2)
 
 
 def fail(message: str, status: int = 2) -> NoReturn:

@@ -29,10 +29,10 @@ import os
 import time
 from typing import Any
 
-import jax
 import numpy as np
 
 from gendd_jax import checkpoint as ckpt_lib
+from gendd_jax import paths
 from gendd_jax import reliability
 from gendd_jax import stages as stages_lib
 from gendd_jax import train
@@ -130,8 +130,8 @@ def run_sequence(config, workdir: str) -> dict[str, Any]:
   for i, stage in enumerate(stages):
     run_dir = os.path.join(workdir, stage)
     res_path = os.path.join(run_dir, 'results.json')
-    if ckpt_lib.exists(res_path):
-      res = json.loads(ckpt_lib.read_text(res_path))
+    if paths.exists(res_path):
+      res = json.loads(paths.read_text(res_path))
       note = 'done earlier'
     else:
       print(f'== stage {i + 1}/{len(stages)}: {stage} -> {run_dir}',
@@ -144,9 +144,8 @@ def run_sequence(config, workdir: str) -> dict[str, Any]:
     print(f'== {stage}: {accs} ({note})', flush=True)
   out = dict(protocol='sequence', stages=summary,
              wall_seconds=time.time() - t_start)
-  if jax.process_index() == 0:
-    ckpt_lib.write_text(os.path.join(workdir, 'results.json'),
-                        json.dumps(out, indent=1))
+  ckpt_lib.publish({os.path.join(workdir, 'results.json'):
+                    json.dumps(out, indent=1)}, 'sequence')
   return out
 
 
@@ -175,8 +174,8 @@ def run_kfold(config, workdir: str) -> dict[str, Any]:
         run_dir = os.path.join(unit_dir, stage)
         res_path = os.path.join(run_dir, 'results.json')
         t0 = time.time()
-        if ckpt_lib.exists(res_path):
-          res = json.loads(ckpt_lib.read_text(res_path))
+        if paths.exists(res_path):
+          res = json.loads(paths.read_text(res_path))
           note = 'done earlier'
         else:
           cfg = stage_config(config, stage, seed, fold, unit_dir)
@@ -195,10 +194,11 @@ def run_kfold(config, workdir: str) -> dict[str, Any]:
       label_fraction=config.data.label_fraction, num_folds=folds,
       seeds=list(seeds), sampler=config.sampler.to_dict(),
       gendd=config.gendd.to_dict())
-  ckpt_lib.write_text(os.path.join(workdir, 'results.json'),
-                      json.dumps(summary, indent=1))
   table = markdown_table(summary)
-  ckpt_lib.write_text(os.path.join(workdir, 'results.md'), table)
+  ckpt_lib.publish({os.path.join(workdir, 'results.json'):
+                    json.dumps(summary, indent=1),
+                    os.path.join(workdir, 'results.md'): table},
+                   'kfold')
   print('\n' + table, flush=True)
   return summary
 

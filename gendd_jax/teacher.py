@@ -126,12 +126,18 @@ def with_target_stats(config, teacher: Teacher, batches, mesh) -> Teacher:
   feature or classifier row, so it bounds every contracted target.
   """
   norm = settings.target_norm(config)
-  model = nnx.merge(teacher.graphdef, teacher.variables['params'],
-                    teacher.variables['batch_stats'])
-  fwd = jax.jit(lambda x: model(x)[0])
+  graphdef = teacher.graphdef
+
+  @jax.jit
+  def fwd(variables, image):  # Weights as arguments, not folded constants.
+    return nnx.merge(graphdef, variables['params'],
+                     variables['batch_stats'])(image)[0]
+
   feats = []
   for b in batches:  # This process's slice of each global batch.
-    f, valid = fwd(jnp.asarray(b['image'])), b['valid']
+    sb = sharding.shard_batch({'image': b['image'], 'valid': b['valid']},
+                              mesh)  # Data-parallel, rows with their masks.
+    f, valid = fwd(teacher.variables, sb['image']), sb['valid']
     if jax.process_count() > 1:  # Same statistics on every process.
       f, valid = multihost_utils.process_allgather((f, valid), tiled=True)
     feats.append(np.asarray(f)[np.asarray(valid) > 0])

@@ -36,7 +36,9 @@ from gendd_jax import sharding
 from gendd_jax import stages
 from gendd_jax import teacher as teacher_lib
 from gendd_jax.data import features as features_lib
+from gendd_jax.errors import ConfigChangedError
 from gendd_jax.errors import ConfigError
+from gendd_jax.errors import IncompatibleCheckpointError
 from gendd_jax.errors import Preempted
 from gendd_jax.settings import StepSettings
 
@@ -169,21 +171,25 @@ def jitted_steps(s: StepSettings, mesh) -> tuple[Callable, Callable]:
 
 def evaluate(eval_fn, state, teacher, batches, mesh) -> dict[str, Any]:
   """Runs `eval_fn` over `batches` (every example once, with `valid`
-  masks); returns accuracies, predictions, labels and example ids."""
+  masks); returns accuracies, predictions, labels and example ids.
+
+  Labels, ids and masks are sharded with their images, so on several
+  processes every row of the gathered predictions meets its own label.
+  """
   preds: dict[str, list[np.ndarray]] = {}
   diags: dict[str, list[np.ndarray]] = {}
   labels, index = [], []
   for i, b in enumerate(batches):
-    valid = b['valid'] > 0
-    sb = sharding.shard_batch({'image': b['image']}, mesh)
-    out = eval_fn(state, teacher, sb, jnp.int32(i))
-    lab, ids = b['label'], b['id']
+    sb = sharding.shard_batch(dict(
+        image=b['image'], label=np.asarray(b['label'], np.int32),
+        id=np.asarray(b['id'], np.int32), valid=b['valid']), mesh)
+    out = eval_fn(state, teacher, {'image': sb['image']}, jnp.int32(i))
+    rows = {k: sb[k] for k in ('label', 'id', 'valid')}
     if jax.process_count() > 1:  # Every process sees every prediction.
-      out, lab, ids = multihost_utils.process_allgather((out, lab, ids),
-                                                        tiled=True)
-      valid = b['valid_global'] > 0
-    labels.append(np.asarray(lab)[valid])
-    index.append(np.asarray(ids)[valid])
+      out, rows = multihost_utils.process_allgather((out, rows), tiled=True)
+    valid = np.asarray(rows['valid']) > 0
+    labels.append(np.asarray(rows['label'])[valid])
+    index.append(np.asarray(rows['id'])[valid])
     for dest, values in zip((preds, diags), out):
       for k, v in values.items():
         dest.setdefault(k, []).append(np.asarray(v)[valid])
@@ -265,14 +271,16 @@ def _setup(config, workdir: str, quiet: bool) -> _Run:
 
 
 def _resume(run: _Run, ckpt) -> None:
-  """Restores the latest readable checkpoint and the example stream."""
-  if ckpt.latest_step() is None:
-    return
+  """Restores the latest readable checkpoint and the example stream, after
+  checking that it was saved by a run of the same settings."""
   rep = sharding.replicated(run.mesh)
   # Falls back past unreadable checkpoints (moved aside, not deleted).
-  arrays, meta = ckpt.restore_latest_valid(
+  restored = ckpt.restore_latest_valid(
       ckpt_lib.abstract_like(run.state.arrays(), rep),
-      log=run.log)
+      check=functools.partial(_check_resume, run), log=run.log)
+  if restored is None:
+    return
+  arrays, meta = restored
   run.state = run.state.replace(**arrays)
   start = int(run.state.step)
   if 'data_state' in meta:
@@ -286,13 +294,40 @@ def _resume(run: _Run, ckpt) -> None:
   run.log(f'[{run.stage.name}] resumed from step {start} ({run.workdir})')
 
 
+def _check_resume(run: _Run, step: int, saved: dict[str, Any]) -> None:
+  """Refuses to resume from checkpoint `step` (meta `saved`) when it was
+  written by another number of processes, or under a config that differs in
+  what the state depends on (unless `allow_config_changes`)."""
+  count = saved.get('process_count')
+  if count is not None and count != jax.process_count():
+    raise IncompatibleCheckpointError(
+        f'checkpoint {step} in {run.workdir} was written by {count} '
+        f'process(es), this run has {jax.process_count()}: each process '
+        'saved its own data-iterator position. Resume with '
+        f'{count} process(es), or start over in a new --workdir')
+  changes = reliability.config_changes(saved.get('config', {}),
+                                       json.loads(run.config.to_json()))
+  if not changes:
+    return
+  listed = '; '.join(changes)
+  if not run.config.get('allow_config_changes', False):
+    raise ConfigChangedError(
+        f'{run.workdir}: the config differs from the one checkpoint {step} '
+        f'was saved with ({listed}). Resume with the same settings, start '
+        'over in a new --workdir, or pass '
+        '--config.allow_config_changes=True to resume anyway')
+  run.log(f'warning: resuming checkpoint {step} under a changed config '
+          f'(allow_config_changes): {listed}')
+
+
 def _loop(run: _Run, ckpt, writer, train_fn, eval_fn) -> dict[str, Any]:
   """Trains from the state's step to the end; returns the loop's record."""
   config, name, mesh = run.config, run.stage.name, run.mesh
   start, total = int(run.state.step), run.s.optim.total_steps
   guard = reliability.NonFiniteGuard(settings_lib.on_nonfinite(config),
                                      run.workdir, ckpt)
-  save = lambda step: ckpt.save(step, run.state.arrays(), run.meta,  # noqa
+  meta = dict(run.meta, process_count=jax.process_count())
+  save = lambda step: ckpt.save(step, run.state.arrays(), meta,  # noqa
                                 data_state=run.stream.get_state())
   history = []  # Periodic evaluations of this invocation.
   log_every = max(1, config.log_every_steps)
@@ -325,11 +360,12 @@ def _loop(run: _Run, ckpt, writer, train_fn, eval_fn) -> dict[str, Any]:
         if ckpt.latest_step() != done:
           save(done)
         ckpt.wait()
-        waited = time.time() - (watch.received_at or time.time())
+        when = ('' if watch.received_at is None else
+                f' {time.time() - watch.received_at:.1f}s after the signal')
         raise Preempted(
-            f'[{name}] SIGTERM: saved checkpoint {done} of {run.workdir} '
-            f'{waited:.1f}s after the signal; run the same command to '
-            'resume')
+            f'[{name}] SIGTERM: saved checkpoint {done} of {run.workdir}'
+            f'{when} (every process stopped at step {done}); run the same '
+            'command to resume')
       if (config.eval_every_steps and done % config.eval_every_steps == 0 and
           done < total):
         res = evaluate(eval_fn, run.state, run.teacher,
@@ -401,7 +437,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       diagnostics=res['diagnostics'], periodic_eval=record['periodic_eval'],
       predictions={k: v.tolist() for k, v in res['predictions'].items()},
       labels=res['labels'].tolist(), index=res['index'].tolist())
-  if jax.process_index() == 0:
-    ckpt_lib.write_text(os.path.join(workdir, 'results.json'),
-                        json.dumps(results))
+  ckpt_lib.publish({os.path.join(workdir, 'results.json'):
+                    json.dumps(results)}, 'results')
   return results

@@ -381,8 +381,12 @@ def _loss_and_grads():
         sched, lambda x, tt: net(x, tt, c, chunk_idx), x0, t, noise)
     return out['loss'].mean(), out
 
-  (_, out), grads = jax.jit(jax.value_and_grad(mean_loss, has_aux=True))(
-      params)
+  # At XLA's default optimisation level, as in training (the session may
+  # compile at level 0, see conftest.py): the t=999 row is ill-conditioned
+  # in float32, and the fixtures' tolerances were measured at this level.
+  (_, out), grads = jax.jit(
+      jax.value_and_grad(mean_loss, has_aux=True),
+      compiler_options={'xla_backend_optimization_level': 2})(params)
   flat = {tuple(path): np.asarray(v[...])
           for path, v in nnx.to_flat_state(grads)}
   return jax.tree.map(np.asarray, out), flat

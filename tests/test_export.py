@@ -32,7 +32,7 @@ def tearDownModule():
 
 
 def _run(*args):
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  env = testing.subprocess_env()
   return subprocess.run([sys.executable, '-m', *args], capture_output=True,
                         text=True, cwd=_ROOT, env=env, timeout=300)
 

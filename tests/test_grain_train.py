@@ -19,6 +19,7 @@ from gendd_jax import data as data_lib
 from gendd_jax.data import streams as ip
 from gendd_jax import train
 from gendd_jax import errors
+import testing
 
 _TMP = None
 
@@ -223,7 +224,7 @@ class WorkerProcessesTest(absltest.TestCase):
           root=root, data_dir=os.path.join(_TMP.name, 'tfds')))
     proc = subprocess.run([sys.executable, script], capture_output=True,
                           text=True, timeout=300,
-                          env=dict(os.environ, JAX_PLATFORMS='cpu'))
+                          env=testing.subprocess_env())
     self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith('RESULT')]
     out = json.loads(line[0][len('RESULT '):])

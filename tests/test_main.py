@@ -15,6 +15,8 @@ import tempfile
 
 from absl.testing import absltest
 from absl.testing import parameterized
+import testing
+
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _QUICK = '--config=configs/digits.py:quick'
@@ -37,11 +39,7 @@ def tearDownModule():
 
 
 def run_cli(*args, timeout=300):
-  # Compiling dominates these runs; LLVM's lowest optimisation level cuts
-  # it by half or more. It may move float results in the last bits, which
-  # nothing here checks.
-  env = dict(os.environ, PYTHONPATH=_ROOT, JAX_PLATFORMS='cpu',
-             XLA_FLAGS='--xla_backend_optimization_level=0')
+  env = testing.subprocess_env()
   return subprocess.run([sys.executable, '-m', 'gendd_jax.main', *args],
                         cwd=_ROOT, env=env, capture_output=True, text=True,
                         timeout=timeout)

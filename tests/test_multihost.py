@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from gendd_jax.data import builders
+import testing
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -73,8 +74,7 @@ class TwoProcessTest(absltest.TestCase):
       with open(script, 'w') as f:
         f.write(_WORKER.format(root=_ROOT))
       workdir = os.path.join(tmp, 'run')
-      env = dict(os.environ, JAX_PLATFORMS='cpu',
-                 XLA_FLAGS='--xla_force_host_platform_device_count=2')
+      env = testing.subprocess_env(devices=2)
       procs = [subprocess.Popen(
           [sys.executable, script, str(p), str(port), data_dir, workdir],
           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

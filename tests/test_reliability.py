@@ -64,7 +64,7 @@ def _args(workdir, *extra):
 
 
 def _env():
-  return dict(os.environ, PYTHONPATH=_ROOT, JAX_PLATFORMS='cpu')
+  return testing.subprocess_env()
 
 
 def _run(args, timeout=300):
@@ -90,20 +90,6 @@ def _wait_for_step(proc, step) -> list[str]:
                        (step, ''.join(lines[-30:])))
 
 
-def _weights(workdir):
-  tree = ocp.StandardCheckpointer().restore(
-      os.path.join(workdir, 'export', 'weights'))
-  return {k: np.asarray(v) for k, v in _flat(tree)}
-
-
-def _flat(tree, prefix=''):
-  if isinstance(tree, dict):
-    for k, v in tree.items():
-      yield from _flat(v, f'{prefix}/{k}')
-  else:
-    yield prefix, tree
-
-
 class PreemptionTest(absltest.TestCase):
 
   @classmethod
@@ -112,10 +98,10 @@ class PreemptionTest(absltest.TestCase):
     cls.reference = os.path.join(_TMP.name, 'uninterrupted')
     proc = _run(_args(cls.reference))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    cls.reference_weights = _weights(cls.reference)
+    cls.reference_weights = testing.export_weights(cls.reference)
 
   def assertSameWeights(self, workdir):
-    got = _weights(workdir)
+    got = testing.export_weights(workdir)
     self.assertEqual(set(got), set(self.reference_weights))
     for k, v in self.reference_weights.items():
       np.testing.assert_array_equal(got[k], v, err_msg=k)
@@ -242,7 +228,9 @@ class NonFiniteTest(absltest.TestCase):
                                      os.path.join(_TMP.name, 'nan_skip'),
                                      quiet=True)
     self.assertEqual(res['skipped_nonfinite_steps'], [8])
-    for _, v in _flat(_weights(os.path.join(_TMP.name, 'nan_skip'))):
+    weights = testing.export_weights(os.path.join(_TMP.name, 'nan_skip'))
+    self.assertNotEmpty(weights)
+    for v in weights.values():
       self.assertTrue(np.all(np.isfinite(v)))
 
   def test_unknown_mode(self):

@@ -183,8 +183,7 @@ class ShardedAccumulationTest(absltest.TestCase):
 
   def test_eight_devices_two_micro_batches(self):
     script = _SHARDED_ACCUM.format(root=_ROOT, tests=os.path.dirname(__file__))
-    env = dict(os.environ, JAX_PLATFORMS='cpu',
-               XLA_FLAGS='--xla_force_host_platform_device_count=8')
+    env = testing.subprocess_env(devices=8)
     proc = subprocess.run([sys.executable, '-c', script], env=env,
                           capture_output=True, text=True, timeout=300)
     self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])

@@ -21,6 +21,7 @@ from flax import nnx
 from gendd_jax import models
 from gendd_jax.cli import common
 from gendd_jax.cli import zoo
+import testing
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -129,9 +130,7 @@ class ShardedForwardTest(absltest.TestCase):
   def test_eight_devices_match_one(self):
     script = _SHARDED_SCRIPT.format(root=_ROOT,
                                     families=json.dumps(FAMILIES))
-    env = dict(os.environ, JAX_PLATFORMS='cpu',
-               XLA_FLAGS='--xla_force_host_platform_device_count=8 '
-               '--xla_backend_optimization_level=0')
+    env = testing.subprocess_env(devices=8)
     with tempfile.TemporaryDirectory() as tmp:
       proc = subprocess.run([sys.executable, '-c', script], env=env,
                             capture_output=True, text=True, timeout=600,

@@ -9,6 +9,11 @@
 * `random_head`: a tiny diffusion head with random values in every
   parameter.
 * `load_config(stem, arg)`: a file of `configs/` (not a package).
+* `export_weights(workdir)`: the weights of a run's export as flat numpy
+  arrays, whatever topology wrote them.
+* `subprocess_env(devices)`: the environment of a child process (CPU, the
+  repository importable, the session's XLA flags and compile cache kept,
+  optionally `devices` simulated CPU devices).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 
 from gendd_jax import train
 from gendd_jax.models import denoiser
@@ -53,6 +59,43 @@ def workdir(name: str) -> str:
   path = os.path.join(_TMP.name, name)
   os.makedirs(path, exist_ok=True)
   return path
+
+
+def subprocess_env(devices: int | None = None, **extra: str
+                   ) -> dict[str, str]:
+  """`os.environ` for a child process: CPU only, the repository on
+  PYTHONPATH, and `devices` simulated devices added to (not replacing) the
+  session's XLA_FLAGS (see conftest.py)."""
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu', **extra)
+  if devices is not None:
+    flags = [f for f in env.get('XLA_FLAGS', '').split()
+             if not f.startswith('--xla_force_host_platform_device_count')]
+    env['XLA_FLAGS'] = ' '.join(
+        flags + [f'--xla_force_host_platform_device_count={devices}'])
+  return env
+
+
+def export_weights(workdir: str) -> dict[str, np.ndarray]:
+  """`{'/model/params/...': array}` of `workdir/export`, read onto this
+  process's first device (the export may come from several devices or
+  processes)."""
+  path = os.path.join(workdir, 'export', 'weights')
+  ckptr = ocp.StandardCheckpointer()
+  stored = ckptr.metadata(path).item_metadata.tree
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  tree = ckptr.restore(path, jax.tree.map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+      stored))
+  flat = {}
+
+  def walk(t, prefix):
+    if isinstance(t, dict):
+      for k, v in t.items():
+        walk(v, f'{prefix}/{k}')
+    else:
+      flat[prefix] = np.asarray(t)
+  walk(tree, '')
+  return flat
 
 
 def config_module(stem: str):

@@ -105,7 +105,7 @@ def _reporting(main: Callable[[list[str]], int | None]):
     try:
       return main(argv)
     except errors.USER_ERRORS as e:
-      errors.fail(str(e))
+      errors.fail(str(e), errors.exit_status(e))
 
   return wrapped
 

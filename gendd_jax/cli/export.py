@@ -27,6 +27,7 @@ from absl import logging
 import jax.numpy as jnp
 
 from gendd_jax import checkpoint as ckpt_lib
+from gendd_jax import paths
 from gendd_jax import errors
 from gendd_jax import settings
 from gendd_jax import sharding
@@ -45,7 +46,7 @@ def _source(workdir: str, step: int | None) -> tuple[str, int | None]:
   """('checkpoint', step) or ('export', None): where the weights come
   from."""
   ckpt_dir = os.path.join(workdir, 'checkpoints')
-  if ckpt_lib.isdir(ckpt_dir):
+  if paths.isdir(ckpt_dir):
     ckpt = ckpt_lib.Checkpointer(ckpt_dir, async_save=False)
     try:
       steps = ckpt.all_steps()
@@ -59,7 +60,7 @@ def _source(workdir: str, step: int | None) -> tuple[str, int | None]:
       return 'checkpoint', step
     if steps:
       return 'checkpoint', max(steps)
-  if step is None and ckpt_lib.exists(os.path.join(workdir, 'export',
+  if step is None and paths.exists(os.path.join(workdir, 'export',
                                                    'meta.json')):
     return 'export', None
   raise ckpt_lib.CheckpointError(f'{workdir} holds no checkpoint or final '
@@ -69,7 +70,7 @@ def _source(workdir: str, step: int | None) -> tuple[str, int | None]:
 def export(workdir: str, out: str, step: int | None = None
            ) -> dict[str, Any]:
   """Writes the export of `workdir` (at `step`) to `out`; returns its meta."""
-  if ckpt_lib.exists(out):
+  if paths.exists(out):
     raise ckpt_lib.CheckpointError(f'{out} already exists; choose a new '
                                    '--out (exports are never overwritten)')
   kind, step = _source(workdir, step)
@@ -106,7 +107,7 @@ def export(workdir: str, out: str, step: int | None = None
     if stages.get(stage).classifies_with_teacher:
       classifier = teacher_lib.load(config, info, mesh).classifier()
   stats = meta.get('target_stats')
-  out_meta = train.export_meta(config, meta, step, ckpt_lib.absolute(workdir))
+  out_meta = train.export_meta(config, meta, step, paths.absolute(workdir))
   ckpt_lib.save_export(
       out, model, out_meta, classifier=classifier,
       target_stats=stats and {k: jnp.asarray(v, 'float32')
@@ -122,11 +123,11 @@ def main(argv: list[str]) -> None:
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # Keep library INFO logs out.
-  meta = export(ckpt_lib.absolute(common.WORKDIR.value),
-                ckpt_lib.absolute(common.OUT.value), _STEP.value)
+  meta = export(paths.absolute(common.WORKDIR.value),
+                paths.absolute(common.OUT.value), _STEP.value)
   print(json.dumps({k: meta[k] for k in ('stage', 'model', 'teacher_model',
                                          'num_classes', 'step')}))
-  print(f'exported to {ckpt_lib.absolute(common.OUT.value)}', flush=True)
+  print(f'exported to {paths.absolute(common.OUT.value)}', flush=True)
 
 
 if __name__ == '__main__':

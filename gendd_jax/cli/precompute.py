@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import tensorflow_datasets as tfds
 
+from gendd_jax import paths
 from gendd_jax import sharding
 from gendd_jax import teacher as teacher_lib
 from gendd_jax.cli import common
@@ -67,9 +68,9 @@ def write_features(out_dir: str, teacher_fn,
     raise PrecomputeError('precompute.views > 0 needs a training '
                           'augmentation (data.augment is "none")')
   version_dir = os.path.join(out_dir, features.FEATURES_NAME, '1.0.0')
-  if os.path.exists(os.path.join(version_dir, 'dataset_info.json')):
+  if paths.exists(os.path.join(version_dir, 'dataset_info.json')):
     raise PrecomputeError(f'{out_dir} already holds precomputed features')
-  os.makedirs(version_dir, exist_ok=True)
+  paths.makedirs(version_dir)
   total = len(source.ids) * (views + 1)
   num_shards = max(1, -(-total // shard_size))
   spec = None
@@ -112,8 +113,8 @@ def write_features(out_dir: str, teacher_fn,
               aug_seed=aug_seed, dtype=dtype, logits=with_logits,
               feature_dim=int(spec['feature'].shape[0]),
               seconds=time.time() - t0, **(extra_meta or {}))
-  with open(os.path.join(out_dir, 'precompute.json'), 'w') as f:
-    json.dump(meta, f, indent=1)
+  paths.write_text(os.path.join(out_dir, 'precompute.json'),
+                   json.dumps(meta, indent=1))
   return meta
 
 

@@ -28,7 +28,7 @@ import statistics
 
 from absl import flags
 
-from gendd_jax import checkpoint as ckpt_lib
+from gendd_jax import paths
 from gendd_jax import errors
 from gendd_jax.cli import common
 from gendd_jax.cli import evaluate
@@ -76,7 +76,7 @@ def sweep(run_dirs, samplers, steps, seeds, reference, tolerance,
   exports = []
   for run in run_dirs:
     out = os.path.join(run, 'eval_export')
-    if not ckpt_lib.exists(os.path.join(out, 'meta.json')):
+    if not paths.exists(os.path.join(out, 'meta.json')):
       export_lib.export(run, out)
     exports.append(evaluate.load(out))
   rows = []

@@ -58,7 +58,6 @@ import io
 import logging
 import os
 import re
-import shutil
 import tarfile
 import tempfile
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
@@ -68,6 +67,7 @@ from etils import epath
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from gendd_jax import paths
 from gendd_jax.errors import BuildError
 from gendd_jax.errors import CorruptImageError
 
@@ -704,13 +704,15 @@ def dataset_name(kind: str, name: str) -> str:
 
 
 def dataset_dir(kind: str, name: str, data_dir: str) -> str:
-  """Where a built dataset lives (`<data_dir>/<builder>/<name>/<version>`)."""
-  return os.path.join(data_dir, dataset_name(kind, name), VERSION)
+  """Where a built dataset lives (`<data_dir>/<builder>/<name>/<version>`;
+  `data_dir` may be `~/...` or `gs://...`)."""
+  return os.path.join(paths.absolute(data_dir), dataset_name(kind, name),
+                      VERSION)
 
 
 def is_built(kind: str, name: str, data_dir: str) -> bool:
-  return os.path.isfile(os.path.join(dataset_dir(kind, name, data_dir),
-                                     'dataset_info.json'))
+  return paths.isfile(os.path.join(dataset_dir(kind, name, data_dir),
+                                   'dataset_info.json'))
 
 
 def build(kind: str, src: str, data_dir: str, name: str | None = None, *,
@@ -720,7 +722,10 @@ def build(kind: str, src: str, data_dir: str, name: str | None = None, *,
   """Builds a dataset of `kind` from `src` into `data_dir` (array_record).
 
   An existing complete dataset of the same kind and name is kept unless
-  `overwrite`. The source is checked before anything is written.
+  `overwrite`. The source is checked before anything is written, and the
+  dataset is built aside (`<data_dir>/.staging-<name>-<pid>`) and moved into
+  place only once complete: a failed or interrupted build, with or without
+  `overwrite`, leaves the earlier dataset as it was.
 
   Args:
     kind: one of `KINDS`.
@@ -740,6 +745,7 @@ def build(kind: str, src: str, data_dir: str, name: str | None = None, *,
       built dataset).
   """
   check_kind(kind)
+  data_dir = paths.absolute(data_dir)
   name = default_name(kind, src) if name is None else name
   check_name(name)
   target = dataset_dir(kind, name, data_dir)
@@ -750,18 +756,33 @@ def build(kind: str, src: str, data_dir: str, name: str | None = None, *,
   plan = create_plan(kind, src, lists)
   for note in plan.notes:
     log(f'note: {note}')
-  if os.path.exists(target):
-    shutil.rmtree(target)
   workers = workers or min(8, os.cpu_count() or 1)
-  with _quiet_tfds_logs(), tempfile.TemporaryDirectory() as downloads:
-    builder = BUILDERS[kind](
-        plan=plan, workers=workers, data_dir=data_dir,
-        config=tfds.core.BuilderConfig(name=name, version=VERSION),
-        file_format='array_record')
-    builder.download_and_prepare(download_dir=downloads)  # Downloads none.
+  staging = os.path.join(data_dir, f'.staging-{name}-{os.getpid()}')
+  try:
+    with _quiet_tfds_logs(), tempfile.TemporaryDirectory() as downloads:
+      builder = BUILDERS[kind](
+          plan=plan, workers=workers, data_dir=staging,
+          config=tfds.core.BuilderConfig(name=name, version=VERSION),
+          file_format='array_record')
+      builder.download_and_prepare(download_dir=downloads)  # Downloads none.
+    _swap_in(dataset_dir(kind, name, staging), target)
+  finally:
+    paths.rmtree(staging)
   result = info(kind, name, data_dir)
   log(summary(result))
   return result
+
+
+def _swap_in(built: str, target: str) -> None:
+  """Moves the complete dataset `built` to `target`; an older one there is
+  moved aside first and deleted only after the new one is in place."""
+  old = target + '.replaced'
+  paths.rmtree(old)
+  paths.makedirs(os.path.dirname(target))
+  if paths.exists(target):
+    epath.Path(target).rename(old)
+  epath.Path(built).rename(target)
+  paths.rmtree(old)
 
 
 @contextlib.contextmanager
@@ -838,6 +859,7 @@ def load_source(kind: str, name: str, data_dir: str, split: str,
   Returns:
     A `tfds.data_source` (`len`, `[i]` -> dict of numpy values).
   """
+  data_dir = paths.absolute(data_dir)
   info(kind, name, data_dir)  # A clear error if it is not built.
   return tfds.data_source(dataset_name(kind, name), data_dir=data_dir,
                           split=split, decoders=decoders)

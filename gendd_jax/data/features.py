@@ -28,6 +28,7 @@ from typing import Any, Callable
 import numpy as np
 import tensorflow_datasets as tfds
 
+from gendd_jax import paths
 from gendd_jax.data import augment
 from gendd_jax.data import memory
 from gendd_jax.data import streams
@@ -119,12 +120,12 @@ def image_source(config) -> ImageSource:
 
 def open_features(path: str):
   """`(records source, metadata)` of a precompute output directory."""
+  path = paths.absolute(path)
   meta_path = os.path.join(path, 'precompute.json')
-  if not os.path.exists(meta_path):
+  if not paths.exists(meta_path):
     raise PrecomputeError(f'no precomputed features at {path} (missing '
                           'precompute.json)')
-  with open(meta_path) as f:
-    meta = json.load(f)
+  meta = json.loads(paths.read_text(meta_path))
   builder = tfds.builder_from_directory(
       os.path.join(path, FEATURES_NAME, '1.0.0'))
   return builder.as_data_source(split='train'), meta

@@ -16,6 +16,7 @@ import os
 from typing import Iterator
 
 import numpy as np
+from gendd_jax import paths
 from gendd_jax.data import augment
 from gendd_jax.errors import DataError
 
@@ -92,12 +93,13 @@ def load_tfds_arrays(name: str, split: str, data_dir: str | None
                      ) -> tuple[np.ndarray, np.ndarray]:
   """A prepared TFDS image dataset as `(uint8 [N, H, W, C], int32 [N])`."""
   import tensorflow_datasets as tfds  # Lazy: only these datasets need it.
+  data_dir = paths.expand(data_dir)
   where = data_dir or '(default ~/tensorflow_datasets)'
   not_prepared = DataError(
       f'TFDS dataset {name!r} is not prepared in data_dir {where}; prepare '
       f'it once where the internet is reachable (`tfds build {name} '
       '--data_dir <dir>`) and pass --config.data.data_dir=<dir>')
-  if data_dir and not os.path.isdir(os.path.join(data_dir, name)):
+  if data_dir and not paths.isdir(os.path.join(data_dir, name)):
     raise not_prepared
   try:
     builder = tfds.builder(name, data_dir=data_dir or None)

@@ -29,6 +29,7 @@ import grain
 import numpy as np
 import tensorflow_datasets as tfds
 
+from gendd_jax import paths
 from gendd_jax.data import augment
 from gendd_jax.data import builders
 from gendd_jax.errors import BuildError
@@ -124,11 +125,14 @@ class TrainStream:
     n = len(source)
     self.local_batch = global_batch // process_count
     self.shard_size = len(range(process_index, n, process_count))
-    if self.shard_size < self.local_batch:
+    # Counted from the smallest shard, so every process runs the same steps.
+    smallest = n // process_count
+    if smallest < self.local_batch:
       raise PipelineError(
-          f'process {process_index} holds {self.shard_size} of the {n} '
-          f'training examples, fewer than its batch of {self.local_batch}')
-    self.steps_per_epoch = self.shard_size // self.local_batch
+          f'each of the {process_count} process(es) holds at least '
+          f'{smallest} of the {n} training examples, fewer than its batch '
+          f'of {self.local_batch}')
+    self.steps_per_epoch = smallest // self.local_batch
     ds = grain.MapDataset.source(source).map_with_index(_Indexer(n))
     ds = ds[process_index::process_count]
     ds = ds.shuffle(seed=seed).repeat(None)
@@ -241,6 +245,7 @@ def open_source(name: str, split: str, data_dir: str | None,
   corrupt one is skipped and counted) unless `decode_images`.
   """
   kind, dataset = parse_name(name)
+  data_dir = paths.expand(data_dir)
   if kind == 'tfds':
     decoders = None if decode_images else {
         'image': tfds.decode.SkipDecoding()}
