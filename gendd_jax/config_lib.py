@@ -82,6 +82,12 @@ def runtime(c: ml_collections.ConfigDict, *, log_every_steps: int = 200,
   on_nonfinite: 'stop' (name the step and the last good checkpoint) or
     'skip' (drop such steps and carry on); either way the update of a step
     with a non-finite loss or gradient is never applied.
+  eval_every_steps: evaluate every so many steps during training (0: only
+    at the end), cheaply: the probe and a one-step posterior mean
+    (`settings.periodic_eval_settings`) on the first `eval_subset_batches`
+    evaluation batches (0: all); the configured sampler runs at the end.
+  profile_steps: trace this many steps (from step 10) with the JAX profiler
+    into `workdir/plugins/profile` (0: off).
   allow_config_changes: resume from a checkpoint even where the config
     differs from the one it was saved with in what the state depends on
     (schedule, model, batch, data); by default such a resume is refused with
@@ -97,6 +103,8 @@ def runtime(c: ml_collections.ConfigDict, *, log_every_steps: int = 200,
   c.eval_every_steps = eval_every_steps
   c.checkpoint_every_steps = checkpoint_every_steps
   c.keep_checkpoints = keep_checkpoints
+  c.eval_subset_batches = 0
+  c.profile_steps = 0
   c.allow_config_changes = False
   return c
 
@@ -150,7 +158,11 @@ def cifar100(teacher: str = 'resnet32x4', student: str = 'resnet8x4'
                         beta2_min=0.95),
   ))
   c.precompute = precompute_block()
-  return runtime(c)
+  # A cheap validation number every 5000 steps (about 6 epochs at batch
+  # 64) on 20 evaluation batches (see `runtime`).
+  runtime(c, eval_every_steps=5000)
+  c.eval_subset_batches = 20
+  return c
 
 
 def image_data(name: str, *, image_size: int = 224, augment: str = 'regular',
@@ -244,8 +256,11 @@ def distillation(*, teacher: str, student: str, data: ml_collections.ConfigDict,
   c.pipeline = ml_collections.ConfigDict(dict(protocol='sequence',
                                               stages=tuple(flow)))
   c.precompute = precompute_block()
+  # A cheap validation number every 2000 steps (about 4 ImageNet epochs at
+  # batch 1024; see `runtime`) on 20 evaluation batches.
   runtime(c, log_every_steps=100, checkpoint_every_steps=2000,
-          eval_every_steps=0)
+          eval_every_steps=2000)
+  c.eval_subset_batches = 20
   for role in ('student', 'teacher', 'head'):
     c.precision[role] = compute_dtype
   return c

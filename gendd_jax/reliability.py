@@ -149,10 +149,10 @@ def check_workdir(workdir: str) -> None:
 # compares its own settings). A key ending in '.' covers its subtree.
 SAFE_TO_CHANGE = (
     'log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
-    'eval_every_steps', 'eval_subset', 'on_nonfinite', 'allow_config_changes',
-    'profile_steps', 'sampler.', 'pipeline.', 'data.data_dir',
-    'data.eval_batch_size', 'data.num_threads', 'data.prefetch',
-    'data.worker_count', 'precompute.')
+    'eval_every_steps', 'eval_subset_batches', 'on_nonfinite',
+    'allow_config_changes', 'profile_steps', 'sampler.', 'pipeline.',
+    'data.data_dir', 'data.eval_batch_size', 'data.num_threads',
+    'data.prefetch', 'data.worker_count', 'precompute.')
 
 
 def _flatten(tree: Any, prefix: str = '') -> dict[str, Any]:

@@ -1,11 +1,15 @@
-"""What a run tells its user: the start-up summary, progress lines, and
-the metric writers (TensorBoard event files on process 0)."""
+"""What a run tells its user: the start-up summary, progress lines (interval
+means of the train metrics, a wall-time estimate), the metric writers
+(TensorBoard event files on process 0) and clu's progress and profiling
+hooks."""
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -83,6 +87,75 @@ def create_writer(workdir: str):
   from clu import metric_writers  # pylint: disable=g-import-not-at-top
   return metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0, asynchronous=True)
+
+
+def progress_hooks(config, workdir: str, total: int, writer) -> list:
+  """clu's periodic actions, called with the step after every step:
+  `ReportProgress` (steps/s, ETA and uptime into the summaries, every log
+  step) and, with `config.profile_steps`, a `Profile` of that many steps
+  from step 10 (process 0, into `workdir/plugins/profile`)."""
+  # clu's periodic actions import TensorFlow; only a training run pays it.
+  from clu import periodic_actions  # pylint: disable=g-import-not-at-top
+  hooks = []
+  if jax.process_index() == 0:
+    hooks.append(periodic_actions.ReportProgress(
+        num_train_steps=total, writer=writer,
+        every_steps=max(1, config.log_every_steps), every_secs=None))
+    if config.get('profile_steps', 0):
+      hooks.append(periodic_actions.Profile(
+          logdir=workdir, num_profile_steps=int(config.profile_steps),
+          first_profile=10, every_steps=None, every_secs=None))
+  return hooks
+
+
+class IntervalMeans:
+  """Means of the step metrics since the last `pop` (kept on the device:
+  adding costs no host sync); `lr` is the latest value, `nonfinite` the
+  count."""
+
+  def __init__(self):
+    self._sum, self._last, self._n = None, None, 0
+
+  def add(self, metrics: dict[str, Any]) -> None:
+    self._last = metrics
+    self._sum = metrics if self._sum is None else jax.tree.map(
+        jnp.add, self._sum, metrics)
+    self._n += 1
+
+  def pop(self) -> dict[str, float]:
+    total, last = jax.device_get((self._sum, self._last))
+    out = {k: float(v) / self._n for k, v in total.items()}
+    out['lr'] = float(last['lr'])
+    out['nonfinite'] = float(total['nonfinite'])
+    self._sum, self._last, self._n = None, None, 0
+    return out
+
+
+class WallTimeEstimate:
+  """Prints once how long the rest of the run should take, from the steps
+  measured after the first (which includes compilation)."""
+
+  def __init__(self, name: str, start: int, total: int, log, after: int = 10):
+    self.name, self.start, self.total, self.log = name, start, total, log
+    self.after = after
+    self._first = None  # (step, time) of the first log after step start+1.
+    self._done = False
+
+  def update(self, step: int, now: float) -> None:
+    if self._done:
+      return
+    if self._first is None:
+      self._first = (step, now)
+      return
+    first_step, first_time = self._first
+    if step - first_step < min(self.after, self.total - first_step):
+      return
+    rate = (step - first_step) / max(now - first_time, 1e-9)
+    self.log(f'[{self.name}] wall-time estimate: {rate:.2f} steps/s over '
+             f'steps {first_step}-{step}, so about '
+             f'{hms((self.total - step) / max(rate, 1e-9))} for the '
+             f'remaining {self.total - step} steps')
+    self._done = True
 
 
 def accuracies(acc: dict[str, float]) -> str:

@@ -127,6 +127,17 @@ def step_settings(config, stage: str, steps_per_epoch: int,
                       precomputed=precomputed, **kw)
 
 
+def periodic_eval_settings(s: StepSettings) -> StepSettings:
+  """`s` with the cheap evaluation of long runs: for a generative stage the
+  probe and a one-step posterior mean (one draw, no clipped twin) instead of
+  the configured sampler, which still runs at the end."""
+  if s.sample is None:
+    return s
+  return dataclasses.replace(
+      s, sample=s.sample._replace(sampler='posterior_mean', num_sampling=1),
+      sampling_steps='1', also_clipped=False)
+
+
 def create_mesh(config):
   """The mesh of `config.mesh`, with the batch sizes checked against it."""
   accum = config.grad_accum_steps

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 import os
 import time
@@ -320,8 +321,14 @@ def _check_resume(run: _Run, step: int, saved: dict[str, Any]) -> None:
           f'(allow_config_changes): {listed}')
 
 
-def _loop(run: _Run, ckpt, writer, train_fn, eval_fn) -> dict[str, Any]:
-  """Trains from the state's step to the end; returns the loop's record."""
+def _loop(run: _Run, ckpt, writer, train_fn, periodic_fn
+          ) -> dict[str, Any]:
+  """Trains from the state's step to the end; returns the loop's record.
+
+  Logged train metrics are means over the steps since the last log line
+  (`lr` is the current one); `periodic_fn` evaluates every
+  `eval_every_steps` on the first `eval_subset_batches` evaluation batches.
+  """
   config, name, mesh = run.config, run.stage.name, run.mesh
   start, total = int(run.state.step), run.s.optim.total_steps
   guard = reliability.NonFiniteGuard(settings_lib.on_nonfinite(config),
@@ -331,6 +338,9 @@ def _loop(run: _Run, ckpt, writer, train_fn, eval_fn) -> dict[str, Any]:
                                 data_state=run.stream.get_state())
   history = []  # Periodic evaluations of this invocation.
   log_every = max(1, config.log_every_steps)
+  means = reporting.IntervalMeans()
+  hooks = reporting.progress_hooks(config, run.workdir, total, writer)
+  estimate = reporting.WallTimeEstimate(name, start, total, run.log)
   t0 = last_t = time.time()
   last_step = start
   with reliability.PreemptionWatch() as watch:
@@ -339,18 +349,20 @@ def _loop(run: _Run, ckpt, writer, train_fn, eval_fn) -> dict[str, Any]:
       run.state, metrics = train_fn(run.state, run.teacher, batch)
       done = step + 1
       guard.add(done, metrics['nonfinite'])
+      means.add(metrics)
+      for hook in hooks:
+        hook(done)
       if done % log_every == 0 or done == total:
         guard.check()
-        metrics = jax.device_get(metrics)  # The only host sync in the loop.
+        scalars = means.pop()  # The only host sync in the loop.
         now = time.time()
         rate = (done - last_step) / max(now - last_t, 1e-9)
         last_t, last_step = now, done
-        scalars = {k: float(v) for k, v in metrics.items()}
-        scalars['steps_per_sec'] = rate
         writer.write_scalars(done, scalars)
         run.log(f'[{name}] step {done}/{total} loss {scalars["loss"]:.4f} '
                 f'lr {scalars["lr"]:.2e} {rate:.1f} steps/s ETA '
                 f'{reporting.hms((total - done) / max(rate, 1e-9))}')
+        estimate.update(done, now)
       every = config.checkpoint_every_steps
       if every and done % every == 0 and done < total:
         guard.check()  # Never checkpoint past an unnoticed bad step.
@@ -368,13 +380,15 @@ def _loop(run: _Run, ckpt, writer, train_fn, eval_fn) -> dict[str, Any]:
             'command to resume')
       if (config.eval_every_steps and done % config.eval_every_steps == 0 and
           done < total):
-        res = evaluate(eval_fn, run.state, run.teacher,
-                       run.dataset.eval_batches(), mesh)
-        history.append(dict(step=done, accuracy=res['accuracy']))
+        subset = config.get('eval_subset_batches', 0) or None
+        res = evaluate(periodic_fn, run.state, run.teacher, itertools.islice(
+            run.dataset.eval_batches(), subset), mesh)
+        history.append(dict(step=done, accuracy=res['accuracy'],
+                            examples=len(res['labels'])))
         writer.write_scalars(done, {f'eval/{k}': v
                                     for k, v in res['accuracy'].items()})
-        run.log(f'[{name}] eval at step {done}: '
-                f'{reporting.accuracies(res["accuracy"])}')
+        run.log(f'[{name}] eval at step {done} ({len(res["labels"])} '
+                f'examples): {reporting.accuracies(res["accuracy"])}')
   train_time = time.time() - t0
   guard.check()
   if start < total:
@@ -387,6 +401,8 @@ def export_meta(config, meta: dict[str, Any], step: int | None,
                 source: str | None = None) -> dict[str, Any]:
   """The metadata of an export of `config`'s stage at `step`."""
   stage = stages.get(meta['stage'])
+  meta = {k: v for k, v in meta.items()
+          if k != 'process_count'}  # Only a checkpoint's (resume checks).
   return dict(meta, model=config[stage.role].model,
               teacher_model=config.teacher.model, step=step, source=source,
               created=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()))
@@ -410,7 +426,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if int(run.state.step) == 0 and jax.process_index() == 0:
       writer.write_hparams({'stage': run.stage.name, 'total_steps': total,
                             'batch_size': config.data.batch_size})
-    record = _loop(run, ckpt, writer, train_fn, eval_fn)
+    periodic_fn = (jitted_steps(settings_lib.periodic_eval_settings(run.s),
+                                run.mesh)[1]
+                   if config.eval_every_steps else None)
+    record = _loop(run, ckpt, writer, train_fn, periodic_fn)
     t1 = time.time()
     res = evaluate(eval_fn, run.state, run.teacher,
                    run.dataset.eval_batches(), run.mesh)

@@ -7,8 +7,9 @@
 #   launch/resume.sh --tpu gendd --zone us-central2-b -- \
 #       launch/tpu_vm.sh train CONFIG gs://BUCKET/runs/NAME
 #
-# Stops at once on exit status 0 (done) and 2 (a user error: a rerun would
-# fail the same way), and after --max-attempts runs, exiting with the last
+# Stops at once on exit status 0 (done) and on 2, 4, 5 and 6 (a user error, a
+# changed config, a busy workdir, a checkpoint that does not fit: a rerun
+# would fail the same way), and after --max-attempts runs, exiting with the last
 # status; waits --backoff seconds between runs. With --tpu, each attempt first
 # asks for the TPU VM's state; a PREEMPTED or TERMINATED VM is deleted,
 # created and set up again (a missing one is created and set up) with
@@ -128,9 +129,10 @@ for (( attempt = 1; attempt <= 10#$max_attempts; attempt++ )); do
   fi
   case $status in
     0) exit 0 ;;
-    2)
-      echo 'resume: exit status 2 (a user error); not retrying' >&2
-      exit 2 ;;
+    2|4|5|6)
+      echo "resume: exit status $status (a user error, a changed config," \
+        'a busy workdir or a checkpoint that does not fit); not retrying' >&2
+      exit "$status" ;;
   esac
 done
 echo "resume: giving up after $max_attempts attempts (exit status $status)" >&2

@@ -16,8 +16,12 @@
   dominates running them. Tests compare runs made under the same flags, and
   recorded accuracies carry a tolerance.
 
-All of this is set in the environment before any worker or JAX starts, so
-subprocesses inherit it.
+* The longest test classes (`LONGEST_FIRST`, measured) are collected first,
+  so the scheduler starts them first: left to the alphabet, several of them
+  started last and ran alone at the end while the other worker idled.
+
+The environment is set before any worker or JAX starts, so subprocesses
+inherit it.
 """
 
 import os
@@ -27,6 +31,25 @@ import tempfile
 import pytest
 
 _OWNED_CACHE = None  # The directory this session made (and removes).
+
+# Test classes by measured duration (a 2-worker run), longest first; the
+# rest keep their collection order after them.
+LONGEST_FIRST = (
+    'test_pod.py::PodTest',
+    'test_configs.py::TwoSteps_imagenet',
+    'test_reliability.py::PreemptionTest',
+    'test_notebook.py::NotebookTest',
+    'test_zoo.py::ShardedForwardTest',
+    'test_main.py::PipelineTest',
+    'test_multihost.py::TwoProcessTest',
+    'test_configs.py::TwoSteps_cifar',
+    'test_bench.py::BenchTest',
+    'test_export.py::ExportEvaluateTest',
+    'test_main.py::UserErrorTest',
+    'test_train.py::ShardingTest',
+    'test_configs.py::TracedTest',
+    'test_train.py::StageTest',
+)
 
 
 def pytest_configure(config):
@@ -50,6 +73,15 @@ def pytest_configure(config):
 def pytest_unconfigure(config):
   if _OWNED_CACHE is not None:
     shutil.rmtree(_OWNED_CACHE, ignore_errors=True)
+
+
+def pytest_collection_modifyitems(session, config, items):
+  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+
+  def key(item):
+    module_and_class = '::'.join(item.nodeid.split('/')[-1].split('::')[:2])
+    return rank.get(module_and_class, len(rank))
+  items.sort(key=key)  # Stable: each class stays in one piece, in order.
 
 
 @pytest.hookimpl(tryfirst=True, optionalhook=True)

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from unittest import mock
 
 from absl.testing import absltest
 import numpy as np
@@ -187,6 +188,29 @@ class FolderTest(_TempDirClass):
                        log=lambda _: None)
     self.assertEqual(r['num_examples'], {'train': 3})
     self.assertEqual(r['class_names'], ['a', 'b', 'c'])
+    # A rebuild that fails midway leaves the dataset as it was: it is built
+    # aside and swapped in only when complete.
+    _write(os.path.join(src, 'd', 'w.png'), _encode(_pixels(13), 'PNG'))
+
+    def broken(self, *args, **kwargs):
+      yield from ()
+      raise RuntimeError('disk gone')
+    with mock.patch.object(builders.BUILDERS['folder'], '_generate_examples',
+                           broken):
+      with self.assertRaises(Exception):
+        builders.build('folder', src, self.data_dir, 'flat', overwrite=True,
+                       log=lambda _: None)
+    r = builders.info('folder', 'flat', self.data_dir)
+    self.assertEqual(r['num_examples'], {'train': 3})
+    self.assertLen(_read_all(r['name'], self.data_dir, 'train'), 3)
+    self.assertEqual([d for d in os.listdir(self.data_dir)
+                      if d.startswith('.staging') or d.endswith('.replaced')],
+                     [])
+    # `~` in data_dir is the home directory.
+    with mock.patch.dict(os.environ, {'HOME': self.tmp}):
+      r = builders.info('folder', 'flat', os.path.join(
+          '~', os.path.relpath(self.data_dir, self.tmp)))
+    self.assertEqual(r['num_examples'], {'train': 3})
 
 
 def _fake_imagenet(root: str, names) -> dict[str, bytes]:

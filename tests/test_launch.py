@@ -352,6 +352,10 @@ class SlurmTest(_ScriptTest):
   @parameterized.parameters(
       (0, 0, 0, [['srun', '--kill-on-bad-exit=1']]),
       (2, 0, 2, [['srun', '--kill-on-bad-exit=1']]),
+      (4, 0, 4, [['srun', '--kill-on-bad-exit=1']]),
+      (5, 0, 5, [['srun', '--kill-on-bad-exit=1']]),
+      (6, 0, 6, [['srun', '--kill-on-bad-exit=1']]),
+      (7, 0, 0, [['srun', '--kill-on-bad-exit=1'], ['scontrol', 'requeue']]),
       (1, 0, 0, [['srun', '--kill-on-bad-exit=1'], ['scontrol', 'requeue']]),
       (1, 3, 1, [['srun', '--kill-on-bad-exit=1']]))
   def test_requeue_after_failure(self, srun_status, restarts, status, calls):
@@ -413,11 +417,18 @@ class ResumeTest(_ScriptTest):
     self.assertEqual(runs(), 3)
     self.assertIn('attempt 3 of 20', out.stderr)
 
-  def test_stops_on_user_error(self):
-    cmd, runs = self.counting_command(2, 0)
+  @parameterized.parameters(2, 4, 5, 6)
+  def test_stops_on_user_error(self, status):
+    cmd, runs = self.counting_command(status, 0)
     out = self.run_script('resume.sh', '--backoff=0', *cmd)
-    self.assertEqual(out.returncode, 2)
+    self.assertEqual(out.returncode, status)
     self.assertEqual(runs(), 1)
+
+  def test_retries_after_a_lost_peer(self):
+    cmd, runs = self.counting_command(7, 0)  # Exit 7: a host was lost.
+    out = self.run_script('resume.sh', '--backoff=0', *cmd)
+    self.assertEqual(out.returncode, 0, out.stderr)
+    self.assertEqual(runs(), 2)
 
   def test_user_error_after_a_crash(self):
     cmd, runs = self.counting_command(255, 2, 0)
@@ -553,6 +564,44 @@ class ShellcheckTest(absltest.TestCase):
       if not path.endswith('common.sh'):
         self.assertTrue(os.access(path, os.X_OK), path)
 
+
+
+def _pod_section_commands() -> tuple[dict[str, str], list[list[str]]]:
+  """The environment and the `launch/...` commands of the README's
+  "Running on a pod" code block."""
+  with open(os.path.join(_ROOT, 'README.md')) as f:
+    text = f.read()
+  section = text.split('## Running on a pod', 1)[1].split('\n## ', 1)[0]
+  block = section.split('```bash\n', 1)[1].split('```', 1)[0]
+  env, commands = {}, []
+  for line in block.replace('\\\n', ' ').splitlines():
+    words = shlex.split(line)
+    if words[:1] == ['export']:
+      env.update(w.split('=', 1) for w in words[1:])
+    elif words:
+      commands.append(words)
+  return env, commands
+
+
+class PodSectionTest(_ScriptTest):
+  """The README's "Running on a pod" commands, run as dry runs."""
+
+  def test_commands_dry_run(self):
+    env, commands = _pod_section_commands()
+    self.assertGreaterEqual(len(commands), 4)
+    trained = []
+    for words in commands:
+      self.assertTrue(words[0].startswith('launch/'), words)
+      script = words[0][len('launch/'):]
+      out = self.dry_run(script, '--dry-run', *words[1:], env=env)
+      self.assertNotEmpty(out, words)
+      trained += [ln for ln in out if 'gendd_jax.main' in ln]
+    self.assertNotEmpty(trained)
+    for line in trained:  # Every worker trains the same distributed run.
+      self.assertIn('--worker=all', line)
+      self.assertIn(r'--distributed', line)
+      self.assertIn('--workdir=gs://my-bucket/runs/r50_600ep', line)
+      self.assertIn('--config.data.data_dir=gs://my-bucket/tfds', line)
 
 if __name__ == '__main__':
   absltest.main()

@@ -53,8 +53,10 @@ class TwoProcessTest(absltest.TestCase):
     with tempfile.TemporaryDirectory() as tmp:
       src = os.path.join(tmp, 'src')
       rng = np.random.default_rng(0)
-      for split, n in (('train', 8), ('val', 4)):
-        for c in range(3):
+      # 23 training images: shards of 12 and 11, i.e. 3 and 2 local batches
+      # of 4 if each process counted its own; 13 validation images.
+      for split, counts in (('train', (8, 8, 7)), ('val', (5, 4, 4))):
+        for c, n in enumerate(counts):
           folder = os.path.join(src, split, f'class{c}')
           os.makedirs(folder)
           for i in range(n):
@@ -92,13 +94,14 @@ class TwoProcessTest(absltest.TestCase):
         state_1 = json.load(f)
     a, b = results
     self.assertEqual((a['devices'], a['local']), (4, 2))
-    self.assertEqual(a['steps'], 6)  # 24 images / global batch 8, 2 epochs.
+    # Both processes run 2 steps per epoch (11 // 4), for 2 epochs.
+    self.assertEqual((a['steps'], b['steps']), (4, 4))
     self.assertEqual(a['acc'], b['acc'])  # Gathered: the same everywhere.
-    self.assertEqual(a['index'], list(range(12)))  # Every val image once.
+    self.assertEqual(a['index'], list(range(13)))  # Every val image once.
     self.assertEqual(b['index'], a['index'])
     self.assertIn('process_0-of-2.json', states)
     self.assertIn('process_1-of-2.json', states)
-    # Each process read 3 steps x 4 local examples of its own slice.
+    # Process 1 read 3 steps x 4 local examples of its own slice by step 3.
     self.assertEqual(state_1, {'next_index': 12})
 
 

@@ -23,6 +23,7 @@ import orbax.checkpoint as ocp
 from gendd_jax import checkpoint as ckpt_lib
 from gendd_jax import data as data_lib
 from gendd_jax import optim
+from gendd_jax import reporting
 from gendd_jax import settings
 from gendd_jax import sharding
 from gendd_jax import stages
@@ -123,6 +124,43 @@ class StageTest(parameterized.TestCase):
       self.assertGreater(h['accuracy']['acc'], 30.0, h['step'])
     self.assertGreater(res['periodic_eval'][1]['accuracy']['acc'],
                        res['periodic_eval'][0]['accuracy']['acc'])
+
+  def test_periodic_evaluation_of_gendd_is_cheap_and_on_a_subset(self):
+    config = testing.gendd_config()
+    config.checkpoint_every_steps = 0
+    config.eval_every_steps = 7  # 14 steps: one evaluation, at 7.
+    config.eval_subset_batches = 1
+    lines = []
+    with mock.patch('builtins.print', lambda *a, **k: lines.append(
+        ' '.join(map(str, a)))):
+      res = train.train_and_evaluate(config, testing.workdir('periodic_g'))
+    h, = res['periodic_eval']
+    self.assertEqual(h['step'], 7)
+    self.assertEqual(h['examples'], config.data.eval_batch_size)
+    self.assertEqual(set(h['accuracy']), {'sampled_acc', 'probe_acc'})
+    # The final evaluation covers the whole split with the configured
+    # sampler (4-step ancestral), not the one-step posterior mean.
+    self.assertGreater(len(res['labels']), config.data.eval_batch_size)
+    text = '\n'.join(lines)
+    self.assertIn(f'[gendd] eval at step 7 ({config.data.eval_batch_size} '
+                  'examples): ', text)
+    self.assertRegex(text, r'\[gendd\] wall-time estimate: [\d.]+ steps/s '
+                     r'over steps 1-11, so about 0:00:\d\d for the remaining '
+                     r'3 steps')
+    periodic = settings.periodic_eval_settings(
+        settings.step_settings(config, 'gendd', 7))
+    self.assertEqual((periodic.sample.sampler, periodic.sampling_steps,
+                      periodic.sample.num_sampling), ('posterior_mean', '1', 1))
+
+  def test_logged_metrics_are_interval_means(self):
+    means = reporting.IntervalMeans()
+    for i in range(4):
+      means.add(dict(loss=jnp.float32(i), lr=jnp.float32(10 - i),
+                     nonfinite=jnp.int32(i % 2)))
+    self.assertEqual(means.pop(), dict(loss=1.5, lr=7.0, nonfinite=2.0))
+    means.add(dict(loss=jnp.float32(5.0), lr=jnp.float32(1.0),
+                   nonfinite=jnp.int32(0)))
+    self.assertEqual(means.pop()['loss'], 5.0)
 
   def test_gendd_end_to_end(self):
     workdir, res = testing.gendd_run()
