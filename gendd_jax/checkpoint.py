@@ -398,8 +398,11 @@ def load_export(directory: str, abstract_model: Any
         f'export {directory} does not fit the configured model '
         f'({"; ".join(differences[:5])}{more}): built for another '
         'architecture?')
+  # The other parts go where the model goes (e.g. replicated over a mesh).
+  where = next((getattr(leaf, 'sharding', None)
+                for leaf in jax.tree.leaves(abstract_model)), None)
   abstract = {k: jax.tree.map(
-      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), v)
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=where), v)
               for k, v in stored.items() if k != 'model'}
   abstract['model'] = abstract_model
   try:

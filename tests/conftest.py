@@ -90,4 +90,7 @@ def pytest_xdist_make_scheduler(config, log):
     return None  # An explicit --dist other than the default: respect it.
   # Imported here: this hook only runs under pytest-xdist.
   from xdist.scheduler import LoadScopeScheduling
+  # Keep the collection order (longest first, see above) rather than
+  # xdist's default of classes with the most tests first.
+  config.option.loadscopereorder = False
   return LoadScopeScheduling(config, log)

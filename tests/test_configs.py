@@ -284,8 +284,9 @@ def _info(c) -> dict:
 _CONV_DOT = ('conv_general_dilated', 'dot_general')
 
 
-def compute_dtypes_of(fn, *args) -> set:
-  """The operand dtypes of every convolution and matmul `fn` runs."""
+def compute_dtypes_of(fn, *args) -> tuple[set, list]:
+  """The operand dtypes of every convolution and matmul `fn` runs, and the
+  shapes of its outputs (one trace)."""
   found = set()
 
   def walk(jaxpr):
@@ -295,8 +296,9 @@ def compute_dtypes_of(fn, *args) -> set:
       for sub in jex_core.jaxprs_in_params(eqn.params):
         walk(sub)
 
-  walk(jax.make_jaxpr(fn)(*args).jaxpr)
-  return found
+  closed = jax.make_jaxpr(fn)(*args)
+  walk(closed.jaxpr)
+  return found, [tuple(a.shape) for a in closed.out_avals]
 
 
 def _forward(module, x):
@@ -307,8 +309,8 @@ def _forward(module, x):
   def fn(state, x):
     return nnx.merge(graphdef, state)(x)
 
-  feat, logits = jax.eval_shape(fn, state, x)
-  return feat.shape, logits.shape, compute_dtypes_of(fn, state, x)
+  dtypes, (feat, logits) = compute_dtypes_of(fn, state, x)
+  return feat, logits, dtypes
 
 
 class TracedTest(parameterized.TestCase):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -107,6 +108,41 @@ class ExportEvaluateTest(absltest.TestCase):
       res = json.load(f)
     self.assertEqual(res['sample']['sampler']['steps'], '2')
     self.assertEqual(res['sample']['sampler']['num_sampling'], 2)
+
+  def test_two_processes_of_four_devices_equal_one_device(self):
+    # Data-parallel over 8 devices in 2 processes (each reading its slice
+    # of every batch) gives the numbers of one device: the same hits with
+    # the same sampler noise.
+    flags = ('gendd_jax.cli.evaluate', f'--checkpoint={self.out}',
+             '--mode=both', '--sampler=ancestral', '--steps=2',
+             '--batch_size=64')
+    one = os.path.join(_TMP.name, 'eval_one.json')
+    p = _run(*flags, f'--output={one}')
+    self.assertEqual(p.returncode, 0, p.stderr[-2000:])
+    two = os.path.join(_TMP.name, 'eval_two.json')
+    with socket.socket() as s:
+      s.bind(('127.0.0.1', 0))
+      port = s.getsockname()[1]
+    procs = [subprocess.Popen(
+        [sys.executable, '-m', *flags, f'--output={two}', '--distributed',
+         f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
+         f'--process_id={i}'], cwd=_ROOT, env=testing.subprocess_env(4),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)]
+    for proc in procs:
+      _, err = proc.communicate(timeout=300)
+      self.assertEqual(proc.returncode, 0, err[-2000:])
+    with open(one) as f:
+      a = json.load(f)
+    with open(two) as f:
+      b = json.load(f)
+    for mode in ('sample', 'probe'):
+      self.assertEqual((a[mode]['devices'], b[mode]['devices']), (1, 8))
+      self.assertEqual(a[mode]['images'], b[mode]['images'])
+      self.assertEqual(a[mode]['images'], len(self.results['labels']))
+      for k in ('top1', 'top5'):
+        self.assertAlmostEqual(a[mode][k], b[mode][k], delta=1e-5,
+                               msg=f'{mode} {k}')
 
   def _configless(self):
     """An export without a training config, as `cli.convert` writes."""

@@ -15,12 +15,17 @@ draws averaged) and classifies it with the teacher classifier; `probe` uses
 the linear probe (no sampling); `both`; `logits` for the classifier networks
 of the other stages. Prints top-1/top-5 and images/s (timed after
 compilation) per mode. Sampler settings left unset come from the config.
+
+Runs data-parallel over every device, and with `--distributed` over every
+process (each reads its slice of every batch); batches stream, so host
+memory holds a batch or two whatever the split's size.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
+import itertools
 import json
 import os
 import time
@@ -37,7 +42,9 @@ from gendd_jax import checkpoint as ckpt_lib
 from gendd_jax import data as data_lib
 from gendd_jax import errors
 from gendd_jax import gendd
+from gendd_jax import paths
 from gendd_jax import precision
+from gendd_jax import sharding
 from gendd_jax import stages
 from gendd_jax.cli import common
 
@@ -54,7 +61,8 @@ _MAX_BATCHES = flags.DEFINE_integer('max_batches', 0, 'Stop after this many '
                                     'batches (0: the whole split).')
 _OUTPUT = flags.DEFINE_string('output', None, 'Also write results as JSON.')
 for _name in ('checkpoint', 'config', 'clip_x0', 'batch_size', 'data_dir',
-              'seed'):
+              'seed', 'distributed', 'coordinator_address', 'num_processes',
+              'process_id', 'heartbeat_timeout'):
   flags.declare_key_flag(_name)
 
 class Exported(NamedTuple):
@@ -87,8 +95,10 @@ def load(directory: str, config=None) -> Exported:
         '(a converted teacher? evaluate a run, or export one with python -m '
         'gendd_jax.cli.export --workdir=<run> --out=<dir>)')
   config, stage, _, graphdef, params, bs = stages.abstract_model(meta, config)
-  tree, _ = ckpt_lib.load_export(
-      directory, ckpt_lib.abstract_like(dict(params=params, batch_stats=bs)))
+  # Replicated over every device of every process (the evaluation mesh).
+  tree, _ = ckpt_lib.load_export(directory, ckpt_lib.abstract_like(
+      dict(params=params, batch_stats=bs),
+      sharding.replicated(sharding.create_mesh())))
   if stages.get(stage).classifies_with_teacher and 'classifier' not in tree:
     raise ckpt_lib.CheckpointError(
         f'{directory} lacks the teacher classifier a {stage} model is '
@@ -135,14 +145,16 @@ def _sampling(g, spec: SamplerSpec):
 
 
 @functools.lru_cache(maxsize=None)
-def _logits_fn(ex_key, mode: str, spec: SamplerSpec | None):
-  """A jitted `(variables, classifier, stats, image, key) -> logits`."""
+def _counts_fn(ex_key, mode: str, spec: SamplerSpec | None, mesh):
+  """A jitted `(variables, classifier, stats, batch, key) -> (top-1 hits,
+  top-5 hits, examples)` over a batch sharded along the mesh's data axis
+  (variables replicated); only three numbers leave the devices."""
   stage, graphdef, g = ex_key
   record = stages.get(stage)
   if mode == 'sample':
     sched, settings = _sampling(g, spec)
 
-  def fn(variables, classifier, stats, image, key):
+  def logits_of(variables, classifier, stats, image, key):
     model = nnx.merge(graphdef, variables['params'],
                       variables['batch_stats'])
     if mode == 'logits':
@@ -156,7 +168,18 @@ def _logits_fn(ex_key, mode: str, spec: SamplerSpec | None):
                                 classifier['weight'], classifier['bias'],
                                 stats)[0]
 
-  return jax.jit(fn)
+  def fn(variables, classifier, stats, batch, key):
+    logits = logits_of(variables, classifier, stats, batch['image'], key)
+    top = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
+    hit = top == batch['label'][:, None]
+    valid = batch['valid'] > 0
+    return (jnp.sum(hit[:, 0] & valid), jnp.sum(hit.any(-1) & valid),
+            jnp.sum(valid))
+
+  rep = sharding.replicated(mesh)
+  return jax.jit(fn, in_shardings=(rep, rep, rep,
+                                   sharding.data_sharded(mesh), rep),
+                 out_shardings=rep)
 
 
 def _key(ex: Exported):
@@ -190,34 +213,50 @@ def modes_of(ex: Exported, mode: str | None) -> tuple[str, ...]:
 
 def evaluate(ex: Exported, batches: Iterable[dict[str, Any]], mode: str,
              spec: SamplerSpec | None = None, seed: int | None = None,
-             max_batches: int = 0) -> dict[str, float]:
-  """Top-1/top-5 (%) and images/s of one mode over `batches` (each with
-  `image`, `label`, `valid`). `seed` defaults to the config's."""
+             max_batches: int = 0, mesh=None) -> dict[str, float]:
+  """Top-1/top-5 (%) and images/s of one mode over `batches` (each this
+  process's slice of a global batch, with `image`, `label`, `valid`).
+
+  Runs data-parallel on `mesh` (default: every device of every process),
+  streaming: host memory holds a batch or two, never the split. `seed`
+  defaults to the config's; batch `i` draws the training loop's evaluation
+  noise, so the numbers do not depend on the device count.
+  """
   seed = int(ex.config.seed) if seed is None else seed
-  fn = _logits_fn(_key(ex), mode, spec if mode == 'sample' else None)
-  args = (ex.variables, ex.classifier, ex.target_stats)
-  batches = list(b for i, b in enumerate(batches)
-                 if not max_batches or i < max_batches)
-  if not batches:
+  mesh = mesh or sharding.create_mesh()
+  fn = _counts_fn(_key(ex), mode, spec if mode == 'sample' else None, mesh)
+  rep = sharding.replicated(mesh)
+  args = jax.device_put((ex.variables, ex.classifier, ex.target_stats), rep)
+  stream = iter(batches)
+  if max_batches:
+    stream = itertools.islice(stream, max_batches)
+  first = next(stream, None)
+  if first is None:
     raise ValueError('the evaluation split is empty')
+
+  def shard(b):
+    return sharding.shard_batch(dict(
+        image=b['image'], label=np.asarray(b['label'], np.int32),
+        valid=np.asarray(b['valid'], np.float32)), mesh)
   # Compile (and warm up) outside the timed pass.
-  jax.block_until_ready(fn(*args, jnp.asarray(batches[0]['image']),
-                           stages.eval_key(seed, 0)))
-  top1 = top5 = n = 0
+  jax.block_until_ready(fn(*args, shard(first), stages.eval_key(seed, 0)))
+  totals = np.zeros(3, np.int64)
   t0 = time.perf_counter()
-  for i, b in enumerate(batches):
-    # The training loop's evaluation noise.
-    logits = fn(*args, jnp.asarray(b['image']), stages.eval_key(seed, i))
-    k = min(5, logits.shape[-1])
-    top = np.asarray(jax.lax.top_k(logits, k)[1])
-    valid = np.asarray(b['valid']) > 0
-    hit = top == np.asarray(b['label'])[:, None]
-    top1 += int(hit[:, 0][valid].sum())
-    top5 += int(hit.any(-1)[valid].sum())
-    n += int(valid.sum())
+  pending = None
+  for i, b in enumerate(itertools.chain([first], stream)):
+    # Dispatch batch i before reading the counts of batch i - 1.
+    out = fn(*args, shard(b), stages.eval_key(seed, i))
+    if pending is not None:
+      totals += np.asarray(jax.device_get(pending), np.int64)
+    pending = out
+  totals += np.asarray(jax.device_get(pending), np.int64)
   seconds = time.perf_counter() - t0
+  top1, top5, n = (int(v) for v in totals)
+  if not n:
+    raise ValueError('the evaluation split is empty')
   return dict(top1=100.0 * top1 / n, top5=100.0 * top5 / n, images=n,
-              seconds=seconds, images_per_sec=n / seconds)
+              seconds=seconds, images_per_sec=n / seconds,
+              devices=int(mesh.devices.size))
 
 
 def sample_features(ex: Exported, images, spec: SamplerSpec, seed: int = 0):
@@ -238,14 +277,16 @@ def sample_features(ex: Exported, images, spec: SamplerSpec, seed: int = 0):
 
 def eval_batches(ex: Exported, batch_size: int | None = None,
                  data_dir: str | None = None):
-  """The eval split of the export's (or given) config, every image once."""
+  """The eval split of the export's (or given) config, every image once:
+  this process's slice of each global batch, read as it is needed."""
   d = copy.deepcopy(ex.config.data)
   with d.unlocked():
     if batch_size:
       d.eval_batch_size = batch_size
     if data_dir is not None:
       d.data_dir = data_dir
-  return data_lib.open_dataset(d, ex.config.seed).eval_batches()
+  return data_lib.open_dataset(d, ex.config.seed, jax.process_index(),
+                               jax.process_count()).eval_batches()
 
 
 def main(argv: list[str]) -> None:
@@ -260,6 +301,7 @@ def _evaluate_command(argv: list[str]) -> None:
     errors.fail(f'unexpected arguments: {" ".join(argv[1:])}')
   if not common.CHECKPOINT.value:
     errors.fail('--checkpoint=<export dir> is required')
+  common.initialize_distributed()
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # Keep library INFO logs out.
@@ -290,9 +332,9 @@ def _evaluate_command(argv: list[str]) -> None:
     print(f'{mode}{detail}: top-1 {res["top1"]:.2f}%  top-5 '
           f'{res["top5"]:.2f}%  {res["images_per_sec"]:.1f} images/s '
           f'({res["images"]} images)', flush=True)
-  if _OUTPUT.value:
-    with open(_OUTPUT.value, 'w') as f:
-      json.dump(results, f, indent=1)
+  if _OUTPUT.value and jax.process_index() == 0:
+    paths.write_text(paths.absolute(_OUTPUT.value),
+                     json.dumps(results, indent=1))
 
 
 if __name__ == '__main__':
