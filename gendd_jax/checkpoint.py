@@ -125,23 +125,10 @@ class Checkpointer:
   def _restore_checked(self, abstract_state, step, check):
     """Steps 1-3 of `restore_latest_valid` for one checkpoint; raises
     `_Unreadable` (agreed by every process) for a corrupt one."""
-    failure = ''
-    try:
-      meta = self.metadata(step)
-    except CheckpointError as e:
-      failure = str(e)
-    if _any_process(failure):
-      raise _Unreadable(failure or f'checkpoint {step} is unreadable on '
-                        'another process')
+    meta = _read_everywhere(step, self.metadata)
     if check is not None:
       check(step, meta)
-    try:
-      stored = self._state_shapes(step)
-    except CheckpointError as e:
-      failure = str(e)
-    if _any_process(failure):
-      raise _Unreadable(failure or f'checkpoint {step} is unreadable on '
-                        'another process')
+    stored = _read_everywhere(step, self._state_shapes)
     differences = tree_differences(stored, _shapes(abstract_state))
     if differences:
       raise IncompatibleCheckpointError(
@@ -269,6 +256,20 @@ class Checkpointer:
 
 class _Unreadable(Exception):
   """A checkpoint that cannot be read (on some process): moved aside."""
+
+
+def _read_everywhere(step: int, read):
+  """`read(step)`, or `_Unreadable` on every process if it raised a
+  `CheckpointError` on any."""
+  failure, out = '', None
+  try:
+    out = read(step)
+  except CheckpointError as e:
+    failure = str(e)
+  if _any_process(failure):
+    raise _Unreadable(failure or f'checkpoint {step} is unreadable on '
+                      'another process')
+  return out
 
 
 def _agreed(steps: list[int]) -> list[int]:
