@@ -21,7 +21,9 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
+from gendd_jax import errors as errors_lib
 from gendd_jax import paths
+from gendd_jax import sharding
 from gendd_jax.errors import CheckpointError
 from gendd_jax.errors import IncompatibleCheckpointError
 
@@ -88,9 +90,11 @@ class Checkpointer:
     Checkpoints are tried newest first, the same list on every process
     (process 0's listing). For each one:
 
-    1. its JSON `meta` is read and handed to `check(step, meta)`, which may
-       refuse the resume by raising (e.g. a changed config); that error
-       propagates and nothing is renamed;
+    1. its JSON `meta` is read: a checkpoint written by another number of
+       processes raises `IncompatibleCheckpointError`, and otherwise the
+       meta goes to `check(step, meta)`, which may refuse the resume by
+       raising (e.g. a changed config); either error propagates and nothing
+       is renamed;
     2. its state tree is compared with `abstract_state`: a difference raises
        `IncompatibleCheckpointError` naming it, and nothing is renamed;
     3. its arrays are restored, with one retry (a transient read error).
@@ -125,7 +129,14 @@ class Checkpointer:
   def _restore_checked(self, abstract_state, step, check):
     """Steps 1-3 of `restore_latest_valid` for one checkpoint; raises
     `_Unreadable` (agreed by every process) for a corrupt one."""
-    meta = _read_everywhere(step, self.metadata)
+    meta = _read_everywhere(step, self._raw_meta)
+    count = meta.pop(_PROCESS_COUNT, None)
+    if count is not None and count != jax.process_count():
+      raise IncompatibleCheckpointError(
+          f'checkpoint {step} in {self.directory} was written by {count} '
+          f'process(es), this run has {jax.process_count()}: each process '
+          'saved its own data-iterator position. Resume with '
+          f'{count} process(es), or start over in a new --workdir')
     if check is not None:
       check(step, meta)
     stored = _read_everywhere(step, self._state_shapes)
@@ -145,7 +156,7 @@ class Checkpointer:
         if _out_of_memory(e):
           raise
         failure = str(e)
-      if not _any_process(failure):
+      if not sharding.any_process(bool(failure)):
         return out
       if attempt == 0:
         time.sleep(1.0)  # Then once more: a transient error passes.
@@ -159,7 +170,7 @@ class Checkpointer:
     except Exception as e:  # orbax raises many types; report one clearly.
       raise CheckpointError(
           f'checkpoint {self.directory}/{step} state metadata could not be '
-          f'read ({type(e).__name__}: {_first_line(e)})') from e
+          f'read ({type(e).__name__}: {errors_lib.first_line(e)})') from e
 
   def _move_aside(self, step: int) -> str:
     src = epath.Path(self.directory) / str(step)
@@ -183,21 +194,32 @@ class Checkpointer:
     return sorted(self._mngr.all_steps())
 
   def metadata(self, step: int) -> dict[str, Any]:
-    """The JSON `meta` item of checkpoint `step` (no arrays are read)."""
+    """The JSON `meta` item of checkpoint `step` (no arrays are read), as it
+    was given to `save`."""
+    meta = self._raw_meta(step)
+    meta.pop(_PROCESS_COUNT, None)
+    return meta
+
+  def _raw_meta(self, step: int) -> dict[str, Any]:
     try:
       out = self._mngr.restore(step, args=ocp.args.Composite(
           meta=ocp.args.JsonRestore()))
     except Exception as e:  # orbax raises many types; report one clearly.
       raise CheckpointError(
           f'checkpoint {self.directory}/{step} metadata could not be read '
-          f'({type(e).__name__}: {_first_line(e)})') from e
+          f'({type(e).__name__}: {errors_lib.first_line(e)})') from e
     return dict(out['meta'])
 
   def save(self, step: int, state: Any, meta: dict[str, Any],
            data_state: dict[str, Any] | None = None) -> None:
-    """Saves `state`, `meta` and (per process) the data iterator's state."""
+    """Saves `state`, `meta` and (per process) the data iterator's state.
+
+    The number of processes is recorded with `meta`: a checkpoint written
+    by another number is refused on restore (each process's data-iterator
+    position is its own)."""
     items = dict(state=ocp.args.StandardSave(state),
-                 meta=ocp.args.JsonSave(meta))
+                 meta=ocp.args.JsonSave(dict(
+                     meta, **{_PROCESS_COUNT: jax.process_count()})))
     if data_state is not None:
       items['data'] = grain.checkpoint.CheckpointSave(
           _StateSnapshot(data_state))
@@ -224,8 +246,9 @@ class Checkpointer:
     except Exception as e:  # orbax raises many types; report one clearly.
       raise CheckpointError(
           f'checkpoint {self.directory}/{step} could not be restored '
-          f'({type(e).__name__}: {_first_line(e)})') from e
+          f'({type(e).__name__}: {errors_lib.first_line(e)})') from e
     meta = dict(out['meta'])
+    meta.pop(_PROCESS_COUNT, None)
     if has_data:
       meta['data_state'] = snapshot.state
     return out['state'], meta
@@ -235,7 +258,7 @@ class Checkpointer:
     while cause is not None and not isinstance(cause, OSError):
       cause = cause.__cause__ or cause.__context__
     reason = (cause.strerror or str(cause)) if cause is not None else (
-        f'{type(e).__name__}: {_first_line(e)}')
+        f'{type(e).__name__}: {errors_lib.first_line(e)}')
     return (f'could not save checkpoint {step} in {self.directory}: '
             f'{reason}; the earlier checkpoints are intact')
 
@@ -254,6 +277,9 @@ class Checkpointer:
       self._mngr.close()
 
 
+_PROCESS_COUNT = 'process_count'  # Recorded by `save`, checked on restore.
+
+
 class _Unreadable(Exception):
   """A checkpoint that cannot be read (on some process): moved aside."""
 
@@ -266,28 +292,17 @@ def _read_everywhere(step: int, read):
     out = read(step)
   except CheckpointError as e:
     failure = str(e)
-  if _any_process(failure):
+  if sharding.any_process(bool(failure)):
     raise _Unreadable(failure or f'checkpoint {step} is unreadable on '
                       'another process')
   return out
 
 
 def _agreed(steps: list[int]) -> list[int]:
-  """Process 0's list of steps, on every process."""
-  if jax.process_count() == 1:
-    return steps
+  """Process 0's list of steps (its newest 64), on every process."""
   raw = np.full(64, -1, np.int64)
   raw[:min(len(steps), 64)] = steps[:64]
-  out = np.asarray(multihost_utils.broadcast_one_to_all(raw))
-  return [int(v) for v in out if v >= 0]
-
-
-def _any_process(failure: str) -> bool:
-  """Whether `failure` is non-empty on some process."""
-  if jax.process_count() == 1:
-    return bool(failure)
-  flags = multihost_utils.process_allgather(np.int32(bool(failure)))
-  return bool(np.max(flags))
+  return [int(v) for v in sharding.from_process0(raw) if v >= 0]
 
 
 def _out_of_memory(e: BaseException) -> bool:
@@ -309,11 +324,6 @@ def tree_differences(have: dict[str, tuple[int, ...]],
       out.append(f'{key} has shape {have[key]} stored, {want[key]} '
                  'expected')
   return out
-
-
-def _first_line(e: BaseException) -> str:
-  text = str(e).strip().splitlines()
-  return text[0][:300] if text else ''
 
 
 def save_export(directory: str, model: Any, meta: dict[str, Any],
@@ -386,7 +396,7 @@ def load_export(directory: str, abstract_model: Any
   except Exception as e:  # pylint: disable=broad-except
     raise CheckpointError(
         f'exported weights at {directory} are missing or unreadable '
-        f'({type(e).__name__}: {_first_line(e)})') from e
+        f'({type(e).__name__}: {errors_lib.first_line(e)})') from e
   if 'model' not in stored:
     raise CheckpointError(f'{directory} is not an export of this version '
                           '(its weights have no model part)')
@@ -411,5 +421,5 @@ def load_export(directory: str, abstract_model: Any
   except Exception as e:  # pylint: disable=broad-except
     raise CheckpointError(
         f'exported weights at {directory} could not be restored '
-        f'({type(e).__name__}: {_first_line(e)})') from e
+        f'({type(e).__name__}: {errors_lib.first_line(e)})') from e
   return tree, meta

@@ -86,6 +86,12 @@ USER_ERRORS = (CheckpointError, ConfigError, ConversionError, DataError,
                ModelError, WorkdirBusyError)
 
 
+def first_line(e: BaseException, limit: int = 300) -> str:
+  """The first line of `e`'s message (at most `limit` characters)."""
+  text = str(e).strip().splitlines()
+  return text[0][:limit] if text else ''
+
+
 def exit_status(error: BaseException) -> int:
   """The exit status a command reports `error` with (see the table above)."""
   return getattr(error, 'exit_status', 2)

@@ -29,9 +29,11 @@ from jax.experimental import multihost_utils
 import numpy as np
 
 from gendd_jax import paths
+from gendd_jax import sharding
 from gendd_jax.errors import ConfigError
 from gendd_jax.errors import NonFiniteError
 from gendd_jax.errors import WorkdirBusyError
+from gendd_jax.errors import first_line
 
 
 class PreemptionWatch:
@@ -88,9 +90,7 @@ class PreemptionWatch:
       return self.received_at is not None
     if step % self.agree_every:
       return False
-    flags = multihost_utils.process_allgather(
-        np.int32(self.received_at is not None))
-    return bool(np.max(flags))
+    return sharding.any_process(self.received_at is not None)
 
 
 class NonFiniteGuard:
@@ -226,7 +226,11 @@ class WorkdirLock:
       except WorkdirBusyError as e:
         busy = str(e)
     if jax.process_count() > 1:  # Every process learns the outcome.
-      busy = _broadcast_text(busy)
+      raw = np.zeros(1024, np.uint8)
+      text = busy.encode()[:1024]
+      raw[:len(text)] = np.frombuffer(text, np.uint8)
+      raw = sharding.from_process0(raw)
+      busy = bytes(raw[raw > 0]).decode(errors='replace')
     if busy:
       raise WorkdirBusyError(busy)
     return self
@@ -321,15 +325,6 @@ def _when(t) -> str:
     return '?'
 
 
-def _broadcast_text(text: str, size: int = 1024) -> str:
-  """Process 0's `text` on every process."""
-  raw = np.zeros(size, np.uint8)
-  data = text.encode()[:size]
-  raw[:len(data)] = np.frombuffer(data, np.uint8)
-  out = np.asarray(multihost_utils.broadcast_one_to_all(raw))
-  return bytes(out[out > 0].astype(np.uint8)).decode(errors='replace')
-
-
 class PeerWatch:
   """Names a lost peer on a multi-process run instead of hanging in a
   collective.
@@ -371,7 +366,7 @@ class PeerWatch:
         if now - unreachable_since > self.timeout:
           self._lost(f'lost the coordinator (process 0): its key-value store '
                      f'has not answered for {now - unreachable_since:.0f}s '
-                     f'({_first_line(e)})')
+                     f'({first_line(e, 200)})')
         continue
       for i, (value, since) in seen.items():
         try:
@@ -393,8 +388,3 @@ class PeerWatch:
 
 
 PEER_LOST_STATUS = 7
-
-
-def _first_line(e: BaseException) -> str:
-  lines = str(e).strip().splitlines()
-  return lines[0][:200] if lines else type(e).__name__

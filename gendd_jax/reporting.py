@@ -108,6 +108,11 @@ def progress_hooks(config, workdir: str, total: int, writer) -> list:
   return hooks
 
 
+@jax.jit
+def _tree_add(a, b):  # One dispatch per step, not one per metric.
+  return jax.tree.map(jnp.add, a, b)
+
+
 class IntervalMeans:
   """Means of the step metrics since the last `pop` (kept on the device:
   adding costs no host sync); `lr` is the latest value, `nonfinite` the
@@ -118,8 +123,8 @@ class IntervalMeans:
 
   def add(self, metrics: dict[str, Any]) -> None:
     self._last = metrics
-    self._sum = metrics if self._sum is None else jax.tree.map(
-        jnp.add, self._sum, metrics)
+    self._sum = metrics if self._sum is None else _tree_add(self._sum,
+                                                            metrics)
     self._n += 1
 
   def pop(self) -> dict[str, float]:

@@ -10,6 +10,7 @@ are reserved for model parallelism and rejected until implemented.
 from __future__ import annotations
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
@@ -86,3 +87,18 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh
   sharding = data_sharded(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
           for k, v in batch.items()}
+
+
+def any_process(flag: bool) -> bool:
+  """Whether `flag` is true on some process (every process must call)."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  return bool(np.max(multihost_utils.process_allgather(np.int32(bool(flag)))))
+
+
+def from_process0(values: np.ndarray) -> np.ndarray:
+  """Process 0's `values` (same shape and dtype everywhere) on every
+  process."""
+  if jax.process_count() == 1:
+    return np.asarray(values)
+  return np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(values)))

@@ -39,7 +39,6 @@ from gendd_jax import teacher as teacher_lib
 from gendd_jax.data import features as features_lib
 from gendd_jax.errors import ConfigChangedError
 from gendd_jax.errors import ConfigError
-from gendd_jax.errors import IncompatibleCheckpointError
 from gendd_jax.errors import Preempted
 from gendd_jax.settings import StepSettings
 
@@ -297,17 +296,10 @@ def _resume(run: _Run, ckpt) -> None:
 
 def _check_resume(run: _Run, step: int, saved: dict[str, Any]) -> None:
   """Refuses to resume from checkpoint `step` (meta `saved`) when it was
-  written by another number of processes, or under a config that differs in
-  what the state depends on (unless `allow_config_changes`)."""
-  count = saved.get('process_count')
-  if count is not None and count != jax.process_count():
-    raise IncompatibleCheckpointError(
-        f'checkpoint {step} in {run.workdir} was written by {count} '
-        f'process(es), this run has {jax.process_count()}: each process '
-        'saved its own data-iterator position. Resume with '
-        f'{count} process(es), or start over in a new --workdir')
+  saved under a config that differs in what the state depends on (unless
+  `allow_config_changes`)."""
   changes = reliability.config_changes(saved.get('config', {}),
-                                       json.loads(run.config.to_json()))
+                                       run.meta['config'])
   if not changes:
     return
   listed = '; '.join(changes)
@@ -333,8 +325,7 @@ def _loop(run: _Run, ckpt, writer, train_fn, periodic_fn
   start, total = int(run.state.step), run.s.optim.total_steps
   guard = reliability.NonFiniteGuard(settings_lib.on_nonfinite(config),
                                      run.workdir, ckpt)
-  meta = dict(run.meta, process_count=jax.process_count())
-  save = lambda step: ckpt.save(step, run.state.arrays(), meta,  # noqa
+  save = lambda step: ckpt.save(step, run.state.arrays(), run.meta,  # noqa
                                 data_state=run.stream.get_state())
   history = []  # Periodic evaluations of this invocation.
   log_every = max(1, config.log_every_steps)
@@ -401,8 +392,6 @@ def export_meta(config, meta: dict[str, Any], step: int | None,
                 source: str | None = None) -> dict[str, Any]:
   """The metadata of an export of `config`'s stage at `step`."""
   stage = stages.get(meta['stage'])
-  meta = {k: v for k, v in meta.items()
-          if k != 'process_count'}  # Only a checkpoint's (resume checks).
   return dict(meta, model=config[stage.role].model,
               teacher_model=config.teacher.model, step=step, source=source,
               created=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()))
