@@ -88,6 +88,9 @@ def runtime(c: ml_collections.ConfigDict, *, log_every_steps: int = 200,
     evaluation batches (0: all); the configured sampler runs at the end.
   profile_steps: trace this many steps (from step 10) with the JAX profiler
     into `workdir/plugins/profile` (0: off).
+  tensorboard_dir: where TensorBoard event files and profiles go ('': the
+    workdir). TensorFlow writes them with its own GCS client, which reaches
+    only the real `gs://`; everything else uses `gendd_jax.paths`.
   allow_config_changes: resume from a checkpoint even where the config
     differs from the one it was saved with in what the state depends on
     (schedule, model, batch, data); by default such a resume is refused with
@@ -106,6 +109,7 @@ def runtime(c: ml_collections.ConfigDict, *, log_every_steps: int = 200,
   c.eval_subset_batches = 0
   c.profile_steps = 0
   c.allow_config_changes = False
+  c.tensorboard_dir = ''
   return c
 
 

@@ -150,7 +150,8 @@ def check_workdir(workdir: str) -> None:
 SAFE_TO_CHANGE = (
     'log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
     'eval_every_steps', 'eval_subset_batches', 'on_nonfinite',
-    'allow_config_changes', 'profile_steps', 'sampler.', 'pipeline.',
+    'allow_config_changes', 'profile_steps', 'tensorboard_dir', 'sampler.',
+    'pipeline.',
     'data.data_dir', 'data.eval_batch_size', 'data.num_threads',
     'data.prefetch', 'data.worker_count', 'precompute.')
 
@@ -274,19 +275,7 @@ class WorkdirLock:
     self._thread.start()
 
   def _create(self) -> bool:
-    text = json.dumps(self._record)
-    if '://' in str(self.path):
-      if self.path.exists():
-        return False
-      self.path.write_text(text)
-      return True
-    try:
-      fd = os.open(str(self.path), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-      return False
-    with os.fdopen(fd, 'w') as f:
-      f.write(text)
-    return True
+    return paths.create_exclusive(str(self.path), json.dumps(self._record))
 
   def _read(self) -> dict[str, Any]:
     try:

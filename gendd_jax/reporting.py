@@ -15,6 +15,7 @@ from flax import nnx
 
 from gendd_jax import models
 from gendd_jax import optim
+from gendd_jax import paths
 from gendd_jax import precision
 from gendd_jax import sharding
 
@@ -81,6 +82,12 @@ def startup_summary(config, stage: str, mesh, module, teacher_vars, info,
   return '\n'.join(lines)
 
 
+def logdir(config, workdir: str) -> str:
+  """Where TensorBoard event files and profiles go: `config.tensorboard_dir`,
+  else the workdir."""
+  return paths.expand(config.get('tensorboard_dir', '')) or workdir
+
+
 def create_writer(workdir: str):
   """clu writers: TensorBoard event files (process 0) plus absl logging."""
   # clu's writers import TensorFlow (seconds); only a training run pays it.
@@ -93,7 +100,8 @@ def progress_hooks(config, workdir: str, total: int, writer) -> list:
   """clu's periodic actions, called with the step after every step:
   `ReportProgress` (steps/s, ETA and uptime into the summaries, every log
   step) and, with `config.profile_steps`, a `Profile` of that many steps
-  from step 10 (process 0, into `workdir/plugins/profile`)."""
+  from step 10 (process 0, into `workdir/plugins/profile`; `workdir` is the
+  `logdir`)."""
   # clu's periodic actions import TensorFlow; only a training run pays it.
   from clu import periodic_actions  # pylint: disable=g-import-not-at-top
   hooks = []

@@ -102,3 +102,19 @@ def from_process0(values: np.ndarray) -> np.ndarray:
   if jax.process_count() == 1:
     return np.asarray(values)
   return np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(values)))
+
+
+def barrier(name: str) -> None:
+  """Waits until every process gets here (a no-op for one process)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def local_rows(tree, mesh: Mesh):
+  """This process's rows (numpy) of global arrays split along `data`: the
+  inverse of `shard_batch`."""
+  if jax.process_count() == 1:
+    return jax.tree.map(np.asarray, tree)
+  local = multihost_utils.global_array_to_host_local_array(
+      tree, mesh, P('data'))
+  return jax.tree.map(np.asarray, local)

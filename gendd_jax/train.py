@@ -330,7 +330,8 @@ def _loop(run: _Run, ckpt, writer, train_fn, periodic_fn
   history = []  # Periodic evaluations of this invocation.
   log_every = max(1, config.log_every_steps)
   means = reporting.IntervalMeans()
-  hooks = reporting.progress_hooks(config, run.workdir, total, writer)
+  hooks = reporting.progress_hooks(
+      config, reporting.logdir(config, run.workdir), total, writer)
   estimate = reporting.WallTimeEstimate(name, start, total, run.log)
   t0 = last_t = time.time()
   last_step = start
@@ -410,7 +411,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                max_to_keep=config.keep_checkpoints)
   try:
     _resume(run, ckpt)
-    writer = reporting.create_writer(workdir)
+    writer = reporting.create_writer(reporting.logdir(config, workdir))
     total = run.s.optim.total_steps
     if int(run.state.step) == 0 and jax.process_index() == 0:
       writer.write_hparams({'stage': run.stage.name, 'total_steps': total,

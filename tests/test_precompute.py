@@ -5,6 +5,9 @@ training that skips the teacher forward."""
 import functools
 import json
 import os
+import socket
+import subprocess
+import sys
 import tempfile
 
 from absl.testing import absltest
@@ -150,6 +153,63 @@ class PrecomputeTest(absltest.TestCase):
     with self.assertRaisesRegex(data_lib.DataError, 'no precomputed'):
       train.train_and_evaluate(c, os.path.join(_TMP.name, 'nofeat2'),
                                quiet=True)
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+class DistributedPrecomputeTest(absltest.TestCase):
+
+  def test_two_processes_of_four_devices_equal_one_device(self):
+    # The command over 8 devices in 2 processes (each computing and writing
+    # its range of the records, in its own shard files) stores the same
+    # records in the same order as over one device; the last batch of each
+    # process is padded.
+    flags = ['gendd_jax.cli.precompute', '--config=configs/digits.py:quick',
+             '--config.stage=gendd', '--config.data.eval_batch_size=64',
+             '--config.precompute.logits=True',
+             '--config.precompute.shard_size=500',
+             f'--config.teacher.checkpoint={testing.teacher_export()[0]}']
+    one = os.path.join(_TMP.name, 'pre_one')
+    p = subprocess.run([sys.executable, '-m', *flags, f'--workdir={one}'],
+                       cwd=testing.ROOT, env=testing.subprocess_env(1),
+                       capture_output=True, text=True, timeout=600)
+    self.assertEqual(p.returncode, 0, p.stderr[-2000:])
+    two = os.path.join(_TMP.name, 'pre_two')
+    port = _free_port()
+    procs = [subprocess.Popen(
+        [sys.executable, '-m', *flags, f'--workdir={two}', '--distributed',
+         f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
+         f'--process_id={i}'], cwd=testing.ROOT,
+        env=testing.subprocess_env(4), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [proc.communicate(timeout=600) for proc in procs]
+    for proc, (_, err) in zip(procs, outs):
+      self.assertEqual(proc.returncode, 0, err[-2000:])
+    self.assertIn('8 device(s)', outs[0][0])
+    a, meta_a = features_lib.open_features(one)
+    b, meta_b = features_lib.open_features(two)
+    self.assertEqual((meta_a['processes'], meta_b['processes']), (1, 2))
+    self.assertEqual(len(a), len(b))
+    self.assertEqual(len(a), meta_a['examples'])
+    self.assertNotEqual(len(a) // 2 % 32, 0)  # A padded last batch.
+    files = sorted(os.listdir(os.path.join(
+        two, features_lib.FEATURES_NAME, '1.0.0')))
+    shards = precompute._shard_lengths(  # pylint: disable=protected-access
+        precompute._ranges(len(a), 2), 500)  # pylint: disable=protected-access
+    self.assertLen([f for f in files if '.array_record-' in f],
+                   len(shards[0]) + len(shards[1]))
+    for i in range(len(a)):
+      ra, rb = a[i], b[i]
+      for k in ('id', 'view', 'label'):
+        self.assertEqual(int(ra[k]), int(rb[k]), f'record {i} {k}')
+      np.testing.assert_allclose(ra['feature'], rb['feature'], atol=1e-5,
+                                 err_msg=f'record {i}')
+      np.testing.assert_allclose(ra['logits'], rb['logits'], atol=1e-5,
+                                 err_msg=f'record {i}')
 
 
 class AugmentedViewsTest(absltest.TestCase):

@@ -23,10 +23,15 @@ data_dir=...)`; the command prints that name. Bad input ends with one
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+
 from absl import flags
 
 from gendd_jax.data import builders
 from gendd_jax import errors
+from gendd_jax import paths
 from gendd_jax.cli import common
 
 _SRC = flags.DEFINE_string(
@@ -55,16 +60,26 @@ def prepare_tfds(name: str, data_dir: str, manual_dir: str | None) -> str:
                                 'ILSVRC2012_img_train.tar and '
                                 'ILSVRC2012_img_val.tar>')
     builders.check_imagenet_manual_dir(manual_dir)
+  # array_record writes local files only: a remote data_dir gets a dataset
+  # prepared on local disk and uploaded.
+  remote = paths.is_remote(data_dir)
+  local = tempfile.mkdtemp(prefix='gendd-tfds-') if remote else data_dir
   try:
-    builder = tfds.builder(name, data_dir=data_dir,
-                           file_format='array_record')
+    builder = tfds.builder(name, data_dir=local, file_format='array_record')
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+    if remote:
+      sub = os.path.relpath(builder.data_dir, local)
+      paths.upload(builder.data_dir, f'{data_dir.rstrip("/")}/{sub}',
+                   last=('dataset_info.json',))
   except Exception as e:  # pylint: disable=broad-except
     first = str(e).strip().splitlines()
     raise builders.BuildError(
         f'preparing TFDS dataset {name!r} failed: {type(e).__name__}: '
         f'{first[0] if first else ""}') from e
+  finally:
+    if remote:
+      shutil.rmtree(local, ignore_errors=True)
   return name
 
 

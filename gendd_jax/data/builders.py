@@ -77,6 +77,7 @@ BUILDER_NAMES = {'folder': 'gendd_image_folder',
                  'unlabeled': 'gendd_unlabeled_images',
                  'npz': 'gendd_npz_images'}
 VERSION = '1.0.0'
+_INFO = 'dataset_info.json'  # Written last; its presence marks a built dataset.
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp')
 SHARD_IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
 FOLDER_SPLITS = ('train', 'val', 'validation', 'test')
@@ -711,8 +712,7 @@ def dataset_dir(kind: str, name: str, data_dir: str) -> str:
 
 
 def is_built(kind: str, name: str, data_dir: str) -> bool:
-  return paths.isfile(os.path.join(dataset_dir(kind, name, data_dir),
-                                   'dataset_info.json'))
+  return paths.isfile(os.path.join(dataset_dir(kind, name, data_dir), _INFO))
 
 
 def build(kind: str, src: str, data_dir: str, name: str | None = None, *,
@@ -757,7 +757,11 @@ def build(kind: str, src: str, data_dir: str, name: str | None = None, *,
   for note in plan.notes:
     log(f'note: {note}')
   workers = workers or min(8, os.cpu_count() or 1)
-  staging = os.path.join(data_dir, f'.staging-{name}-{os.getpid()}')
+  remote = paths.is_remote(data_dir)
+  # array_record writes local files only: a remote dataset is built on local
+  # disk and uploaded.
+  staging = (tempfile.mkdtemp(prefix=f'gendd-build-{name}-') if remote else
+             os.path.join(data_dir, f'.staging-{name}-{os.getpid()}'))
   try:
     with _quiet_tfds_logs(), tempfile.TemporaryDirectory() as downloads:
       builder = BUILDERS[kind](
@@ -765,7 +769,12 @@ def build(kind: str, src: str, data_dir: str, name: str | None = None, *,
           config=tfds.core.BuilderConfig(name=name, version=VERSION),
           file_format='array_record')
       builder.download_and_prepare(download_dir=downloads)  # Downloads none.
-    _swap_in(dataset_dir(kind, name, staging), target)
+    built = dataset_dir(kind, name, staging)
+    if remote:
+      log(f'uploading to {target}')
+      _swap_in_remote(built, target)
+    else:
+      _swap_in(built, target)
   finally:
     paths.rmtree(staging)
   result = info(kind, name, data_dir)
@@ -783,6 +792,22 @@ def _swap_in(built: str, target: str) -> None:
     epath.Path(target).rename(old)
   epath.Path(built).rename(target)
   paths.rmtree(old)
+
+
+def _swap_in_remote(built: str, target: str) -> None:
+  """`_swap_in` for an object store, which has no directory rename: the
+  dataset is uploaded beside `target` first, so a failed upload leaves the
+  older dataset whole; then the older one is unmarked (`dataset_info.json`
+  goes first) and the new objects are moved in, `dataset_info.json` last."""
+  incoming = target + '.incoming'
+  paths.rmtree(incoming)
+  paths.upload(built, incoming, last=(_INFO,))
+  if paths.exists(f'{target}/{_INFO}'):
+    epath.Path(f'{target}/{_INFO}').unlink()
+  paths.rmtree(target)
+  for rel in sorted(paths.files(built), key=lambda r: (r == _INFO, r)):
+    paths.move_file(f'{incoming}/{rel}', f'{target}/{rel}')
+  paths.rmtree(incoming)
 
 
 @contextlib.contextmanager
@@ -861,7 +886,8 @@ def load_source(kind: str, name: str, data_dir: str, split: str,
   """
   data_dir = paths.absolute(data_dir)
   info(kind, name, data_dir)  # A clear error if it is not built.
-  return tfds.data_source(dataset_name(kind, name), data_dir=data_dir,
+  local = paths.local_copy(data_dir, dataset_name(kind, name))
+  return tfds.data_source(dataset_name(kind, name), data_dir=local,
                           split=split, decoders=decoders)
 
 

@@ -126,8 +126,8 @@ def open_features(path: str):
     raise PrecomputeError(f'no precomputed features at {path} (missing '
                           'precompute.json)')
   meta = json.loads(paths.read_text(meta_path))
-  builder = tfds.builder_from_directory(
-      os.path.join(path, FEATURES_NAME, '1.0.0'))
+  builder = tfds.builder_from_directory(os.path.join(
+      paths.local_copy(path, FEATURES_NAME), FEATURES_NAME, '1.0.0'))
   return builder.as_data_source(split='train'), meta
 
 

@@ -136,6 +136,8 @@ def load_tfds_arrays(name: str, split: str, data_dir: str | None
       '--data_dir <dir>`) and pass --config.data.data_dir=<dir>')
   if data_dir and not paths.isdir(os.path.join(data_dir, name)):
     raise not_prepared
+  if data_dir and paths.is_remote(data_dir):
+    data_dir = paths.local_copy(data_dir, name)  # TF's reader: local only.
   try:
     builder = tfds.builder(name, data_dir=data_dir or None)
     ds = builder.as_dataset(split=split, batch_size=1024,

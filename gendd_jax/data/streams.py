@@ -250,6 +250,8 @@ def open_source(name: str, split: str, data_dir: str | None,
     decoders = None if decode_images else {
         'image': tfds.decode.SkipDecoding()}
     try:
+      if data_dir and paths.is_remote(data_dir):
+        data_dir = paths.local_copy(data_dir, dataset.split(':')[0])
       return tfds.data_source(dataset, split=split, data_dir=data_dir or None,
                               decoders=decoders)
     except Exception as e:  # pylint: disable=broad-except
