@@ -5,7 +5,10 @@ Variants (`--config=configs/cc3m_unsup.py:<variant>`):
   r18_kl  the same pair, KL-to-teacher baseline;
   mbv1    ResNet-50 -> MobileNetV1, unsupervised GenDD;
   mbv1_kl the same pair, KL baseline.
-100 epochs, lr 2e-3, weight decay 2e-2, batch 512, warm-up 10, cosine.
+GenDD: 100 epochs, AdamW lr 2e-3, weight decay 2e-2, batch 512, warm-up 20,
+cosine, Beta(1, 1) feature mixup. KL baseline (the released script): SGD
+lr 0.2, momentum 0.9, weight decay 1e-4, warm-up 10, temperature 1, the
+student's classifier frozen at its initialisation.
 CC3M is built once from its image shards:
 
   python -m gendd_jax.cli.build_dataset unlabeled --src '/data/cc3m/*.tar' \
@@ -32,7 +35,7 @@ def get_config(arg: str | None = None):
                      f'expected one of {", ".join(VARIANTS)}')
   teacher, student = _PAIRS[variant.split('_')[0]]
   c = config_lib.imagenet(
-      teacher, student, epochs=100, weight_decay=2e-2, warmup_epochs=10,
+      teacher, student, epochs=100, weight_decay=2e-2,
       dataset='unlabeled:cc3m', eval_name='tfds:imagenet2012',
       unsupervised=True)
   c.data.num_classes = 1000  # From the teacher; CC3M has no labels.

@@ -2,12 +2,15 @@ r"""CIFAR-100 GenDD for every teacher-student pair of the paper.
 
 `--config=configs/cifar100_gendd.py:<teacher>-<student>`, e.g.
 `resnet32x4-resnet8x4` (default), `resnet56-resnet20`, `resnet110-resnet32`,
-`wrn_40_2-wrn_16_2`, `wrn_40_2-wrn_40_1`, `vgg13-vgg8`,
-`resnet32x4-shufflev1`, `resnet32x4-shufflev2`, `vgg13-mobilenetv2`,
-`cifar_resnet50-mobilenetv2`. Stage-1 (50 epochs, lr 3e-3, weight decay
-5e-2, batch 64) then GenDD (240 epochs, lr 1e-3, warm-up 50,
+`wrn_40_2-wrn_16_2`, `wrn_40_2-wrn_40_1`, `vgg13-vgg8`, `vgg13-resnet20`,
+`wrn_40_2-resnet8x4` (the eight released pairs), `resnet32x4-shufflev1`,
+`resnet32x4-shufflev2`, `vgg13-mobilenetv2`, `cifar_resnet50-mobilenetv2`.
+Stage-1 (50 epochs, lr 3e-3, weight decay 5e-2, batch 64, cosine) then
+GenDD (240 epochs, lr 1e-3, or 0.01 for MobileNetV2/ShuffleNet students,
+warm-up 50, x0.1 at epochs 150, 180 and 210, Beta(1, 1) feature mixup,
 diffusion_batch_mul 30, smooth per pair as in the released scripts,
-100-step CFG sampling), float32. The teacher comes from
+100-step CFG sampling, 5 draws in standalone evaluation), float32
+(`docs/recipes.md`). The teacher comes from
 `configs/cifar100_teacher.py` or `python -m gendd_jax.cli.convert`:
 
   python -m gendd_jax.main --config=configs/cifar100_gendd.py:vgg13-vgg8 \

@@ -2,7 +2,8 @@ r"""ImageNet: ResNet-50 teacher -> MobileNetV1 student (the paper's Table 1).
 
 Stage-1 (20 epochs, lr 2e-3, AdamW) then GenDD: 100 epochs, lr 2e-3,
 weight decay 2e-2, batch 512, 20 warm-up epochs, cosine, smooth 0.9,
-64-step CFG sampling. bfloat16 compute.
+Beta(1, 1) feature mixup, 64-step CFG sampling (5 draws in standalone
+evaluation). bfloat16 compute (the reference: float32).
 
   python -m gendd_jax.main --config=configs/mbv1_from_r50.py \
       --workdir=<dir> --config.teacher.checkpoint=<resnet50 export> \

@@ -2,7 +2,9 @@ r"""ImageNet: ResNet-34 teacher -> ResNet-18 student (the paper's Table 1).
 
 Stage-1 (20 epochs, lr 2e-3, AdamW) then GenDD: 100 epochs, lr 2e-3,
 weight decay 2e-2, batch 512, 10 warm-up epochs, cosine, smooth 0.9,
-random-resized-crop + flip, 64-step CFG sampling. bfloat16 compute.
+Beta(1, 1) feature mixup, random-resized-crop + flip, 64-step CFG sampling
+(5 draws in standalone evaluation). bfloat16 compute (the reference:
+float32).
 
   python -m gendd_jax.cli.convert --arch resnet34 \
       --checkpoint resnet34-b627a593.pth --out teachers/resnet34

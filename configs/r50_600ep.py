@@ -1,7 +1,7 @@
 r"""ImageNet: BEiT-v2-L teacher -> ResNet-50, A1 recipe: the paper's 82.28%.
 
 Stage-1 (20 epochs, lr 2e-3) then GenDD: 600 epochs, lr 2e-3, weight decay
-1e-2, batch 512, 10 warm-up epochs, mixup 0.2, cutmix 1.0, label smoothing
+1e-2, batch 512, 20 warm-up epochs, mixup 0.2, cutmix 1.0, label smoothing
 0.1, RandAugment, smooth 0.9, beta 0; 64-step CFG (scale 2) sampling.
 bfloat16 compute, float32 parameters and optimizer state.
 

@@ -1,8 +1,9 @@
 r"""ImageNet: BEiT-v2-B teacher -> ResNet-50 student, A2 recipe (300 epochs).
 
 Stage-1 (20 epochs) then GenDD: 300 epochs, lr 2e-3, weight decay 2e-2,
-batch 512, 10 warm-up epochs, mixup 0.1, cutmix 1.0, RandAugment (m7,
-colour jitter), smooth 0.9, feature mixup off (beta 0). bfloat16 compute.
+batch 512, 20 warm-up epochs, mixup 0.1, cutmix 1.0, RandAugment (m7,
+colour jitter), smooth 0.9, feature mixup off (beta 0). bfloat16 compute
+(the reference: float32).
 
   python -m gendd_jax.main --config=configs/r50_from_beitv2b.py \
       --workdir=<dir> --config.teacher.checkpoint=<beitv2_base export>

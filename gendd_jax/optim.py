@@ -37,6 +37,8 @@ class OptimSpec:
     name: 'adamw' or 'sgd' (momentum `b1`; weight decay added to the
       gradient before momentum, as torch's SGD).
     nesterov: Nesterov momentum for 'sgd'.
+    frozen: parameter names (path components, e.g. 'fc') whose parameters
+      are never updated, weight decay included.
   """
   lr: float
   weight_decay: float
@@ -52,6 +54,7 @@ class OptimSpec:
   no_decay: tuple[str, ...] = ()
   name: str = 'adamw'
   nesterov: bool = False
+  frozen: tuple[str, ...] = ()
 
 
 def learning_rate(spec: OptimSpec) -> Callable[[jax.Array], jax.Array]:
@@ -96,19 +99,36 @@ def decay_mask(no_decay: tuple[str, ...]):
   return fn
 
 
+def frozen_mask(frozen: tuple[str, ...]):
+  """Pytree mask: True where a parameter's path has a component named in
+  `frozen`."""
+  names = set(frozen)
+
+  def fn(params):
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: any(getattr(k, 'key', getattr(k, 'name', None))
+                            in names for k in path), params)
+  return fn
+
+
 @functools.lru_cache(maxsize=None)
 def create_optimizer(spec: OptimSpec) -> optax.GradientTransformation:
   """The optimizer for `spec`; the same object for equal specs."""
   if spec.name == 'adamw':
-    return optax.inject_hyperparams(optax.adamw, static_args=('mask',))(
+    opt = optax.inject_hyperparams(optax.adamw, static_args=('mask',))(
         learning_rate=learning_rate(spec), b1=spec.b1, b2=beta2(spec),
         weight_decay=spec.weight_decay, mask=decay_mask(spec.no_decay))
-  if spec.name == 'sgd':
-    return optax.chain(
+  elif spec.name == 'sgd':
+    opt = optax.chain(
         optax.add_decayed_weights(spec.weight_decay,
                                   mask=decay_mask(spec.no_decay)),
         optax.inject_hyperparams(optax.sgd)(
             learning_rate=learning_rate(spec), momentum=spec.b1,
             nesterov=spec.nesterov))
-  raise ValueError(f"unknown optimizer {spec.name!r}; expected 'adamw' or "
-                   "'sgd'")
+  else:
+    raise ValueError(f"unknown optimizer {spec.name!r}; expected 'adamw' or "
+                     "'sgd'")
+  if spec.frozen:
+    opt = optax.chain(opt, optax.masked(optax.set_to_zero(),
+                                        frozen_mask(spec.frozen)))
+  return opt

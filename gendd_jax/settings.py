@@ -75,7 +75,7 @@ def optim_spec(config, stage: str, steps_per_epoch: int) -> optim.OptimSpec:
       boundaries=tuple(int(e * steps_per_epoch) for e in s.decay_epochs),
       decay_rate=s.decay_rate, min_lr=s.min_lr, b1=s.b1,
       nesterov=bool(s.nesterov), beta2_min=s.beta2_min, beta2_max=s.beta2_max,
-      no_decay=tuple(config.no_decay))
+      no_decay=tuple(config.no_decay), frozen=tuple(s.get('frozen', ())))
 
 
 def _generative(config, stage: stages.Stage) -> dict:

@@ -36,6 +36,7 @@ from gendd_jax.data import builders
 from gendd_jax import checkpoint as ckpt_lib
 from gendd_jax import config_lib
 from gendd_jax import data as data_lib
+from gendd_jax import optim
 from gendd_jax import pipeline
 from gendd_jax import precision
 from gendd_jax import settings
@@ -177,7 +178,7 @@ class CoverageTest(absltest.TestCase):
                  'imagenet_lt', 'cifar100_gendd', 'cifar100_teacher',
                  'digits', 'digits32_cifar_style'):
       self.assertIn(must, stems)
-    self.assertLen([v for s, v in configs if s == 'cifar100_gendd'], 10)
+    self.assertLen([v for s, v in configs if s == 'cifar100_gendd'], 12)
 
   def test_tiny_keeps_the_wiring(self):
     for stem, variant in all_configs():
@@ -381,17 +382,17 @@ class ScheduleMathTest(parameterized.TestCase):
       # name, config, variant, train examples, devices, accumulation,
       # expected (steps/epoch, stage-2 steps, warm-up steps, per device).
       ('r50_600ep_v4_32', 'r50_600ep', '', 'imagenet2012', 16, 1,
-       (2502, 1_501_200, 25_020, 32)),
+       (2502, 1_501_200, 50_040, 32)),
       ('r50_600ep_v4_8_accum4', 'r50_600ep', '', 'imagenet2012', 4, 4,
-       (2502, 1_501_200, 25_020, 32)),
+       (2502, 1_501_200, 50_040, 32)),
       ('r18_from_r34_8gpu', 'r18_from_r34', '', 'imagenet2012', 8, 1,
        (2502, 250_200, 25_020, 64)),
       ('mbv1_warmup20', 'mbv1_from_r50', '', 'imagenet2012', 8, 1,
        (2502, 250_200, 50_040, 64)),
       ('imagenet_lt_batch256', 'imagenet_lt', 'r50', 'imagenet_lt', 8, 1,
-       (452, 45_200, 4_520, 32)),
+       (452, 45_200, 9_040, 32)),
       ('cc3m', 'cc3m_unsup', 'r18', 'cc3m', 8, 1,
-       (5628, 562_800, 56_280, 64)),
+       (5628, 562_800, 112_560, 64)),
       ('cifar_pair_1gpu', 'cifar100_gendd', 'resnet32x4-resnet8x4',
        'cifar100', 1, 1, (781, 187_440, 39_050, 64)),
   )
@@ -431,6 +432,57 @@ class ScheduleMathTest(parameterized.TestCase):
     self.assertEqual(tuple(unsup.pipeline.stages), ('gendd_unsup',))
     self.assertEqual(get_config('cc3m_unsup', 'mbv1_kl').pipeline.stages,
                      ('kl',))
+
+  def test_released_recipes(self):
+    # The values the authors' scripts and argparse defaults give (the
+    # sources are listed in docs/recipes.md).
+    def main_stage(c):
+      return c.stages[[s for s in c.pipeline.stages if s != 'stage1'][0]]
+    imagenet = {  # config -> (warm-up, feature-mixup beta, stages)
+        ('r18_from_r34', ''): (10, 1.0, ('stage1', 'gendd')),
+        ('mbv1_from_r50', ''): (20, 1.0, ('stage1', 'gendd')),
+        ('r50_from_beitv2b', ''): (20, 0.0, ('stage1', 'gendd')),
+        ('r50_from_beitv2l', ''): (20, 0.0, ('stage1', 'gendd')),
+        ('r50_600ep', ''): (20, 0.0, ('stage1', 'gendd')),
+        ('imagenet_lt', 'r50'): (20, 1.0, ('gendd',)),
+        ('imagenet_lt', 'r18'): (20, 1.0, ('gendd',)),
+        ('cc3m_unsup', 'r18'): (20, 1.0, ('gendd_unsup',)),
+        ('cc3m_unsup', 'mbv1'): (20, 1.0, ('gendd_unsup',)),
+    }
+    for (stem, variant), (warmup, beta, flow) in imagenet.items():
+      c = get_config(stem, variant)
+      name = f'{stem}:{variant}'
+      self.assertEqual((main_stage(c).warmup_epochs, c.gendd.beta,
+                        tuple(c.pipeline.stages)), (warmup, beta, flow), name)
+      self.assertEqual(main_stage(c).min_lr, 1e-6, name)
+      self.assertEqual(tuple(c.no_decay), ('head',), name)
+      self.assertEqual(c.sampler.eval_num_sampling, 5, name)
+    kl = get_config('cc3m_unsup', 'mbv1_kl')
+    s = kl.stages.kl
+    self.assertEqual((s.optimizer, s.lr, s.b1, s.weight_decay,
+                      s.warmup_epochs, s.epochs, tuple(s.frozen)),
+                     ('sgd', 0.2, 0.9, 1e-4, 10, 100, ('fc',)))
+    self.assertEqual(kl.kd.temperature, 1.0)
+    # The frozen names reach exactly the student's classifier.
+    spec = settings.optim_spec(kl, 'kl', 5628)
+    model = nnx.eval_shape(lambda: stages_lib.get('kl').create_model(
+        kl, dict(num_classes=1000, input_shape=(224, 224, 3))))
+    _, params, _ = nnx.split(model, nnx.Param, nnx.BatchStat)
+    mask = optim.frozen_mask(spec.frozen)(params)
+    frozen = sorted(jax.tree_util.keystr(p) for p, v in
+                    jax.tree_util.tree_leaves_with_path(mask) if v)
+    self.assertLen(frozen, 2, frozen)
+    self.assertTrue(all("['fc']" in p for p in frozen), frozen)
+    for pair in config_lib.CIFAR_PAIRS:
+      c = get_config('cifar100_gendd', pair)
+      s = c.stages.gendd
+      self.assertEqual((s.schedule, tuple(s.decay_epochs), s.decay_rate,
+                        s.warmup_epochs), ('step', (150, 180, 210), 0.1, 50),
+                       pair)
+      low = pair.split('-')[1] in ('mobilenetv2', 'shufflev1', 'shufflev2')
+      self.assertEqual(s.lr, 0.01 if low else 1e-3, pair)
+      self.assertEqual((c.gendd.beta, tuple(c.no_decay),
+                        c.sampler.eval_num_sampling), (1.0, ('head',), 5))
 
   def test_unknown_variant(self):
     with self.assertRaisesRegex(ValueError, 'unknown CIFAR-100 pair'):

@@ -18,6 +18,7 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 
 from gendd_jax import checkpoint as ckpt_lib
@@ -422,6 +423,25 @@ class OptimTest(parameterized.TestCase):
         self.assertEqual(top, 'backbone', p)
         self.assertIn(p, decayed)
     self.assertIn("['backbone']['layers'][0]['kernel'].value", decayed)
+
+  def test_frozen_parameters_never_move(self):
+    # The released unsupervised KL baseline keeps the student's classifier
+    # at its initialisation: no update, weight decay included.
+    for name in ('sgd', 'adamw'):
+      spec = optim.OptimSpec(lr=0.5, weight_decay=0.1, total_steps=10,
+                             schedule='constant', name=name, frozen=('fc',))
+      tx = optim.create_optimizer(spec)
+      params = {'backbone': {'kernel': jnp.full(3, 2.0)},
+                'fc': {'kernel': jnp.full(3, 2.0)},
+                'fc_norm': {'scale': jnp.full(3, 2.0)}}
+      state = tx.init(params)
+      for _ in range(3):
+        updates, state = tx.update(jax.tree.map(jnp.ones_like, params),
+                                   state, params)
+        params = optax.apply_updates(params, updates)
+      np.testing.assert_array_equal(params['fc']['kernel'], 2.0)
+      self.assertTrue(np.all(params['backbone']['kernel'] < 1.0), name)
+      self.assertTrue(np.all(params['fc_norm']['scale'] < 1.0), name)
 
   def test_weight_decay_applies_to_masked_params_only(self):
     spec = optim.OptimSpec(lr=0.5, weight_decay=0.1, total_steps=10,

@@ -111,8 +111,9 @@ def sampler_spec(config, sampler=None, steps=None, cfg_scale=None,
                  temperature=None, num_sampling=None, clip_x0=None,
                  clip_bound=None) -> SamplerSpec:
   """The sampler settings: arguments given, else the config's evaluation
-  defaults (`sampler.eval_kind`, `sampler.eval_steps`, then the rest of
-  `config.sampler`).
+  defaults (`sampler.eval_kind`, `sampler.eval_steps`,
+  `sampler.eval_num_sampling`: the paper configs average 5 draws, then the
+  rest of `config.sampler`).
 
   `clip_x0` is 'none', 'data' (the training targets' range, `clip_bound`,
   stored in the export) or a number.
@@ -130,7 +131,8 @@ def sampler_spec(config, sampler=None, steps=None, cfg_scale=None,
                      str(pick(steps, s.get('eval_steps', s.steps))),
                      float(pick(cfg_scale, s.cfg_scale)),
                      float(pick(temperature, s.temperature)),
-                     int(pick(num_sampling, s.num_sampling)), bound)
+                     int(pick(num_sampling, s.get('eval_num_sampling',
+                                                  s.num_sampling))), bound)
 
 
 def _sampling(g, spec: SamplerSpec):
