@@ -29,4 +29,5 @@ def get_config(arg: str | None = None):
       'resnext101_32x4d', student, epochs=100, weight_decay=0.2,
       batch_size=256, smooth=0.0, stage1=False,
       dataset='imagenet_lt:default')
+  c.data.shot_groups = True  # Many/medium/few-shot top-1, as the paper.
   return config_lib.tiny(c) if a.tiny else c

@@ -198,6 +198,9 @@ def image_data(name: str, *, image_size: int = 224, augment: str = 'regular',
   value) size the host pipeline; `stats_batches` caps the pass over the
   training set for target statistics (0: all). `eval_name` evaluates on
   another dataset (needed when the training set has no labels).
+  `shot_groups` also reports many-, medium- and few-shot top-1 (classes
+  with more than 100, 20 to 100, fewer than 20 training images; the mean
+  of the classes' accuracies), for long-tailed data.
   """
   return ml_collections.ConfigDict(dict(
       name=name, eval_name='', data_dir='', train_split=train_split,
@@ -205,7 +208,8 @@ def image_data(name: str, *, image_size: int = 224, augment: str = 'regular',
       num_classes=num_classes, batch_size=batch_size,
       eval_batch_size=eval_batch_size, label_fraction=1.0, mixup=mixup,
       cutmix=cutmix, mix_switch_prob=0.5, label_smoothing=label_smoothing,
-      num_threads=16, prefetch=512, num_workers=0, stats_batches=20))
+      num_threads=16, prefetch=512, num_workers=0, stats_batches=20,
+      shot_groups=False))
 
 
 def _student(model: str) -> ml_collections.ConfigDict:

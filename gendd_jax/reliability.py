@@ -151,9 +151,8 @@ SAFE_TO_CHANGE = (
     'log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
     'eval_every_steps', 'eval_subset_batches', 'on_nonfinite',
     'allow_config_changes', 'profile_steps', 'tensorboard_dir', 'sampler.',
-    'pipeline.',
-    'data.data_dir', 'data.eval_batch_size', 'data.num_threads',
-    'data.prefetch', 'data.worker_count', 'precompute.')
+    'pipeline.', 'data.data_dir', 'data.eval_batch_size', 'data.num_threads',
+    'data.prefetch', 'data.worker_count', 'data.shot_groups', 'precompute.')
 
 
 def _flatten(tree: Any, prefix: str = '') -> dict[str, Any]:

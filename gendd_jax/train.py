@@ -398,6 +398,23 @@ def export_meta(config, meta: dict[str, Any], step: int | None,
               created=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()))
 
 
+def _shot_results(run: _Run, res: dict[str, Any]) -> dict[str, Any]:
+  """With `data.shot_groups`: the many/medium/few-shot top-1 of every
+  prediction (`shot_accuracy`), also logged."""
+  d = run.config.data
+  if not d.get('shot_groups', False):
+    return {}
+  n = int(run.dataset.info['num_classes'])
+  counts = data_lib.train_class_counts(d, run.config.seed, n)
+  out = {}
+  for k, pred in res['predictions'].items():
+    hits, totals = data_lib.per_class(pred == res['labels'], res['labels'], n)
+    out[k] = data_lib.shot_accuracy(hits, totals, counts)
+    run.log(f'{k} by shot group: ' + ', '.join(
+        f'{g} {v:.2f}%' for g, v in out[k].items()))
+  return dict(shot_accuracy=out)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        quiet: bool = False) -> dict[str, Any]:
   """Trains `config.stage`, evaluates it, exports it; returns the results.
@@ -443,6 +460,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       train_seconds=record['train_seconds'],
       skipped_nonfinite_steps=record['skipped_nonfinite_steps'],
       eval_seconds=eval_time, accuracy=res['accuracy'],
+      **_shot_results(run, res),
       diagnostics=res['diagnostics'], periodic_eval=record['periodic_eval'],
       predictions={k: v.tolist() for k, v in res['predictions'].items()},
       labels=res['labels'].tolist(), index=res['index'].tolist())

@@ -148,9 +148,10 @@ def _sampling(g, spec: SamplerSpec):
 
 @functools.lru_cache(maxsize=None)
 def _counts_fn(ex_key, mode: str, spec: SamplerSpec | None, mesh):
-  """A jitted `(variables, classifier, stats, batch, key) -> (top-1 hits,
-  top-5 hits, examples)` over a batch sharded along the mesh's data axis
-  (variables replicated); only three numbers leave the devices."""
+  """A jitted `(variables, classifier, stats, batch, key) -> (top-1 hits per
+  class, top-5 hits, examples per class)` over a batch sharded along the
+  mesh's data axis (variables replicated); only these counts leave the
+  devices."""
   stage, graphdef, g = ex_key
   record = stages.get(stage)
   if mode == 'sample':
@@ -175,8 +176,10 @@ def _counts_fn(ex_key, mode: str, spec: SamplerSpec | None, mesh):
     top = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
     hit = top == batch['label'][:, None]
     valid = batch['valid'] > 0
-    return (jnp.sum(hit[:, 0] & valid), jnp.sum(hit.any(-1) & valid),
-            jnp.sum(valid))
+    per_class = jnp.zeros(logits.shape[-1], jnp.int32)
+    return (per_class.at[batch['label']].add(hit[:, 0] & valid),
+            jnp.sum(hit.any(-1) & valid),
+            per_class.at[batch['label']].add(valid))
 
   rep = sharding.replicated(mesh)
   return jax.jit(fn, in_shardings=(rep, rep, rep,
@@ -215,9 +218,12 @@ def modes_of(ex: Exported, mode: str | None) -> tuple[str, ...]:
 
 def evaluate(ex: Exported, batches: Iterable[dict[str, Any]], mode: str,
              spec: SamplerSpec | None = None, seed: int | None = None,
-             max_batches: int = 0, mesh=None) -> dict[str, float]:
+             max_batches: int = 0, mesh=None,
+             train_counts: np.ndarray | None = None) -> dict[str, Any]:
   """Top-1/top-5 (%) and images/s of one mode over `batches` (each this
-  process's slice of a global batch, with `image`, `label`, `valid`).
+  process's slice of a global batch, with `image`, `label`, `valid`), and
+  with `train_counts` (training images per class) the many/medium/few-shot
+  top-1 (`data.shot_accuracy`).
 
   Runs data-parallel on `mesh` (default: every device of every process),
   streaming: host memory holds a batch or two, never the split. `seed`
@@ -242,23 +248,31 @@ def evaluate(ex: Exported, batches: Iterable[dict[str, Any]], mode: str,
         valid=np.asarray(b['valid'], np.float32)), mesh)
   # Compile (and warm up) outside the timed pass.
   jax.block_until_ready(fn(*args, shard(first), stages.eval_key(seed, 0)))
-  totals = np.zeros(3, np.int64)
+  totals = None
   t0 = time.perf_counter()
   pending = None
+
+  def add(totals, out):
+    out = [np.asarray(v, np.int64) for v in jax.device_get(out)]
+    return out if totals is None else [a + b for a, b in zip(totals, out)]
   for i, b in enumerate(itertools.chain([first], stream)):
     # Dispatch batch i before reading the counts of batch i - 1.
     out = fn(*args, shard(b), stages.eval_key(seed, i))
     if pending is not None:
-      totals += np.asarray(jax.device_get(pending), np.int64)
+      totals = add(totals, pending)
     pending = out
-  totals += np.asarray(jax.device_get(pending), np.int64)
+  hits, top5, per_class = add(totals, pending)
   seconds = time.perf_counter() - t0
-  top1, top5, n = (int(v) for v in totals)
+  n = int(per_class.sum())
   if not n:
     raise ValueError('the evaluation split is empty')
-  return dict(top1=100.0 * top1 / n, top5=100.0 * top5 / n, images=n,
-              seconds=seconds, images_per_sec=n / seconds,
-              devices=int(mesh.devices.size))
+  out = dict(top1=100.0 * int(hits.sum()) / n, top5=100.0 * int(top5) / n,
+             images=n, seconds=seconds, images_per_sec=n / seconds,
+             devices=int(mesh.devices.size))
+  if train_counts is not None:
+    out['shot_accuracy'] = data_lib.shot_accuracy(hits, per_class,
+                                                  train_counts)
+  return out
 
 
 def sample_features(ex: Exported, images, spec: SamplerSpec, seed: int = 0):
@@ -313,13 +327,18 @@ def _evaluate_command(argv: list[str]) -> None:
                       _TEMP.value, _NUM.value, common.CLIP_X0.value,
                       ex.meta.get('clip_bound'))
   results = {}
+  counts = None
+  if ex.config.data.get('shot_groups', False):
+    counts = data_lib.train_class_counts(
+        ex.config.data, ex.config.seed, int(ex.meta['num_classes']))
   print(f'{ex.stage} export of {ex.meta["model"]} (step '
         f'{ex.meta.get("step")}), {jax.device_count()} '
         f'{jax.devices()[0].platform} device(s)', flush=True)
   for mode in modes:
     res = evaluate(ex, eval_batches(ex, common.BATCH_SIZE.value,
                                     common.DATA_DIR.value),
-                   mode, spec, common.SEED.value, _MAX_BATCHES.value)
+                   mode, spec, common.SEED.value, _MAX_BATCHES.value,
+                   train_counts=counts)
     if mode == 'sample':
       res['sampler'] = spec._asdict()
     results[mode] = res
@@ -334,6 +353,10 @@ def _evaluate_command(argv: list[str]) -> None:
     print(f'{mode}{detail}: top-1 {res["top1"]:.2f}%  top-5 '
           f'{res["top5"]:.2f}%  {res["images_per_sec"]:.1f} images/s '
           f'({res["images"]} images)', flush=True)
+    if 'shot_accuracy' in res:
+      print(f'{mode} by shot group: ' + ', '.join(
+          f'{g} {v:.2f}%' for g, v in res['shot_accuracy'].items()),
+            flush=True)
   if _OUTPUT.value and jax.process_index() == 0:
     paths.write_text(paths.absolute(_OUTPUT.value),
                      json.dumps(results, indent=1))

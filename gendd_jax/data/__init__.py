@@ -9,6 +9,8 @@ import dataclasses
 import itertools
 from typing import Any, Callable, Iterator
 
+import numpy as np
+
 from gendd_jax.data import memory
 from gendd_jax.data import streams
 from gendd_jax.data.memory import (  # noqa: F401 (re-exported)
@@ -62,3 +64,51 @@ def open_dataset(d, seed: int, process_index: int = 0,
 
   return Dataset(info=info, train=train, eval_batches=test_batches,
                  train_eval_batches=capped)
+
+
+# Long-tailed evaluation (ImageNet-LT): a class is many-shot with more than
+# MANY_SHOT training images, few-shot with fewer than FEW_SHOT, medium-shot
+# otherwise; a group's accuracy is the mean of its classes' accuracies.
+MANY_SHOT, FEW_SHOT = 100, 20
+SHOT_GROUPS = ('many', 'medium', 'few')
+
+
+def train_class_counts(d, seed: int, num_classes: int) -> np.ndarray:
+  """Training images per class of `config.data` (`[num_classes]`, labelled
+  examples only), read from the labels alone."""
+  if d.name in AVAILABLE:
+    train, _, _ = create_splits(
+        d.name, fold=d.fold, num_folds=d.num_folds,
+        label_fraction=d.label_fraction, seed=seed,
+        data_dir=d.data_dir or None)
+    labels = np.asarray(train.labels)[np.asarray(train.label_mask)]
+  else:
+    try:
+      source = streams.open_source(d.name, d.train_split, d.data_dir or None)
+    except PipelineError as e:
+      raise DataError(str(e)) from e
+    labels = np.asarray([int(source[i].get('label', -1))
+                         for i in range(len(source))])
+    labels = labels[labels >= 0]
+  return np.bincount(labels, minlength=num_classes)[:num_classes]
+
+
+def shot_accuracy(hits: np.ndarray, totals: np.ndarray,
+                  train_counts: np.ndarray) -> dict[str, float]:
+  """Many/medium/few-shot top-1 (%) from per-class correct and evaluated
+  counts; a group with no evaluated class is left out."""
+  counts = np.asarray(train_counts)
+  group = np.where(counts > MANY_SHOT, 0, np.where(counts < FEW_SHOT, 2, 1))
+  seen = np.asarray(totals) > 0
+  acc = np.where(seen, np.asarray(hits) / np.maximum(totals, 1), 0.0)
+  return {name: float(100.0 * acc[(group == g) & seen].mean())
+          for g, name in enumerate(SHOT_GROUPS) if ((group == g) & seen).any()}
+
+
+def per_class(correct: np.ndarray, labels: np.ndarray, num_classes: int
+              ) -> tuple[np.ndarray, np.ndarray]:
+  """`(correct per class, examples per class)` of per-example results."""
+  labels = np.asarray(labels)
+  return (np.bincount(labels, weights=np.asarray(correct, np.float64),
+                      minlength=num_classes)[:num_classes],
+          np.bincount(labels, minlength=num_classes)[:num_classes])
