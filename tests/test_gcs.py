@@ -17,7 +17,6 @@ covered otherwise:
   by the copies it makes and by results equal to a run on local disk.
 """
 
-import io
 import json
 import os
 import socket
@@ -34,7 +33,6 @@ from google.cloud import storage
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from PIL import Image
 import tensorflow_datasets as tfds
 
 from gendd_jax import config_lib
@@ -50,6 +48,7 @@ from gendd_jax.cli import precompute
 from gendd_jax.data import builders
 from gendd_jax.data import features
 from gendd_jax.data import streams
+import testing
 
 _TMP = tempfile.TemporaryDirectory(prefix='gendd_test_gcs_')
 
@@ -112,23 +111,6 @@ def tearDownModule():
   _TMP.cleanup()
 
 
-def _images(root):
-  rng = np.random.default_rng(0)
-  for split, n in (('train', 10), ('val', 4)):
-    for c in range(3):
-      folder = os.path.join(root, split, f'class{c}')
-      os.makedirs(folder)
-      for i in range(n):
-        base = np.zeros((40, 48, 3), np.uint8)
-        base[..., c] = 200
-        img = np.clip(base + rng.integers(0, 50, base.shape), 0,
-                      255).astype(np.uint8)
-        buf = io.BytesIO()
-        Image.fromarray(img).save(buf, format='JPEG', quality=90)
-        with open(os.path.join(folder, f'{i}.jpg'), 'wb') as f:
-          f.write(buf.getvalue())
-
-
 class GenddGcsCatalogue(tfds.core.GeneratorBasedBuilder):
   """A catalogue dataset that needs no download (TFDS registers it by
   name), for `build_dataset tfds` onto gs://."""
@@ -177,8 +159,7 @@ def _gs(*parts):
 class GcsPipelineTest(absltest.TestCase):
 
   def test_pipeline_on_gs(self):
-    src = os.path.join(_TMP.name, 'src')
-    _images(src)
+    src = testing.write_class_folder(os.path.join(_TMP.name, 'src'))
     local_data = os.path.join(_TMP.name, 'tfds')
     builders.build('folder', src, local_data, 'tiny', log=lambda *a: None)
 

@@ -27,21 +27,7 @@ _TMP = None
 def setUpModule():
   global _TMP
   _TMP = tempfile.TemporaryDirectory(prefix='gendd_test_grain_')
-  src = os.path.join(_TMP.name, 'src')
-  rng = np.random.default_rng(0)
-  for split, n in (('train', 10), ('val', 4)):
-    for c in range(3):
-      folder = os.path.join(src, split, f'class{c}')
-      os.makedirs(folder)
-      for i in range(n):
-        base = np.zeros((40, 48, 3), np.uint8)
-        base[..., c] = 200
-        img = np.clip(base + rng.integers(0, 50, base.shape), 0,
-                      255).astype(np.uint8)
-        buf = io.BytesIO()
-        Image.fromarray(img).save(buf, format='JPEG', quality=90)
-        with open(os.path.join(folder, f'{i}.jpg'), 'wb') as f:
-          f.write(buf.getvalue())
+  src = testing.write_class_folder(os.path.join(_TMP.name, 'src'))
   with open(os.path.join(src, 'train', 'class0', 'broken.jpg'), 'wb') as f:
     f.write(b'not a jpeg')
   builders.build('folder', src, os.path.join(_TMP.name, 'tfds'), 'tiny',

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import io
 import os
 import tempfile
 
@@ -28,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from PIL import Image
 
 from gendd_jax import train
 from gendd_jax.models import denoiser
@@ -172,3 +174,24 @@ def random_head(token_dim=4, cond_dim=6, width=16, depth=1, num_tokens=4,
       lambda x: jnp.asarray(scale * rng.standard_normal(x.shape), x.dtype),
       state)
   return nnx.merge(graphdef, state)
+
+
+def write_class_folder(root: str, per_split=(('train', 10), ('val', 4)),
+                       classes: int = 3, seed: int = 0) -> str:
+  """JPEGs in `root/<split>/class<c>/<i>.jpg`, 40x48, each class bright in
+  its own channel (learnable); returns `root`."""
+  rng = np.random.default_rng(seed)
+  for split, n in per_split:
+    for c in range(classes):
+      folder = os.path.join(root, split, f'class{c}')
+      os.makedirs(folder)
+      for i in range(n):
+        base = np.zeros((40, 48, 3), np.uint8)
+        base[..., c % 3] = 200
+        img = np.clip(base + rng.integers(0, 50, base.shape), 0,
+                      255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format='JPEG', quality=90)
+        with open(os.path.join(folder, f'{i}.jpg'), 'wb') as f:
+          f.write(buf.getvalue())
+  return root
