@@ -24,7 +24,6 @@ import subprocess
 import tempfile
 import time
 import urllib.request
-from unittest import mock
 
 from absl.testing import absltest
 from etils import epath
@@ -195,16 +194,7 @@ class GcsPipelineTest(absltest.TestCase):
         _config(local_data), os.path.join(_TMP.name, 'teacher_local'),
         quiet=True)
     workdir = _gs('runs', 'teacher')
-    original = streams.TrainStream.__next__
-    calls = []
-
-    def crash_at_10(stream):
-      if len(calls) == 10:
-        raise KeyboardInterrupt()  # As if the process were killed.
-      calls.append(1)
-      return original(stream)
-
-    with mock.patch.object(streams.TrainStream, '__next__', crash_at_10):
+    with testing.killed_at_batch(streams.TrainStream, 10):
       with self.assertRaises(KeyboardInterrupt):
         train.train_and_evaluate(_config(data), workdir, quiet=True)
     steps = sorted(int(p.name) for p in

@@ -5,7 +5,6 @@ that continues the exact example stream (bit-for-bit on CPU)."""
 import io
 import os
 import tempfile
-from unittest import mock
 
 from absl.testing import absltest
 import jax
@@ -87,16 +86,7 @@ class GrainTrainTest(absltest.TestCase):
     self.assertLen(res_a['labels'], 12)
 
     dir_b = os.path.join(_TMP.name, 'b')
-    original = ip.TrainStream.__next__
-    calls = []
-
-    def crash_at_10(stream):
-      if len(calls) == 10:
-        raise KeyboardInterrupt()  # As if the process were killed.
-      calls.append(1)
-      return original(stream)
-
-    with mock.patch.object(ip.TrainStream, '__next__', crash_at_10):
+    with testing.killed_at_batch(ip.TrainStream, 10):
       with self.assertRaises(KeyboardInterrupt):
         train.train_and_evaluate(_config(), dir_b, quiet=True)
     res_b = train.train_and_evaluate(_config(), dir_b, quiet=True)

@@ -18,11 +18,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import io
 import os
 import tempfile
+from unittest import mock
 
 from flax import nnx
 import jax
@@ -195,3 +197,22 @@ def write_class_folder(root: str, per_split=(('train', 10), ('val', 4)),
         with open(os.path.join(folder, f'{i}.jpg'), 'wb') as f:
           f.write(buf.getvalue())
   return root
+
+
+@contextlib.contextmanager
+def killed_at_batch(stream_cls, n: int):
+  """Within the block, the `n`-th batch drawn from any `stream_cls` raises
+  KeyboardInterrupt (as if the process were killed there), once; every
+  other draw is the real one."""
+  original = stream_cls.__next__
+  drawn = []
+
+  def next_or_die(stream):
+    if len(drawn) == n:
+      drawn.append(None)  # Raise once only.
+      raise KeyboardInterrupt()
+    drawn.append(1)
+    return original(stream)
+
+  with mock.patch.object(stream_cls, '__next__', next_or_die):
+    yield

@@ -264,7 +264,8 @@ def _cifar(script, smooth, line):
       Row('sampling steps', 'sampler.steps', '100',
           'code `models/diff_model.py`:10'),
       Row('draws averaged (standalone evaluation)',
-          'sampler.eval_num_sampling', 5, 'script `GenDD_cifar/sh/evaluate.sh`'),
+          'sampler.eval_num_sampling', 5,
+          'script `GenDD_cifar/sh/evaluate.sh`'),
       Row('compute precision', 'precision.student', 'float32',
           'code (no autocast)'),
       Row('lr updates', '', 'per epoch', f'code `{_GD}`:265', 'per step',
@@ -297,13 +298,15 @@ def experiments() -> dict[str, tuple[str, list[Row]]]:
           'GenDD_imagenet/sh_lt/imagenetlt_train_resnext101_res50_gendd.sh')),
       'imagenet_lt:r18': ('ImageNet-LT, ResNeXt-101 -> ResNet-18', _lt(
           'GenDD_imagenet/sh_lt/train_resnext101_res18_gendd.sh')),
-      'cc3m_unsup:r18': ('CC3M unsupervised GenDD, ResNet-34 -> ResNet-18',
-                         _cc3m(_IN + 'cc3m_train_res34res18_unsupervised_gendd.sh')),
-      'cc3m_unsup:mbv1': ('CC3M unsupervised GenDD, ResNet-50 -> MobileNetV1',
-                          _cc3m(_IN + 'cc3m_train_res50mv_unsupervised_gendd.sh')),
-      'cc3m_unsup:mbv1_kl': ('CC3M unsupervised KL baseline, ResNet-50 -> '
-                             'MobileNetV1',
-                             _kl(_IN + 'cc3m_train_res50mv_unsupervised_kd.sh')),
+      'cc3m_unsup:r18': (
+          'CC3M unsupervised GenDD, ResNet-34 -> ResNet-18',
+          _cc3m(_IN + 'cc3m_train_res34res18_unsupervised_gendd.sh')),
+      'cc3m_unsup:mbv1': (
+          'CC3M unsupervised GenDD, ResNet-50 -> MobileNetV1',
+          _cc3m(_IN + 'cc3m_train_res50mv_unsupervised_gendd.sh')),
+      'cc3m_unsup:mbv1_kl': (
+          'CC3M unsupervised KL baseline, ResNet-50 -> MobileNetV1',
+          _kl(_IN + 'cc3m_train_res50mv_unsupervised_kd.sh')),
   }
   for pair, (script, smooth, line) in CIFAR_SCRIPTS.items():
     out[f'cifar100_gendd:{pair}'] = (f'CIFAR-100, {pair.replace("-", " -> ")}',
@@ -370,7 +373,8 @@ def render() -> str:
   ]
   for arg, (title, _) in experiments().items():
     lines += [f'## `{arg}`: {title}', '',
-              '| hyperparameter | released | source | ours | why ours differs |',
+              '| hyperparameter | released | source | ours | '
+              'why ours differs |',
               '|---|---|---|---|---|']
     for row, released, ours in resolved(arg):
       where = f'`{row.key}` = {_fmt(ours)}' if row.key else _fmt(ours)

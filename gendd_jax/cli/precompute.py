@@ -93,75 +93,77 @@ def write_features(out_dir: str, teacher_fn,
   remote = paths.is_remote(out_dir)
   local_root = tempfile.mkdtemp(prefix='gendd-precompute-') if remote else \
       out_dir
-  version_dir = os.path.join(local_root, version)
-  paths.makedirs(version_dir)
-  n = len(source.ids)
-  total = n * (views + 1)
-  ranges = _ranges(total, process_count)
-  lengths = _shard_lengths(ranges, shard_size)
-  num_shards = sum(len(x) for x in lengths)
-  first_shard = sum(len(x) for x in lengths[:process_index])
-  lo, hi = ranges[process_index]
-  local_batch = batch // process_count
-  steps = max(1, -(-max(h - l for l, h in ranges) // local_batch))
-  spec = _features_spec_for(source, teacher_fn, local_batch, aug_seed,
-                            num_classes, dtype, with_logits)
-  writers = [array_record_module.ArrayRecordWriter(
-      os.path.join(version_dir, f'{features.FEATURES_NAME}-train.array_record'
-                   f'-{first_shard + j:05d}-of-{num_shards:05d}'),
-      'group_size:1') for j in range(len(lengths[process_index]))]
-  t0 = time.time()
   try:
-    for step in range(steps):
-      records = list(range(lo + step * local_batch,
-                           min(hi, lo + (step + 1) * local_batch)))
-      examples = [source.example(int(source.ids[r % n]), r // n, aug_seed)
-                  for r in records]
-      images = [e[0] for e in examples]
-      pad = local_batch - len(images)
-      filler = images[-1] if images else _any_image(source, aug_seed)
-      feat, logits = teacher_fn(np.stack(images + [filler] * pad))
-      feat = np.asarray(feat).astype(dtype)
-      for j, r in enumerate(records):
-        rec = dict(id=int(source.ids[r % n]), view=r // n,
-                   label=int(examples[j][1]), feature=feat[j])
-        if with_logits:
-          rec['logits'] = np.asarray(logits[j], np.float32)
-        writers[(r - lo) // shard_size].write(spec.serialize_example(rec))
-      if not quiet and process_index == 0:
-        done = min(total, (step + 1) * batch)
-        print(f'[precompute] {done}/{total} records '
-              f'({done / max(time.time() - t0, 1e-9):.0f}/s)', flush=True)
+    version_dir = os.path.join(local_root, version)
+    paths.makedirs(version_dir)
+    n = len(source.ids)
+    total = n * (views + 1)
+    ranges = _ranges(total, process_count)
+    lengths = _shard_lengths(ranges, shard_size)
+    num_shards = sum(len(x) for x in lengths)
+    first_shard = sum(len(x) for x in lengths[:process_index])
+    lo, hi = ranges[process_index]
+    local_batch = batch // process_count
+    steps = max(1, -(-max(h - l for l, h in ranges) // local_batch))
+    spec = _features_spec_for(source, teacher_fn, local_batch, aug_seed,
+                              num_classes, dtype, with_logits)
+    writers = [array_record_module.ArrayRecordWriter(
+        os.path.join(version_dir, f'{features.FEATURES_NAME}-train.array_record'
+                     f'-{first_shard + j:05d}-of-{num_shards:05d}'),
+        'group_size:1') for j in range(len(lengths[process_index]))]
+    t0 = time.time()
+    try:
+      for step in range(steps):
+        records = list(range(lo + step * local_batch,
+                             min(hi, lo + (step + 1) * local_batch)))
+        examples = [source.example(int(source.ids[r % n]), r // n, aug_seed)
+                    for r in records]
+        images = [e[0] for e in examples]
+        pad = local_batch - len(images)
+        filler = images[-1] if images else _any_image(source, aug_seed)
+        feat, logits = teacher_fn(np.stack(images + [filler] * pad))
+        feat = np.asarray(feat).astype(dtype)
+        for j, r in enumerate(records):
+          rec = dict(id=int(source.ids[r % n]), view=r // n,
+                     label=int(examples[j][1]), feature=feat[j])
+          if with_logits:
+            rec['logits'] = np.asarray(logits[j], np.float32)
+          writers[(r - lo) // shard_size].write(spec.serialize_example(rec))
+        if not quiet and process_index == 0:
+          done = min(total, (step + 1) * batch)
+          print(f'[precompute] {done}/{total} records '
+                f'({done / max(time.time() - t0, 1e-9):.0f}/s)', flush=True)
+    finally:
+      for w in writers:
+        w.close()
+    if remote:
+      paths.upload(local_root, out_dir)
+    sharding.barrier('precompute-shards')
+    meta = dict(records=total, examples=n, views=views, aug_seed=aug_seed,
+                dtype=dtype, logits=with_logits,
+                feature_dim=int(spec['feature'].shape[0]),
+                seconds=time.time() - t0, processes=process_count,
+                **(extra_meta or {}))
+    if process_index == 0:
+      split = tfds.core.SplitInfo(
+          name='train', shard_lengths=[x for ls in lengths for x in ls],
+          num_bytes=0, filename_template=tfds.core.ShardedFileTemplate(
+              data_dir=version_dir, template=_TEMPLATE,
+              dataset_name=features.FEATURES_NAME, split='train',
+              filetype_suffix='array_record'))
+      tfds.folder_dataset.write_metadata(
+          data_dir=version_dir, features=spec, split_infos=[split],
+          filename_template=_TEMPLATE, check_data=False)
+      paths.write_text(os.path.join(local_root, 'precompute.json'),
+                       json.dumps(meta, indent=1))
+      if remote:  # The metadata goes up after every shard is there.
+        shards = {f for f in paths.files(local_root) if '.array_record-' in f}
+        paths.upload(local_root, out_dir, skip=shards)
+    sharding.barrier('precompute-done')
+    return meta
   finally:
-    for w in writers:
-      w.close()
-  if remote:
-    paths.upload(local_root, out_dir)
-  sharding.barrier('precompute-shards')
-  meta = dict(records=total, examples=n, views=views, aug_seed=aug_seed,
-              dtype=dtype, logits=with_logits,
-              feature_dim=int(spec['feature'].shape[0]),
-              seconds=time.time() - t0, processes=process_count,
-              **(extra_meta or {}))
-  if process_index == 0:
-    split = tfds.core.SplitInfo(
-        name='train', shard_lengths=[x for ls in lengths for x in ls],
-        num_bytes=0, filename_template=tfds.core.ShardedFileTemplate(
-            data_dir=version_dir, template=_TEMPLATE,
-            dataset_name=features.FEATURES_NAME, split='train',
-            filetype_suffix='array_record'))
-    tfds.folder_dataset.write_metadata(
-        data_dir=version_dir, features=spec, split_infos=[split],
-        filename_template=_TEMPLATE, check_data=False)
-    paths.write_text(os.path.join(local_root, 'precompute.json'),
-                     json.dumps(meta, indent=1))
-    if remote:  # The metadata goes up after every shard is there.
-      shards = {f for f in paths.files(local_root) if '.array_record-' in f}
-      paths.upload(local_root, out_dir, skip=shards)
-  sharding.barrier('precompute-done')
-  if remote:
-    shutil.rmtree(local_root, ignore_errors=True)
-  return meta
+    if remote:
+      shutil.rmtree(local_root, ignore_errors=True)
 
 
 def _any_image(source: features.ImageSource, aug_seed: int) -> np.ndarray:
@@ -186,7 +188,10 @@ def run(config, workdir: str, quiet: bool = False) -> dict[str, Any]:
   info = source.info
   mesh = sharding.mesh_from_config(config.mesh)
   batch = int(config.data.eval_batch_size)
-  sharding.check_batch_size(batch, mesh, 'data.eval_batch_size')
+  try:
+    sharding.check_batch_size(batch, mesh, 'data.eval_batch_size')
+  except ValueError as e:
+    raise PrecomputeError(str(e)) from e
   teacher = teacher_lib.load(config, info, mesh)
   graphdef = teacher.graphdef
   data = sharding.data_sharded(mesh)
