@@ -24,8 +24,8 @@ def stage(epochs: float, lr: float, *, weight_decay: float = 1e-4,
           schedule: str = 'cosine', decay_epochs: tuple[float, ...] = (),
           decay_rate: float = 0.1, min_lr: float = 0.0, b1: float = 0.9,
           nesterov: bool = False, beta2_min: float = 0.999,
-          beta2_max: float = 0.999, frozen: tuple[str, ...] = ()
-          ) -> ml_collections.ConfigDict:
+          beta2_max: float = 0.999, frozen: tuple[str, ...] = (),
+          crop_scale: float = 0.0) -> ml_collections.ConfigDict:
   """One stage's optimiser settings (epochs may be fractional).
 
   Args:
@@ -45,13 +45,15 @@ def stage(epochs: float, lr: float, *, weight_decay: float = 1e-4,
     beta2_min: Adam beta2 at the start (it rises by a half cosine).
     beta2_max: Adam beta2 at the end.
     frozen: names of parameters (path components, e.g. 'fc') never updated.
+    crop_scale: this stage's random-resized-crop scale (0: `data.crop_scale`).
   """
   return ml_collections.ConfigDict(dict(
       epochs=float(epochs), lr=lr, weight_decay=weight_decay,
       warmup_epochs=float(warmup_epochs), optimizer=optimizer,
       schedule=schedule, decay_epochs=tuple(float(e) for e in decay_epochs),
       decay_rate=decay_rate, min_lr=min_lr, b1=b1, nesterov=nesterov,
-      beta2_min=beta2_min, beta2_max=beta2_max, frozen=tuple(frozen)))
+      beta2_min=beta2_min, beta2_max=beta2_max, frozen=tuple(frozen),
+      crop_scale=float(crop_scale)))
 
 
 def teacher_block(model: str, **settings) -> ml_collections.ConfigDict:
@@ -198,6 +200,8 @@ def image_data(name: str, *, image_size: int = 224, augment: str = 'regular',
   value) size the host pipeline; `stats_batches` caps the pass over the
   training set for target statistics (0: all). `eval_name` evaluates on
   another dataset (needed when the training set has no labels).
+  `crop_scale` is the smallest area fraction of the random resized crop
+  ('regular' and 'rand'; a stage may set its own, `stages.<s>.crop_scale`).
   `shot_groups` also reports many-, medium- and few-shot top-1 (classes
   with more than 100, 20 to 100, fewer than 20 training images; the mean
   of the classes' accuracies), for long-tailed data.
@@ -209,7 +213,7 @@ def image_data(name: str, *, image_size: int = 224, augment: str = 'regular',
       eval_batch_size=eval_batch_size, label_fraction=1.0, mixup=mixup,
       cutmix=cutmix, mix_switch_prob=0.5, label_smoothing=label_smoothing,
       num_threads=16, prefetch=512, num_workers=0, stats_batches=20,
-      shot_groups=False))
+      crop_scale=0.6, shot_groups=False))
 
 
 def _student(model: str) -> ml_collections.ConfigDict:
@@ -304,8 +308,8 @@ def imagenet(teacher: str, student: str, *, epochs: float,
   """An ImageNet-scale GenDD experiment of the paper; the defaults are the
   reference code's (warm-up 20 epochs, Beta(1, 1) feature mixup).
 
-  Supervised: stage-1 (`stage1_epochs`, lr 2e-3, AdamW; skipped with
-  `stage1=False`) then GenDD with distribution contraction `smooth`.
+  Supervised: stage-1 (`stage1_epochs`, lr 2e-3, AdamW, crops from 8% of
+  the image area; skipped with `stage1=False`) then GenDD (crops from 60%) with distribution contraction `smooth`.
   Unsupervised (`unsupervised=True`): GenDD with smooth 0 and no labels, no
   stage-1 (it needs labels), plus the released KL baseline under
   `stages.kl` (SGD lr 0.2, momentum 0.9, weight decay 1e-4, warm-up 10,
@@ -328,7 +332,7 @@ def imagenet(teacher: str, student: str, *, epochs: float,
     smooth = 0.0
   else:
     stages = dict(stage1=stage(stage1_epochs, 2e-3, weight_decay=weight_decay,
-                               min_lr=1e-6),
+                               min_lr=1e-6, crop_scale=0.08),
                   gendd=main)
     flow = ('stage1', 'gendd') if stage1 else ('gendd',)
   c = distillation(

@@ -7,6 +7,7 @@ k-fold protocol compiles each stage once).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 from gendd_jax import diffusion
@@ -188,3 +189,16 @@ def target_norm(config) -> str:
     raise ConfigError(f"unknown gendd.target_norm {norm!r}; expected 'none' "
                       "or 'standardize'")
   return norm
+
+
+def stage_data(config, stage: str):
+  """`config.data` with the stage's own data settings applied: a non-zero
+  `stages.<stage>.crop_scale` replaces `data.crop_scale` (the released
+  ImageNet stage-1 crops from 8% of the area, stage-2 from 60%)."""
+  scale = float(config.stages.get(stage, {}).get('crop_scale', 0.0) or 0.0)
+  if not scale:
+    return config.data
+  d = copy.deepcopy(config.data)
+  with d.unlocked():
+    d.crop_scale = scale
+  return d

@@ -223,7 +223,7 @@ def _setup(config, workdir: str, quiet: bool) -> _Run:
   stage = stages.get(config.stage)
   reliability.check_workdir(workdir)
   mesh = settings_lib.create_mesh(config)
-  d = config.data
+  d = settings_lib.stage_data(config, stage.name)
   dataset = data_lib.open_dataset(d, config.seed, jax.process_index(),
                                   jax.process_count())
   info, stream = dataset.info, dataset.train

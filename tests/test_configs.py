@@ -457,6 +457,10 @@ class ScheduleMathTest(parameterized.TestCase):
       self.assertEqual(main_stage(c).min_lr, 1e-6, name)
       self.assertEqual(tuple(c.no_decay), ('head',), name)
       self.assertEqual(c.sampler.eval_num_sampling, 5, name)
+    r18 = get_config('r18_from_r34', '')
+    self.assertEqual(settings.stage_data(r18, 'stage1').crop_scale, 0.08)
+    self.assertEqual(settings.stage_data(r18, 'gendd').crop_scale, 0.6)
+    self.assertEqual(r18.data.crop_scale, 0.6)  # Untouched.
     kl = get_config('cc3m_unsup', 'mbv1_kl')
     s = kl.stages.kl
     self.assertEqual((s.optimizer, s.lr, s.b1, s.weight_decay,

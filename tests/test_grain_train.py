@@ -5,6 +5,7 @@ that continues the exact example stream (bit-for-bit on CPU)."""
 import io
 import os
 import tempfile
+from unittest import mock
 
 from absl.testing import absltest
 import jax
@@ -94,6 +95,20 @@ class GrainTrainTest(absltest.TestCase):
     for a, b in zip(jax.tree.leaves(_params(dir_a)),
                     jax.tree.leaves(_params(dir_b))):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+  def test_crop_scale_reaches_the_training_transform(self):
+    seen = []
+    original = ip.augment.train_transform
+
+    def recording(*args, **kwargs):
+      seen.append(kwargs.get('crop_scale'))
+      return original(*args, **kwargs)
+    c = _config()
+    with mock.patch.object(ip.augment, 'train_transform', recording):
+      for scale in (0.6, 0.08):
+        c.data.crop_scale = scale
+        data_lib.open_dataset(c.data, c.seed)
+    self.assertEqual(seen, [0.6, 0.08])
 
   def test_missing_or_unknown_dataset(self):
     c = _config(name='folder:nope')

@@ -77,7 +77,7 @@ def _imagenet(script: str, *, lr_line: int, wd: float, wd_line: int,
               data: dict, smooth_line: int, entry='main_supervised_gendd.py',
               stage='gendd', lr: float = 2e-3, batch: int = 512,
               batch_line: int = 0, smooth: float = 0.9,
-              per_gpu: int = 64) -> list[Row]:
+              per_gpu: int = 64, crop_line: int = 123) -> list[Row]:
   s = f'stages.{stage}'
   rows = [
       Row('optimiser', f'{s}.optimizer', 'adamw', f'code `{entry}`'),
@@ -110,6 +110,7 @@ def _imagenet(script: str, *, lr_line: int, wd: float, wd_line: int,
           'code `models/diff_model.py`:128'),
       Row('draws averaged (standalone evaluation)',
           'sampler.eval_num_sampling', 5, 'eval scripts `--num_sampling 5`'),
+      Row('crop scale', 'data.crop_scale', 0.6, _default(entry, crop_line)),
   ]
   for k, (value, src) in data.items():
     rows.append(Row(k.replace('_', ' '), f'data.{k}', value, src))
@@ -127,10 +128,8 @@ def _imagenet(script: str, *, lr_line: int, wd: float, wd_line: int,
             stage1['wd']),
         Row('stage-1 warm-up', 'stages.stage1.warmup_epochs', 0,
             _default('main_gendd_pretrain.py', 115)),
-        Row('stage-1 crop scale', '', '(0.08, 1)',
-            'code `main_gendd_pretrain.py`:344', '(0.6, 1), as stage-2',
-            'the stages share one data config; a per-stage crop is not '
-            'implemented yet'),
+        Row('stage-1 crop scale', 'stages.stage1.crop_scale', 0.08,
+            'code `main_gendd_pretrain.py`:344 (torchvision\'s default)'),
     ]
   return rows + _common_behaviour(entry, per_gpu)
 
@@ -174,7 +173,7 @@ def _lt(script):
       script, lr_line=20, wd=0.2, wd_line=22, epochs=100, epochs_line=26,
       warmup=20, warmup_src=_default(entry, 117), beta=1.0,
       beta_src=_default(entry, 127), smooth_line=25, smooth=0.0, batch=256,
-      batch_line=28, stage1=None, entry=entry, per_gpu=32,
+      batch_line=28, stage1=None, entry=entry, per_gpu=32, crop_line=122,
       data=dict(augment=('regular', f'code `{entry}`:388')))
   return rows
 
@@ -186,7 +185,7 @@ def _cc3m(script):
       warmup=20, warmup_src=_default(entry, 90), beta=1.0,
       beta_src=_default(entry, 99), smooth_line=21, smooth=0.0,
       batch_line=24,
-      stage1=None, entry=entry, stage='gendd_unsup',
+      stage1=None, entry=entry, stage='gendd_unsup', crop_line=98,
       data=dict(augment=('regular', f'code `{entry}`:349'))) + [
           Row('steps per epoch', '', '5,501 (`--T` 5500)',
               _default(entry, 109), 'one pass over the shards (~5,628)',

@@ -86,7 +86,8 @@ def in_memory_source(d, seed: int) -> ImageSource:
 def grain_source(d) -> ImageSource:
   """The training split of a TFDS/builder dataset."""
   src = streams.open_source(d.name, d.train_split, d.data_dir or None)
-  train_view = augment.train_transform(d.augment, d.image_size)
+  train_view = augment.train_transform(
+      d.augment, d.image_size, crop_scale=float(d.get('crop_scale', 0.6)))
   eval_view = augment.eval_transform(d.augment, d.image_size)
 
   def example(example_id: int, k: int, aug_seed: int):

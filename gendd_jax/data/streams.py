@@ -350,7 +350,8 @@ def open_dataset(d, seed: int, process_index: int = 0,
     raise PipelineError(f'{d.name} records no label count; set '
                         'data.num_classes')
   try:
-    train_view = augment.train_transform(d.augment, d.image_size)
+    train_view = augment.train_transform(
+        d.augment, d.image_size, crop_scale=float(d.get('crop_scale', 0.6)))
     eval_view = augment.eval_transform(d.augment, d.image_size)
   except ValueError as e:
     raise PipelineError(str(e)) from e
