@@ -18,7 +18,6 @@ from typing import Any
 from etils import epath
 import grain
 import jax
-from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 from gendd_jax import errors as errors_lib
@@ -35,8 +34,7 @@ def publish(files: dict[str, str], name: str) -> None:
   if jax.process_index() == 0:
     for path, text in files.items():
       paths.write_text(path, text)
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(f'gendd_publish_{name}')
+  sharding.barrier(f'gendd_publish_{name}')
 
 
 def abstract_like(tree: Any, sharding: Any = None) -> Any:
@@ -181,8 +179,8 @@ class Checkpointer:
       n += 1
     if jax.process_index() == 0:
       src.rename(dest)
-    if jax.process_count() > 1:  # Nobody rescans before the rename.
-      multihost_utils.sync_global_devices(f'gendd_move_aside_{step}')
+    # Nobody rescans before the rename.
+    sharding.barrier(f'gendd_move_aside_{step}')
     self._mngr.close()
     self._mngr = self._manager()  # Forget the moved step.
     return str(dest)

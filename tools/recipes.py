@@ -134,7 +134,7 @@ def _imagenet(script: str, *, lr_line: int, wd: float, wd_line: int,
   return rows + _common_behaviour(entry, per_gpu)
 
 
-def _regular(script: str):
+def _regular():
   return dict(augment=('regular', _default('main_supervised_gendd.py', 96)),
               mixup=(0.0, _default('main_supervised_gendd.py', 100)),
               cutmix=(0.0, _default('main_supervised_gendd.py', 102)),
@@ -280,13 +280,13 @@ def experiments() -> dict[str, tuple[str, list[Row]]]:
           warmup=10, warmup_src=_sh(_R18, 41), beta=1.0,
           beta_src=_BETA_DEFAULT, smooth_line=39, batch_line=43,
           stage1=dict(epochs=_sh(_R18, 24), lr=_sh(_R18, 19),
-                      wd=_sh(_R18, 20)), data=_regular(_R18))),
+                      wd=_sh(_R18, 20)), data=_regular())),
       'mbv1_from_r50': ('ImageNet, ResNet-50 -> MobileNetV1', _imagenet(
           _MBV1, lr_line=34, wd=2e-2, wd_line=36, epochs=100, epochs_line=39,
           warmup=20, warmup_src=_WARMUP_DEFAULT, beta=1.0,
           beta_src=_BETA_DEFAULT, smooth_line=38, batch_line=41,
           stage1=dict(epochs=_sh(_MBV1, 23), lr=_sh(_MBV1, 18),
-                      wd=_sh(_MBV1, 19)), data=_regular(_MBV1))),
+                      wd=_sh(_MBV1, 19)), data=_regular())),
       'r50_600ep': ('ImageNet, BEiT-v2-L -> ResNet-50, A1 (600 epochs)',
                     _beit(_A1, 1e-2, 600, 0.2, 0.1)),
       'r50_from_beitv2l': ('ImageNet, BEiT-v2-L -> ResNet-50, A2',

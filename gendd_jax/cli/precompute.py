@@ -105,8 +105,7 @@ def write_features(out_dir: str, teacher_fn,
     lo, hi = ranges[process_index]
     local_batch = batch // process_count
     steps = max(1, -(-max(h - l for l, h in ranges) // local_batch))
-    spec = _features_spec_for(source, teacher_fn, local_batch, aug_seed,
-                              num_classes, dtype, with_logits)
+    spec = None  # From the first batch's feature width.
     writers = [array_record_module.ArrayRecordWriter(
         os.path.join(version_dir, f'{features.FEATURES_NAME}-train.array_record'
                      f'-{first_shard + j:05d}-of-{num_shards:05d}'),
@@ -123,6 +122,9 @@ def write_features(out_dir: str, teacher_fn,
         filler = images[-1] if images else _any_image(source, aug_seed)
         feat, logits = teacher_fn(np.stack(images + [filler] * pad))
         feat = np.asarray(feat).astype(dtype)
+        if spec is None:
+          spec = _features_spec(feat.shape[-1], num_classes, dtype,
+                                with_logits)
         for j, r in enumerate(records):
           rec = dict(id=int(source.ids[r % n]), view=r // n,
                      label=int(examples[j][1]), feature=feat[j])
@@ -168,16 +170,6 @@ def write_features(out_dir: str, teacher_fn,
 
 def _any_image(source: features.ImageSource, aug_seed: int) -> np.ndarray:
   return source.example(int(source.ids[0]), 0, aug_seed)[0]
-
-
-def _features_spec_for(source, teacher_fn, local_batch: int, aug_seed: int,
-                       num_classes: int, dtype: str, with_logits: bool):
-  """The record spec; the feature width comes from one teacher call (made
-  by every process, as every call is)."""
-  image = _any_image(source, aug_seed)
-  feat, _ = teacher_fn(np.stack([image] * local_batch))
-  return _features_spec(int(np.shape(feat)[-1]), num_classes, dtype,
-                        with_logits)
 
 
 def run(config, workdir: str, quiet: bool = False) -> dict[str, Any]:
