@@ -368,7 +368,7 @@ def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
 
 
 def load_export_meta(directory: str) -> dict[str, Any]:
-  path = os.path.join(directory, 'meta.json')
+  path = os.path.join(paths.absolute(directory), 'meta.json')
   if not paths.exists(path):
     raise CheckpointError(f'no exported model at {directory} (missing '
                           'meta.json)')

@@ -20,6 +20,7 @@ import numpy as np
 from gendd_jax import checkpoint as ckpt_lib
 from gendd_jax import errors
 from gendd_jax import models
+from gendd_jax import paths
 from gendd_jax.cli import common
 from gendd_jax.errors import ConversionError
 from gendd_jax.models import torch_import
@@ -78,8 +79,9 @@ def main(argv: list[str]) -> int:
 def _convert_command(argv: list[str]) -> int:
   if len(argv) > 1:
     raise ConversionError(f'unexpected arguments: {" ".join(argv[1:])}')
-  arch, checkpoint, out = _ARCH.value, common.CHECKPOINT.value, \
-      common.OUT.value
+  arch = _ARCH.value
+  checkpoint, out = (paths.expand(common.CHECKPOINT.value),
+                     paths.expand(common.OUT.value))
   missing = [f'--{n}' for n, v in (('arch', arch), ('checkpoint', checkpoint),
                                    ('out', out)) if not v]
   if missing:

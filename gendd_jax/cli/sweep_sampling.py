@@ -177,19 +177,20 @@ def plot(res: dict, path: str) -> None:
 def main(argv):
   if len(argv) > 1 or not _RUNS.value or not _OUT.value:
     errors.fail('--runs and --output_prefix are required')
-  runs = sorted(glob.glob(_RUNS.value))
+  runs = sorted(glob.glob(paths.absolute(_RUNS.value)))
   if not runs:
     errors.fail(f'no run directory matches {_RUNS.value}')
   clip_x0 = 'none' if common.CLIP_X0.value is None else common.CLIP_X0.value
   res = sweep(runs, _SAMPLERS.value, _STEPS.value, _SEEDS.value,
               _REFERENCE.value, _TOLERANCE.value, clip_x0)
-  os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-  with open(_OUT.value + '.json', 'w') as f:
+  out = paths.absolute(_OUT.value)  # `~` expanded.
+  os.makedirs(os.path.dirname(out), exist_ok=True)
+  with open(out + '.json', 'w') as f:
     json.dump(res, f, indent=1)
   table = markdown(res)
-  with open(_OUT.value + '.md', 'w') as f:
+  with open(out + '.md', 'w') as f:
     f.write(table)
-  plot(res, _OUT.value + '.png')
+  plot(res, out + '.png')
   print('\n' + table)
 
 
