@@ -12,6 +12,8 @@ import tensorflow_datasets as tfds
 from gendd_jax import config_lib
 from gendd_jax import data
 from gendd_jax.data import augment
+from gendd_jax.data import builders
+from gendd_jax.data import memory
 from gendd_jax import train
 from gendd_jax import settings
 
@@ -84,6 +86,26 @@ class CifarDataTest(absltest.TestCase):
                                   f'{tmp}.*tfds build cifar100'):
         data.create_splits('cifar100', fold=0, num_folds=1,
                            label_fraction=1.0, seed=0, data_dir=tmp)
+
+  def test_array_record_dataset_is_read(self):
+    # `build_dataset tfds` prepares array_record files, which TFDS's
+    # `as_dataset` cannot read; the in-memory loader reads them anyway.
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (5, 4, 4, 3), np.uint8)
+    labels = np.array([0, 1, 0, 2, 1])
+    with tempfile.TemporaryDirectory() as tmp:
+      np.savez(os.path.join(tmp, 'toy.npz'), train_images=images,
+               train_labels=labels, test_images=images[:2],
+               test_labels=labels[:2])
+      name = builders.build('npz', os.path.join(tmp, 'toy.npz'),
+                            os.path.join(tmp, 'tfds'),
+                            log=lambda _: None)['name']
+      got_images, got_labels = memory.load_tfds_arrays(
+          name, 'train', os.path.join(tmp, 'tfds'))
+    order = np.argsort([int(i.tobytes().hex(), 16) for i in got_images])
+    want = np.argsort([int(i.tobytes().hex(), 16) for i in images])
+    np.testing.assert_array_equal(got_images[order], images[want])
+    np.testing.assert_array_equal(got_labels[order], labels[want])
 
 
 class TeacherConfigTest(absltest.TestCase):

@@ -133,15 +133,25 @@ def load_tfds_arrays(name: str, split: str, data_dir: str | None
   not_prepared = DataError(
       f'TFDS dataset {name!r} is not prepared in data_dir {where}; prepare '
       f'it once where the internet is reachable (`tfds build {name} '
-      '--data_dir <dir>`) and pass --config.data.data_dir=<dir>')
+      '--data_dir <dir>`, or `python -m gendd_jax.cli.build_dataset tfds '
+      f'--name {name} --data_dir <dir>`) and pass '
+      '--config.data.data_dir=<dir>')
   if data_dir and not paths.isdir(os.path.join(data_dir, name)):
     raise not_prepared
   if data_dir and paths.is_remote(data_dir):
     data_dir = paths.local_copy(data_dir, name)  # TF's reader: local only.
   try:
     builder = tfds.builder(name, data_dir=data_dir or None)
-    ds = builder.as_dataset(split=split, batch_size=1024,
-                            shuffle_files=False)
+    if builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD:
+      # As `build_dataset tfds` prepares it; `as_dataset` cannot read it.
+      source = builder.as_data_source(split=split)
+      n = len(source)
+      ds = ({k: np.stack([r[k] for r in rows]) for k in ('image', 'label')}
+            for rows in (source.__getitems__(range(i, min(i + 1024, n)))
+                         for i in range(0, n, 1024)))
+    else:
+      ds = tfds.as_numpy(builder.as_dataset(split=split, batch_size=1024,
+                                            shuffle_files=False))
   except Exception as e:  # pylint: disable=broad-except
     try:
       prepared = builder.is_prepared()
@@ -153,7 +163,7 @@ def load_tfds_arrays(name: str, split: str, data_dir: str | None
                     f'data_dir {where}: {type(e).__name__}: '
                     f'{str(e).splitlines()[0] if str(e) else ""}') from e
   images, labels = [], []
-  for batch in tfds.as_numpy(ds):
+  for batch in ds:
     images.append(np.asarray(batch['image'], np.uint8))
     labels.append(np.asarray(batch['label'], np.int32))
   if not images:
