@@ -5,7 +5,7 @@ Variants `r50` (default) and `r18`. As the released scripts: GenDD alone
 0 (no contraction toward the long-tailed labels; labels still train the
 probe), Beta(1, 1) feature mixup, weight decay 0.2, batch 256, lr 2e-3, 20
 warm-up epochs, cosine. Build the dataset with
-`python -m gendd_jax.cli.build_dataset imagenet_lt ...` (see README).
+`python -m gendd_jax.cli.build_dataset imagenet_lt ...` (see docs/data.md).
 
 `:tiny` (alone or after the variant, e.g. `imagenet_lt.py:r18,tiny`) runs the
 same wiring for two steps per stage on a laptop, with no download and no

@@ -567,9 +567,9 @@ class ShellcheckTest(absltest.TestCase):
 
 
 def _pod_section_commands() -> tuple[dict[str, str], list[list[str]]]:
-  """The environment and the `launch/...` commands of the README's
-  "Running on a pod" code block."""
-  with open(os.path.join(_ROOT, 'README.md')) as f:
+  """The environment and the `launch/...` commands of the "Running on a
+  pod" code block of `docs/scale-out.md`."""
+  with open(os.path.join(_ROOT, 'docs', 'scale-out.md')) as f:
     text = f.read()
   section = text.split('## Running on a pod', 1)[1].split('\n## ', 1)[0]
   block = section.split('```bash\n', 1)[1].split('```', 1)[0]
@@ -584,7 +584,7 @@ def _pod_section_commands() -> tuple[dict[str, str], list[list[str]]]:
 
 
 class PodSectionTest(_ScriptTest):
-  """The README's "Running on a pod" commands, run as dry runs."""
+  """The "Running on a pod" commands of the docs, run as dry runs."""
 
   def test_commands_dry_run(self):
     env, commands = _pod_section_commands()

@@ -259,7 +259,7 @@ def open_source(name: str, split: str, data_dir: str | None,
           f'cannot open TFDS dataset {dataset!r} split {split!r} in data_dir '
           f'{data_dir or "(default)"} ({type(e).__name__}: '
           f'{str(e).splitlines()[0] if str(e) else ""}); prepare it first '
-          '(array_record format), see the README') from e
+          '(array_record format), see docs/data.md') from e
   decoders = None if decode_images else {'image': tfds.decode.SkipDecoding()}
   try:
     return builders.load_source(kind, dataset, data_dir, split,
