@@ -10,6 +10,7 @@ import contextlib
 import io
 import os
 import tempfile
+from unittest import mock
 
 from absl.testing import absltest
 from flax import nnx
@@ -90,6 +91,21 @@ class ConvertCommandTest(absltest.TestCase):
     self.assertEqual(code, 0, err)
     self.assertIn('11,181,642 parameters, 10 classes', stdout)  # Inferred.
     self._check_export(out, src)
+
+  def test_paths_under_home_are_expanded(self):
+    # After `--flag=` the shell leaves `~` as it is; the command expands it,
+    # and so does the teacher loader (`config.teacher.checkpoint`).
+    src = _model(seed=3)
+    save_file(torch_import.export_state_dict(src),
+              os.path.join(self.tmp, 'r18.safetensors'))
+    with mock.patch.dict(os.environ, {'HOME': self.tmp}):
+      code, _, err = _run(['--arch=resnet18',
+                           '--checkpoint=~/r18.safetensors',
+                           '--out=~/export', '--image_size=32'])
+      self.assertEqual(code, 0, err)
+      self.assertTrue(os.path.isfile(os.path.join(self.tmp, 'export',
+                                                  'meta.json')))
+      self._check_export('~/export', src)
 
   def test_wrapped_torch_pickle_with_ddp_prefix(self):
     src = _model(seed=2)
