@@ -25,7 +25,8 @@ def stage(epochs: float, lr: float, *, weight_decay: float = 1e-4,
           decay_rate: float = 0.1, min_lr: float = 0.0, b1: float = 0.9,
           nesterov: bool = False, beta2_min: float = 0.999,
           beta2_max: float = 0.999, frozen: tuple[str, ...] = (),
-          crop_scale: float = 0.0) -> ml_collections.ConfigDict:
+          crop_scale: float = 0.0, lr_update: str = 'step'
+          ) -> ml_collections.ConfigDict:
   """One stage's optimiser settings (epochs may be fractional).
 
   Args:
@@ -46,6 +47,9 @@ def stage(epochs: float, lr: float, *, weight_decay: float = 1e-4,
     beta2_max: Adam beta2 at the end.
     frozen: names of parameters (path components, e.g. 'fc') never updated.
     crop_scale: this stage's random-resized-crop scale (0: `data.crop_scale`).
+    lr_update: 'step' (the learning rate changes every step, warm-up from
+      0) or 'epoch' (once per epoch, exactly as the released code:
+      `optim.learning_rate` gives the formulas).
   """
   return ml_collections.ConfigDict(dict(
       epochs=float(epochs), lr=lr, weight_decay=weight_decay,
@@ -53,7 +57,7 @@ def stage(epochs: float, lr: float, *, weight_decay: float = 1e-4,
       schedule=schedule, decay_epochs=tuple(float(e) for e in decay_epochs),
       decay_rate=decay_rate, min_lr=min_lr, b1=b1, nesterov=nesterov,
       beta2_min=beta2_min, beta2_max=beta2_max, frozen=tuple(frozen),
-      crop_scale=float(crop_scale)))
+      crop_scale=float(crop_scale), lr_update=lr_update))
 
 
 def teacher_block(model: str, **settings) -> ml_collections.ConfigDict:
@@ -166,7 +170,7 @@ def cifar100(teacher: str = 'resnet32x4', student: str = 'resnet8x4'
       scratch=stage(240, 0.05, weight_decay=5e-4, **sgd),
       kd=stage(240, 0.05, weight_decay=5e-4, **sgd),
       kl=stage(240, 0.05, weight_decay=5e-4, **sgd),
-      stage1=stage(50, 3e-3, weight_decay=5e-2),
+      stage1=stage(50, 3e-3, weight_decay=5e-2, frozen=('fc',)),
       gendd=stage(240, gendd_lr, weight_decay=5e-2, warmup_epochs=50,
                   beta2_min=0.95, schedule='step',
                   decay_epochs=(150, 180, 210)),
@@ -204,7 +208,9 @@ def image_data(name: str, *, image_size: int = 224, augment: str = 'regular',
   ('regular' and 'rand'; a stage may set its own, `stages.<s>.crop_scale`).
   `shot_groups` also reports many-, medium- and few-shot top-1 (classes
   with more than 100, 20 to 100, fewer than 20 training images; the mean
-  of the classes' accuracies), for long-tailed data.
+  of the classes' accuracies), for long-tailed data. `steps_per_epoch` fixes
+  the length of an epoch of the schedules in steps (0: one pass over the
+  training set), as the released CC3M runs do (`--T`).
   """
   return ml_collections.ConfigDict(dict(
       name=name, eval_name='', data_dir='', train_split=train_split,
@@ -213,7 +219,7 @@ def image_data(name: str, *, image_size: int = 224, augment: str = 'regular',
       eval_batch_size=eval_batch_size, label_fraction=1.0, mixup=mixup,
       cutmix=cutmix, mix_switch_prob=0.5, label_smoothing=label_smoothing,
       num_threads=16, prefetch=512, num_workers=0, stats_batches=20,
-      crop_scale=0.6, shot_groups=False))
+      crop_scale=0.6, shot_groups=False, steps_per_epoch=0))
 
 
 def _student(model: str) -> ml_collections.ConfigDict:
@@ -332,7 +338,7 @@ def imagenet(teacher: str, student: str, *, epochs: float,
     smooth = 0.0
   else:
     stages = dict(stage1=stage(stage1_epochs, 2e-3, weight_decay=weight_decay,
-                               min_lr=1e-6, crop_scale=0.08),
+                               min_lr=1e-6, crop_scale=0.08, frozen=('fc',)),
                   gendd=main)
     flow = ('stage1', 'gendd') if stage1 else ('gendd',)
   c = distillation(

@@ -69,13 +69,21 @@ def contract_target(feature: jax.Array, labels: jax.Array | None,
 
 
 def mix_features(key: jax.Array, z: jax.Array, target: jax.Array,
-                 beta: float) -> tuple[jax.Array, jax.Array]:
-  """One Beta(beta, beta) draw and one permutation mix `z` and `target`."""
+                 beta: float, draws: dict[str, jax.Array] | None = None
+                 ) -> tuple[jax.Array, jax.Array]:
+  """One Beta(beta, beta) draw and one permutation mix `z` and `target`.
+
+  `draws` (`lam` scalar, `perm` `[B]`), when given, replaces the draws
+  from `key`: a recorded step replays exactly (the parity tests).
+  """
   if beta <= 0:
     return z, target
   k_lam, k_perm = jax.random.split(key)
-  lam = jax.random.beta(k_lam, beta, beta).astype(z.dtype)
-  perm = jax.random.permutation(k_perm, z.shape[0])
+  if draws is None:
+    lam = jax.random.beta(k_lam, beta, beta).astype(z.dtype)
+    perm = jax.random.permutation(k_perm, z.shape[0])
+  else:
+    lam, perm = jnp.asarray(draws['lam'], z.dtype), draws['perm']
   return (lam * z + (1 - lam) * z[perm],
           lam * target + (1 - lam) * target[perm])
 
@@ -93,7 +101,8 @@ class LossSettings(NamedTuple):
 
 
 def diffusion_loss(head: Any, schedule: diffusion.Schedule, key: jax.Array,
-                   z: jax.Array, target: jax.Array, settings: LossSettings
+                   z: jax.Array, target: jax.Array, settings: LossSettings,
+                   draws: dict[str, jax.Array] | None = None
                    ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Split-token diffusion loss, averaged over every token row.
 
@@ -102,6 +111,10 @@ def diffusion_loss(head: Any, schedule: diffusion.Schedule, key: jax.Array,
   zero `z`, whose embedding is the layer's bias). Work that depends only on
   the image (`embed_cond`) or only on the timestep (`embed_time`, as a table
   when there are more rows than timesteps) is done once.
+
+  `draws`, when given, replaces the draws from `key` (a recorded step
+  replays exactly): `t` `[M, B, K]` timesteps, `noise` `[M, B, K, C]`, and
+  `drop` `[M, B, K]` condition-dropout flags.
 
   Returns:
     `(loss, aux)` with aux holding the mean `mse` and `vb`.
@@ -112,13 +125,18 @@ def diffusion_loss(head: Any, schedule: diffusion.Schedule, key: jax.Array,
   rows = (m, b, k)
   n = m * b * k
   k_t, k_noise, k_drop = jax.random.split(key, 3)
-  t = jax.random.randint(k_t, rows, 0, schedule.num_steps)
-  noise = jax.random.normal(k_noise, rows + (c,), tokens.dtype)
+  if draws is None:
+    t = jax.random.randint(k_t, rows, 0, schedule.num_steps)
+    noise = jax.random.normal(k_noise, rows + (c,), tokens.dtype)
+    drop = (jax.random.bernoulli(k_drop, settings.cond_drop_prob, rows)
+            if settings.cond_drop_prob > 0 else None)
+  else:
+    t, drop = draws['t'].reshape(rows), draws['drop'].reshape(rows)
+    noise = draws['noise'].reshape(rows + (c,)).astype(tokens.dtype)
 
   c_emb = head.embed_cond(z)[None, :, None, :]  # [1, B, 1, W]
   c_null = head.embed_cond(jnp.zeros_like(z[:1]))  # [1, W]
-  if settings.cond_drop_prob > 0:
-    drop = jax.random.bernoulli(k_drop, settings.cond_drop_prob, rows)
+  if drop is not None:
     c_emb = jnp.where(drop[..., None], c_null, c_emb)
   y = c_emb + head.pos_table()  # [M, B, K, W] (or [1, B, K, W]).
   # Rows are flattened to 2-D: plain GEMMs are markedly faster on CPU than

@@ -39,6 +39,9 @@ class OptimSpec:
     nesterov: Nesterov momentum for 'sgd'.
     frozen: parameter names (path components, e.g. 'fc') whose parameters
       are never updated, weight decay included.
+    epoch_steps: 0 (the learning rate changes every step), or the steps per
+      epoch: the learning rate then changes once per epoch, as the released
+      code does (see `learning_rate`).
   """
   lr: float
   weight_decay: float
@@ -55,13 +58,31 @@ class OptimSpec:
   name: str = 'adamw'
   nesterov: bool = False
   frozen: tuple[str, ...] = ()
+  epoch_steps: int = 0
 
 
 def learning_rate(spec: OptimSpec) -> Callable[[jax.Array], jax.Array]:
-  """`step -> lr`: linear warm-up, then the configured decay."""
+  """`step -> lr`: linear warm-up, then the configured decay.
+
+  Per step (`epoch_steps == 0`), the warm-up rises from 0 and the decay is a
+  smooth function of the step. Per epoch, the value of epoch `e` (counted
+  from 0) is the released code's:
+
+    warm-up (e < W)   lr (e + 1) / W
+    cosine            min_lr + (lr - min_lr) (1 + cos(pi (e + 1 - W) /
+                      (E - W))) / 2
+    step              warm-up only while e + 1 < W; then lr decay_rate^k,
+                      k = the boundaries at or before e, and before the
+                      first boundary the lr stays where the warm-up left
+                      it, lr (W - 1) / W (the released CIFAR schedule
+                      never resets it to lr)
+    constant          lr
+  """
   if spec.schedule not in SCHEDULES:
     raise ValueError(f'unknown lr schedule {spec.schedule!r}; expected '
                      "'cosine', 'step' or 'constant'")
+  if spec.epoch_steps:
+    return _per_epoch_learning_rate(spec)
 
   def fn(step):
     step = jnp.asarray(step, jnp.float32)
@@ -77,6 +98,33 @@ def learning_rate(spec: OptimSpec) -> Callable[[jax.Array], jax.Array]:
     else:
       after = jnp.asarray(spec.lr, jnp.float32)
     return jnp.where(step < spec.warmup_steps, warm, after)
+  return fn
+
+
+def _per_epoch_learning_rate(spec: OptimSpec
+                             ) -> Callable[[jax.Array], jax.Array]:
+  """The released code's once-per-epoch schedules (see `learning_rate`)."""
+  per = spec.epoch_steps
+  w = spec.warmup_steps / per
+  total = spec.total_steps / per
+  milestones = [b / per for b in spec.boundaries]
+
+  def fn(step):
+    e = jnp.floor(jnp.asarray(step, jnp.float32) / per)
+    warm = spec.lr * (e + 1.0) / max(w, 1e-12)
+    if spec.schedule == 'cosine':
+      prog = jnp.clip((e + 1.0 - w) / max(total - w, 1e-12), 0.0, 1.0)
+      after = spec.min_lr + (spec.lr - spec.min_lr) * 0.5 * (
+          1.0 + jnp.cos(math.pi * prog))
+    elif spec.schedule == 'step':
+      passed = sum((e >= m).astype(jnp.float32) for m in milestones)
+      plateau = spec.lr * (w - 1.0) / w if w >= 1 else spec.lr
+      after = jnp.where(passed > 0, spec.lr * spec.decay_rate ** passed,
+                        plateau)
+    else:
+      after = jnp.asarray(spec.lr, jnp.float32)
+    in_warmup = e + 1.0 < w if spec.schedule == 'step' else e < w
+    return jnp.where(in_warmup, warm, after)
   return fn
 
 

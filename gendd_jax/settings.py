@@ -19,6 +19,7 @@ from gendd_jax.errors import ConfigError
 
 ON_NONFINITE = ('stop', 'skip')
 TARGET_NORMS = ('none', 'standardize')
+LR_UPDATES = ('step', 'epoch')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +53,16 @@ class StepSettings:
   precomputed: bool = False
 
 
+def epoch_steps(config, stream_steps: int) -> int:
+  """Steps per epoch of the schedules: `data.steps_per_epoch` when set,
+  else one pass over the training set (`stream_steps`)."""
+  fixed = config.data.get('steps_per_epoch', 0)
+  if not isinstance(fixed, int) or fixed < 0:
+    raise ConfigError(f'data.steps_per_epoch must be a non-negative integer '
+                      f'(0: one pass over the data), got {fixed!r}')
+  return fixed or stream_steps
+
+
 def optim_spec(config, stage: str, steps_per_epoch: int) -> optim.OptimSpec:
   """The optimizer settings of `stage`, validated."""
   if stage not in config.stages:
@@ -66,6 +77,10 @@ def optim_spec(config, stage: str, steps_per_epoch: int) -> optim.OptimSpec:
   if s.schedule not in optim.SCHEDULES:
     raise ConfigError(f'stages.{stage}.schedule={s.schedule!r}; expected one '
                       f'of {", ".join(optim.SCHEDULES)}')
+  lr_update = s.get('lr_update', 'step')
+  if lr_update not in LR_UPDATES:
+    raise ConfigError(f'stages.{stage}.lr_update={lr_update!r}; expected '
+                      f'one of {", ".join(LR_UPDATES)}')
   if s.optimizer not in optim.OPTIMIZERS:
     raise ConfigError(f'stages.{stage}.optimizer={s.optimizer!r}; expected '
                       f'one of {", ".join(optim.OPTIMIZERS)}')
@@ -76,7 +91,8 @@ def optim_spec(config, stage: str, steps_per_epoch: int) -> optim.OptimSpec:
       boundaries=tuple(int(e * steps_per_epoch) for e in s.decay_epochs),
       decay_rate=s.decay_rate, min_lr=s.min_lr, b1=s.b1,
       nesterov=bool(s.nesterov), beta2_min=s.beta2_min, beta2_max=s.beta2_max,
-      no_decay=tuple(config.no_decay), frozen=tuple(s.get('frozen', ())))
+      no_decay=tuple(config.no_decay), frozen=tuple(s.get('frozen', ())),
+      epoch_steps=steps_per_epoch if lr_update == 'epoch' else 0)
 
 
 def _generative(config, stage: stages.Stage) -> dict:

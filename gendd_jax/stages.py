@@ -142,11 +142,12 @@ def _gendd_loss(s, model, teacher, batch, key):
     target = (target - stats['mean']) / stats['std']
   z, probe_logits, _ = precision.to_float32(model.student(image, train=True))
   k_mix, k_diff = jax.random.split(key)
-  z, target = gendd.mix_features(k_mix, z, target, s.beta)
+  draws = batch.get('draws')  # Recorded draws, replayed (`train._grads`).
+  z, target = gendd.mix_features(k_mix, z, target, s.beta, draws)
   schedule = diffusion.create_schedule(s.noise_schedule, s.diffusion_steps,
                                        '')
   loss, aux = gendd.diffusion_loss(model.head, schedule, k_diff, z, target,
-                                   s.loss)
+                                   s.loss, draws)
   metrics = dict(diffusion=loss, mse=aux['mse'], vb=aux['vb'])
   if labels is not None:
     probe = gendd.cross_entropy(probe_logits, labels, mask)

@@ -100,10 +100,18 @@ def _grads(s: StepSettings, state: TrainState, teacher, batch, key):
   data-sharded batch every device contributes its own rows to each
   micro-batch (no data movement). BatchNorm statistics are threaded through
   the micro-batches in order.
+
+  A batch may carry `draws`: random draws recorded elsewhere (e.g. by the
+  reference code) that replace the step's own (`gendd.mix_features`,
+  `gendd.diffusion_loss`), so that a step replays exactly. They describe
+  the whole batch and cannot be split into micro-batches.
   """
   grad_fn = jax.grad(functools.partial(_loss_fn, s, state.graphdef),
                      has_aux=True)
   a = s.accum_steps
+  if a > 1 and 'draws' in batch:
+    raise ValueError('recorded draws cannot be replayed with gradient '
+                     'accumulation (grad_accum_steps > 1)')
   if a == 1:
     return grad_fn(state.params, state.batch_stats, teacher, batch, key)
   micro = jax.tree.map(
@@ -244,12 +252,11 @@ def _setup(config, workdir: str, quiet: bool) -> _Run:
     teacher = teacher_lib.load(config, info, mesh, precomputed)
   if stage.name != 'teacher' and config.student.init_from:
     teacher_lib.init_backbone(config, info, module, mesh)
-  s = settings_lib.step_settings(config, stage.name, stream.steps_per_epoch,
-                                 precomputed)
+  epoch = settings_lib.epoch_steps(config, stream.steps_per_epoch)
+  s = settings_lib.step_settings(config, stage.name, epoch, precomputed)
   if not quiet and jax.process_index() == 0:
     print(reporting.startup_summary(config, stage.name, mesh, module,
-                                    teacher.variables, info,
-                                    stream.steps_per_epoch, s.optim),
+                                    teacher.variables, info, epoch, s.optim),
           flush=True)
   if stage.generative:
     teacher = teacher_lib.with_target_stats(

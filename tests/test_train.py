@@ -30,6 +30,7 @@ from gendd_jax import sharding
 from gendd_jax import stages
 from gendd_jax import teacher as teacher_lib
 from gendd_jax import train
+from gendd_jax.errors import ConfigError
 import testing
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -113,6 +114,19 @@ class StageTest(parameterized.TestCase):
     # Every test image once, predictions aligned with labels.
     self.assertLen(res['predictions']['acc'], len(res['labels']))
     self.assertLen(set(res['index']), len(res['index']))
+
+  def test_fixed_epoch_length(self):
+    # `data.steps_per_epoch` sets the schedules' epoch (the released CC3M
+    # runs count 5,501 steps as one); 0 is one pass (7 steps here).
+    config = testing.small_config('teacher', epochs=2)
+    config.data.steps_per_epoch = 3
+    res = train.train_and_evaluate(config, testing.workdir('epoch_len'),
+                                   quiet=True)
+    self.assertEqual(res['steps'], 6)
+    config.data.steps_per_epoch = -1
+    with self.assertRaisesRegex(ConfigError, 'steps_per_epoch'):
+      train.train_and_evaluate(config, testing.workdir('epoch_len_bad'),
+                               quiet=True)
 
   def test_periodic_evaluation(self):
     config = testing.small_config('teacher', epochs=2)

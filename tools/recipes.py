@@ -25,7 +25,9 @@ DOC = os.path.join(ROOT, 'docs', 'recipes.md')
 
 # Differences kept on purpose, with their reasons.
 PER_STEP = ('the same schedule updated every step instead of every epoch '
-            '(finer, and independent of the epoch length)')
+            '(finer, and independent of the epoch length); '
+            "`--config.stages.<stage>.lr_update=epoch` restores the "
+            'reference, warm-up start and all (tests/test_step_parity.py)')
 BF16 = ('bfloat16 compute for TPU throughput (parameters and optimiser '
         'state float32); `--config.precision.{student,teacher,head}=float32` '
         'restores the reference')
@@ -130,6 +132,8 @@ def _imagenet(script: str, *, lr_line: int, wd: float, wd_line: int,
             _default('main_gendd_pretrain.py', 115)),
         Row('stage-1 crop scale', 'stages.stage1.crop_scale', 0.08,
             'code `main_gendd_pretrain.py`:344 (torchvision\'s default)'),
+        Row('stage-1 frozen', 'stages.stage1.frozen', ('fc',),
+            'code `models/diff_model.py`:59 (the student\'s `fc`)'),
     ]
   return rows + _common_behaviour(entry, per_gpu)
 
@@ -178,6 +182,36 @@ def _lt(script):
   return rows
 
 
+def _lt_teacher():
+  sh = 'GenDD_imagenet/sh_lt/imagenetlt_train_resnext101_sgd.sh'
+  entry = 'main_lt_sgd.py'
+  s = 'stages.teacher'
+  return [
+      Row('stage', 'stage', 'teacher', _sh(sh, 12)),
+      Row('model', 'teacher.model', 'resnext101_32x4d', _sh(sh, 12)),
+      Row('optimiser', f'{s}.optimizer', 'sgd', f'code `{entry}`:215'),
+      Row('momentum', f'{s}.b1', 0.9, f'code `{entry}`:215'),
+      Row('lr', f'{s}.lr', 0.1, _sh(sh, 18)),
+      Row('weight decay (L2, every parameter)', f'{s}.weight_decay', 5e-4,
+          _sh(sh, 19)),
+      Row('batch (global)', 'data.batch_size', 256, _sh(sh, 20)),
+      Row('epochs', f'{s}.epochs', 100, _default(entry, 44)),
+      Row('warm-up epochs', f'{s}.warmup_epochs', 10, _default(entry, 89)),
+      Row('schedule', f'{s}.schedule', 'cosine', f'code `{entry}`:543'),
+      Row('final lr', f'{s}.min_lr', 0.0, _default(entry, 55)),
+      Row('crop scale', f'{s}.crop_scale', 0.08,
+          f'code `{entry}`:253 (torchvision\'s default)'),
+      Row('lr and warm-up updates', '', 'per epoch, lr·e/W from 0, no +1 '
+          'offset in the cosine', f'code `{entry}`:543-551',
+          'per step, warm-up from 0',
+          'the same schedule updated every step; this script\'s per-epoch '
+          'form is one epoch behind the other released scripts\', which '
+          '`lr_update=epoch` follows'),
+      Row('compute precision', 'precision.student', 'float32',
+          'code (no autocast)', None, BF16),
+  ]
+
+
 def _cc3m(script):
   entry = 'main_unsupervised_gendd.py'
   return _imagenet(
@@ -187,9 +221,11 @@ def _cc3m(script):
       batch_line=24,
       stage1=None, entry=entry, stage='gendd_unsup', crop_line=98,
       data=dict(augment=('regular', f'code `{entry}`:349'))) + [
-          Row('steps per epoch', '', '5,501 (`--T` 5500)',
-              _default(entry, 109), 'one pass over the shards (~5,628)',
-              'an epoch is a pass over the data here')]
+          Row('steps per epoch', '', '5,501 (`--T` '
+              '5500)', _default(entry, 109), 'one pass over the shards '
+              '(~5,628)', 'an epoch is a pass over the data here; '
+              '`--config.data.steps_per_epoch=5501` gives the released '
+              'length')]
 
 
 def _kl(script):
@@ -233,6 +269,8 @@ def _cifar(script, smooth, line):
           _sh(sh, line - 2)),
       Row('stage-1 schedule', 'stages.stage1.schedule', 'cosine',
           'code `train_student_pretrain.py`:229'),
+      Row('stage-1 frozen', 'stages.stage1.frozen', ('fc',),
+          'code `models/diff_model.py`:58 (the student\'s `fc`)'),
       Row('optimiser', 'stages.gendd.optimizer', 'adamw', f'code `{_GD}`:240'),
       Row('lr', 'stages.gendd.lr', 1e-3, _sh(sh, line)),
       Row('weight decay', 'stages.gendd.weight_decay', 5e-2, _sh(sh, line)),
@@ -297,6 +335,8 @@ def experiments() -> dict[str, tuple[str, list[Row]]]:
           'GenDD_imagenet/sh_lt/imagenetlt_train_resnext101_res50_gendd.sh')),
       'imagenet_lt:r18': ('ImageNet-LT, ResNeXt-101 -> ResNet-18', _lt(
           'GenDD_imagenet/sh_lt/train_resnext101_res18_gendd.sh')),
+      'imagenet_lt:teacher': ('ImageNet-LT teacher, ResNeXt-101 (32x4d) '
+                              'from scratch', _lt_teacher()),
       'cc3m_unsup:r18': (
           'CC3M unsupervised GenDD, ResNet-34 -> ResNet-18',
           _cc3m(_IN + 'cc3m_train_res34res18_unsupervised_gendd.sh')),

@@ -16,6 +16,7 @@ or a small normal, depending on the model.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import jax
@@ -43,10 +44,34 @@ def conv(cin: int, cout: int, k: int, stride: int = 1, *, groups: int = 1,
                   kernel_init=init, bias_init=ZEROS, rngs=rngs)
 
 
+class BatchNorm(nnx.BatchNorm):
+  """`nnx.BatchNorm` whose running variance follows torch's.
+
+  Both normalise a training batch with its biased variance; torch's running
+  estimate averages in the unbiased one (times `n / (n - 1)`, `n` the values
+  per channel), which matters for small batches and late, small feature
+  maps. Evaluation is unchanged.
+  """
+
+  def __call__(self, x, use_running_average=None, *, mask=None):
+    frozen = (self.use_running_average if use_running_average is None
+              else use_running_average)
+    if frozen or mask is not None:
+      return super().__call__(x, use_running_average, mask=mask)
+    before = self.var[...]
+    y = super().__call__(x, False)
+    axes = tuple(range(x.ndim - 1))
+    n = math.prod(x.shape[a] for a in axes)
+    var = jnp.var(x.astype(jnp.promote_types(x.dtype, jnp.float32)), axes)
+    self.var[...] = jax.lax.stop_gradient(
+        self.momentum * before + (1 - self.momentum) * var * n / max(n - 1, 1))
+    return y
+
+
 def batch_norm(c: int, *, rngs: nnx.Rngs) -> nnx.BatchNorm:
   """BatchNorm with torch's defaults (momentum 0.1, epsilon 1e-5)."""
-  return nnx.BatchNorm(c, momentum=0.9, epsilon=1e-5,
-                       use_fast_variance=False, rngs=rngs)
+  return BatchNorm(c, momentum=0.9, epsilon=1e-5, use_fast_variance=False,
+                   rngs=rngs)
 
 
 def _torch_bias(fan_in: int) -> Callable:
