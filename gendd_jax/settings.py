@@ -187,6 +187,15 @@ def precomputed_teacher(config, stage: str) -> bool:
   if not config.teacher.get('features'):
     raise ConfigError("teacher.source='precomputed' needs teacher.features="
                       '<output dir of gendd_jax.cli.precompute>')
+  d = config.data
+  mixing = [k for k in ('mixup', 'cutmix') if d.get(k, 0) > 0]
+  if mixing:
+    raise ConfigError(
+        f'data.{" and data.".join(mixing)} mix the training images, but '
+        'precomputed teacher features belong to the unmixed views: set '
+        + ' '.join(f'--config.data.{k}=0' for k in mixing) + ', or compute '
+        'the teacher every step (--config.teacher.source=model); label '
+        'smoothing alone works with precomputed features')
   return True
 
 

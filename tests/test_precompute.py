@@ -134,6 +134,27 @@ class PrecomputeTest(absltest.TestCase):
     with open(os.path.join(workdir, 'results.json')) as f:
       self.assertEqual(json.load(f)['steps'], 14)
 
+  def test_mixing_refused_label_smoothing_kept(self):
+    out, _ = features('float32')
+    c = _config()
+    c.teacher.source = 'precomputed'
+    c.teacher.features = out
+    c.data.mixup = 0.8
+    workdir = os.path.join(_TMP.name, 'mixed')
+    with self.assertRaisesRegex(errors.ConfigError,
+                                r'data.mixup mix the training images.*'
+                                r'--config.data.mixup=0'):
+      train.train_and_evaluate(c, workdir, quiet=True)
+    self.assertFalse(os.path.exists(os.path.join(workdir, 'results.json')))
+    c.data.mixup = 0.0
+    c.data.label_smoothing = 0.1
+    batch = next(features_lib.train_stream(c)[0])
+    labels = np.asarray(batch['label'])
+    self.assertEqual(labels.shape, (c.data.batch_size, 10))
+    np.testing.assert_allclose(labels.sum(-1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(labels.max(-1), 0.9 + 0.1 / 10, rtol=1e-6)
+    self.assertIn('teacher_feature', batch)
+
   def test_errors(self):
     c = _config()
     c.precompute.views = 2  # digits has no training augmentation.

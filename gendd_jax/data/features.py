@@ -135,7 +135,10 @@ def open_features(path: str):
 def train_stream(config, process_index: int = 0, process_count: int = 1):
   """Training batches over the precomputed records of
   `config.teacher.features`, each with its view of the image and the stored
-  teacher output (`teacher_feature`, and `teacher_logits` if kept)."""
+  teacher output (`teacher_feature`, and `teacher_logits` if kept). Label
+  smoothing applies as on the streaming path; mixup and cutmix are refused
+  earlier (`settings.precomputed_teacher`): they would pair mixed images
+  with unmixed teacher outputs."""
   records, meta = open_features(config.teacher.features)
   source = image_source(config)
   known = set(source.ids.tolist())
@@ -166,6 +169,7 @@ def train_stream(config, process_index: int = 0, process_count: int = 1):
   read = streams.ReadSettings(
       num_threads=int(d.get('num_threads', 4)),
       prefetch=int(d.get('prefetch', 64)), num_workers=0)
+  smoothing = streams.mix_transform(d, source.info['num_classes'])
   return streams.TrainStream(records, d.batch_size, config.seed, join,
-                             process_index=process_index,
+                             smoothing, process_index=process_index,
                              process_count=process_count, read=read), meta

@@ -303,9 +303,11 @@ def example_fn(transform: Callable[[np.ndarray, np.random.Generator],
   return fn
 
 
-def _mixer(d, num_classes: int) -> BatchFn | None:
+def mix_transform(d, num_classes: int) -> BatchFn | None:
   """Mixup/CutMix and label smoothing as a batch transform (soft labels)."""
-  if not (d.mixup > 0 or d.cutmix > 0 or d.label_smoothing > 0):
+  mixup, cutmix = d.get('mixup', 0.0), d.get('cutmix', 0.0)
+  smoothing = d.get('label_smoothing', 0.0)
+  if not (mixup > 0 or cutmix > 0 or smoothing > 0):
     return None
 
   def fn(batch, rng):
@@ -313,8 +315,8 @@ def _mixer(d, num_classes: int) -> BatchFn | None:
       return batch
     images, labels = augment.mix_batch(
         batch['image'], batch['label'], num_classes, rng,
-        mixup_alpha=d.mixup, cutmix_alpha=d.cutmix,
-        switch_prob=d.mix_switch_prob, label_smoothing=d.label_smoothing)
+        mixup_alpha=mixup, cutmix_alpha=cutmix,
+        switch_prob=d.get('mix_switch_prob', 0.5), label_smoothing=smoothing)
     return dict(batch, image=images, label=labels)
   return fn
 
@@ -361,7 +363,7 @@ def open_dataset(d, seed: int, process_index: int = 0,
   stream = TrainStream(
       train_src, d.batch_size, seed, example_fn(train_view, skipped,
                                                 labelled),
-      _mixer(d, num_classes) if labelled else None,
+      mix_transform(d, num_classes) if labelled else None,
       process_index=process_index, process_count=process_count, read=read)
 
   def batches(src):
