@@ -2,7 +2,9 @@
 mixup/cutmix soft labels, precomputed-free teacher stage, and a resumed run
 that continues the exact example stream (bit-for-bit on CPU)."""
 
+import functools
 import io
+import json
 import os
 import tempfile
 from unittest import mock
@@ -18,6 +20,8 @@ from gendd_jax import config_lib
 from gendd_jax import data as data_lib
 from gendd_jax.data import streams as ip
 from gendd_jax import train
+from gendd_jax.cli import common
+from gendd_jax.cli import evaluate
 from gendd_jax import errors
 import testing
 
@@ -58,6 +62,13 @@ def _config(**data):
   return c
 
 
+@functools.lru_cache(maxsize=None)
+def _run_a():
+  """A teacher trained once per process: `(workdir, results)`."""
+  workdir = os.path.join(_TMP.name, 'a')
+  return workdir, train.train_and_evaluate(_config(), workdir, quiet=True)
+
+
 def _params(workdir):
   return ocp.StandardCheckpointer().restore(
       os.path.join(workdir, 'export', 'weights'))['model']['params']
@@ -79,8 +90,7 @@ class GrainTrainTest(absltest.TestCase):
     self.assertEqual(sorted(ids.tolist()), list(range(12)))
 
   def test_teacher_resumes_on_the_exact_stream(self):
-    dir_a = os.path.join(_TMP.name, 'a')
-    res_a = train.train_and_evaluate(_config(), dir_a, quiet=True)
+    dir_a, res_a = _run_a()
     self.assertEqual(res_a['steps'], 15)
     # Measured: 100% (12 of 12); chance is 33.3% (3 classes).
     self.assertGreaterEqual(res_a['accuracy']['acc'], 75.0)
@@ -95,6 +105,37 @@ class GrainTrainTest(absltest.TestCase):
     for a, b in zip(jax.tree.leaves(_params(dir_a)),
                     jax.tree.leaves(_params(dir_b))):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+  def test_evaluate_on_another_dataset_reads_only_its_split(self):
+    # A user's labelled image folder, built as one split; the evaluate
+    # command opens that split alone (not the config's dataset at all).
+    src = testing.write_class_folder(os.path.join(_TMP.name, 'other_src'),
+                                     per_split=(('train', 5),), seed=3)
+    data_dir = os.path.join(_TMP.name, 'tfds')
+    builders.build('folder', src, data_dir, 'other', log=lambda *a: None)
+    workdir, res = _run_a()
+    out = os.path.join(_TMP.name, 'other_eval.json')
+    argv = [f'--checkpoint={workdir}/export', f'--data_dir={data_dir}',
+            '--data=folder:other', '--split=train', f'--output={out}']
+    with mock.patch.object(ip, 'open_source', wraps=ip.open_source) as spy:
+      self.assertEqual(common.call(evaluate.main, argv), 0)
+    self.assertEqual([c.args[:2] for c in spy.call_args_list],
+                     [('folder:other', 'train')])
+    with open(out) as f:
+      got = json.load(f)['logits']
+    self.assertEqual(got['images'], 15)
+    # The same images are as easy as the training ones (chance: 33%).
+    self.assertGreaterEqual(got['top1'], 60.0)
+    # The config's own split through the same path gives the training
+    # run's accuracy.
+    self.assertEqual(common.call(evaluate.main, argv[:2] + [f'--output={out}']),
+                     0)
+    with open(out) as f:
+      self.assertAlmostEqual(json.load(f)['logits']['top1'],
+                             res['accuracy']['acc'], places=4)
+    # A split the dataset does not have: one error, non-zero status.
+    self.assertNotEqual(
+        common.call(evaluate.main, argv[:3] + ['--split=test']), 0)
 
   def test_crop_scale_reaches_the_training_transform(self):
     seen = []

@@ -8,7 +8,9 @@ r"""Standalone evaluation of an export (no training code).
 Loads an export (a run's final `<workdir>/export`, or one written by
 `python -m gendd_jax.cli.export` from any checkpoint) and evaluates it
 on the eval split of the config's dataset (the config stored in the export
-unless `--config` is given; its model settings must match the export).
+unless `--config` is given; its model settings must match the export), or
+on any labelled dataset with `--data=<kind>:<name>` (and `--split`): only
+the evaluated split is opened, so a dataset holding just that split works.
 Modes: `sample` generates the teacher-space feature with the diffusion head
 (`--sampler`, `--steps`, `--cfg_scale`, `--temperature`, `--num_sampling`
 draws averaged) and classifies it with the teacher classifier; `probe` uses
@@ -60,6 +62,13 @@ _NUM = flags.DEFINE_integer('num_sampling', None, 'Draws averaged per image.')
 _MAX_BATCHES = flags.DEFINE_integer('max_batches', 0, 'Stop after this many '
                                     'batches (0: the whole split).')
 _OUTPUT = flags.DEFINE_string('output', None, 'Also write results as JSON.')
+_DATA = flags.DEFINE_string(
+    'data', None, 'Evaluate on this labelled dataset instead of the '
+    "config's ('<kind>:<name>' as made by build_dataset, e.g. "
+    "folder:mydata, or 'tfds:<name>'); only its evaluation split is read.")
+_SPLIT = flags.DEFINE_string(
+    'split', None, "The split to evaluate (default: the config's "
+    'data.eval_split).')
 for _name in ('checkpoint', 'config', 'clip_x0', 'batch_size', 'data_dir',
               'seed', 'distributed', 'coordinator_address', 'num_processes',
               'process_id', 'heartbeat_timeout'):
@@ -292,17 +301,29 @@ def sample_features(ex: Exported, images, spec: SamplerSpec, seed: int = 0):
 
 
 def eval_batches(ex: Exported, batch_size: int | None = None,
-                 data_dir: str | None = None):
-  """The eval split of the export's (or given) config, every image once:
-  this process's slice of each global batch, read as it is needed."""
+                 data_dir: str | None = None, data: str | None = None,
+                 split: str | None = None):
+  """The eval split of the export's (or given) config, or `split` of the
+  dataset `data`, every image once: this process's slice of each global
+  batch, read as it is needed. No other split is opened."""
   d = copy.deepcopy(ex.config.data)
   with d.unlocked():
     if batch_size:
       d.eval_batch_size = batch_size
     if data_dir is not None:
-      d.data_dir = data_dir
-  return data_lib.open_dataset(d, ex.config.seed, jax.process_index(),
-                               jax.process_count()).eval_batches()
+      d.data_dir = paths.expand(data_dir)
+    if data:
+      d.name, d.eval_name = data, ''
+    if split:
+      d.eval_split = split
+  num_classes, batches = data_lib.open_eval_batches(
+      d, ex.config.seed, jax.process_index(), jax.process_count())
+  want = int(ex.meta['num_classes'])
+  if num_classes and num_classes != want:
+    raise data_lib.DataError(
+        f'{d.get("eval_name") or d.name}/{d.eval_split} has {num_classes} '
+        f'classes; the export classifies {want}')
+  return batches()
 
 
 def main(argv: list[str]) -> None:
@@ -328,7 +349,7 @@ def _evaluate_command(argv: list[str]) -> None:
                       ex.meta.get('clip_bound'))
   results = {}
   counts = None
-  if ex.config.data.get('shot_groups', False):
+  if ex.config.data.get('shot_groups', False) and not _DATA.value:
     counts = data_lib.train_class_counts(
         ex.config.data, ex.config.seed, int(ex.meta['num_classes']))
   print(f'{ex.stage} export of {ex.meta["model"]} (step '
@@ -336,7 +357,8 @@ def _evaluate_command(argv: list[str]) -> None:
         f'{jax.devices()[0].platform} device(s)', flush=True)
   for mode in modes:
     res = evaluate(ex, eval_batches(ex, common.BATCH_SIZE.value,
-                                    common.DATA_DIR.value),
+                                    common.DATA_DIR.value, _DATA.value,
+                                    _SPLIT.value),
                    mode, spec, common.SEED.value, _MAX_BATCHES.value,
                    train_counts=counts)
     if mode == 'sample':

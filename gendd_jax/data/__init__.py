@@ -66,6 +66,19 @@ def open_dataset(d, seed: int, process_index: int = 0,
                  train_eval_batches=capped)
 
 
+def open_eval_batches(d, seed: int, process_index: int = 0,
+                      process_count: int = 1):
+  """`(num_classes or 0, () -> batches)` of `config.data`'s evaluation
+  split; a TFDS/builder dataset opens that split alone."""
+  if d.name in AVAILABLE or ':' not in d.name:
+    ds = open_dataset(d, seed, process_index, process_count)
+    return ds.info['num_classes'], ds.eval_batches
+  try:
+    return streams.open_eval(d, process_index, process_count)
+  except PipelineError as e:
+    raise DataError(str(e)) from e
+
+
 # Long-tailed evaluation (ImageNet-LT): a class is many-shot with more than
 # MANY_SHOT training images, few-shot with fewer than FEW_SHOT, medium-shot
 # otherwise; a group's accuracy is the mean of its classes' accuracies.

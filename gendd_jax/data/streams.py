@@ -321,6 +321,48 @@ def mix_transform(d, num_classes: int) -> BatchFn | None:
   return fn
 
 
+def _read_settings(d) -> ReadSettings:
+  return ReadSettings(num_threads=d.num_threads, prefetch=d.prefetch,
+                      num_workers=d.num_workers)
+
+
+def _eval_source(d):
+  """The labelled evaluation split: `data.eval_name` (label-free training
+  sets, e.g. CC3M-style shards, evaluate on another dataset) or the
+  training dataset's `data.eval_split`."""
+  eval_name = d.get('eval_name') or d.name
+  try:
+    src = open_source(eval_name, d.eval_split, d.data_dir or None)
+  except PipelineError as e:
+    hint = '' if d.get('eval_name') else (
+        '; to evaluate on another dataset set data.eval_name (e.g. '
+        'tfds:imagenet2012)')
+    raise PipelineError(f'{e}{hint}') from e
+  if not len(src):
+    raise PipelineError(f'the evaluation split {eval_name}/{d.eval_split} '
+                        'is empty')
+  if 'label' not in src[0]:
+    raise PipelineError(f'the evaluation split {eval_name}/{d.eval_split} '
+                        'has no labels; set data.eval_name to a labelled '
+                        'dataset (e.g. tfds:imagenet2012)')
+  return src
+
+
+def open_eval(d, process_index: int = 0, process_count: int = 1):
+  """`(num_classes or 0, () -> batches)` of the evaluation split alone: no
+  other split of the dataset is opened (it need not exist)."""
+  src = _eval_source(d)
+  try:
+    view = augment.eval_transform(d.augment, d.image_size)
+  except ValueError as e:
+    raise PipelineError(str(e)) from e
+  fn = example_fn(view, SkipCounter('undecodable evaluation images'), True)
+  num_classes = int(d.num_classes) or source_num_classes(src)
+  return num_classes, lambda: eval_batches(
+      src, d.eval_batch_size, fn, process_index=process_index,
+      process_count=process_count, read=_read_settings(d))
+
+
 def open_dataset(d, seed: int, process_index: int = 0,
                  process_count: int = 1):
   """The parts of a `data.Dataset` for a TFDS/builder dataset (`'<kind>:
@@ -328,24 +370,10 @@ def open_dataset(d, seed: int, process_index: int = 0,
   if d.label_fraction < 1.0:
     raise PipelineError('data.label_fraction < 1 is only supported for the '
                         'in-memory datasets')
-  read = ReadSettings(num_threads=d.num_threads, prefetch=d.prefetch,
-                      num_workers=d.num_workers)
+  read = _read_settings(d)
   data_dir = d.data_dir or None
   train_src = open_source(d.name, d.train_split, data_dir)
-  # Label-free training sets (CC3M-style shards) evaluate on another,
-  # labelled dataset, e.g. ImageNet's validation split.
-  eval_name = d.get('eval_name') or d.name
-  try:
-    eval_src = open_source(eval_name, d.eval_split, data_dir)
-  except PipelineError as e:
-    hint = '' if d.get('eval_name') else (
-        '; to evaluate on another dataset set data.eval_name (e.g. '
-        'tfds:imagenet2012)')
-    raise PipelineError(f'{e}{hint}') from e
-  if 'label' not in eval_src[0]:
-    raise PipelineError(f'the evaluation split {eval_name}/{d.eval_split} '
-                        'has no labels; set data.eval_name to a labelled '
-                        'dataset (e.g. tfds:imagenet2012)')
+  eval_src = _eval_source(d)
   num_classes = (int(d.num_classes) or source_num_classes(train_src)
                  or source_num_classes(eval_src))
   if not num_classes:
