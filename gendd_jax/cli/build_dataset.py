@@ -111,5 +111,10 @@ def main(argv: list[str]) -> int:
   return 0
 
 
+def entry() -> None:
+  """The `gendd-build-dataset` console script."""
+  common.run(main, __name__)
+
+
 if __name__ == '__main__':
-  common.run(main)
+  entry()

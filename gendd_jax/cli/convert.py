@@ -98,5 +98,10 @@ def _convert_command(argv: list[str]) -> int:
   return 0
 
 
+def entry() -> None:
+  """The `gendd-convert` console script."""
+  common.run(main, __name__)
+
+
 if __name__ == '__main__':
-  common.run(main)
+  entry()

@@ -21,6 +21,7 @@ import tempfile
 import time
 from typing import Any
 
+from absl import flags
 from array_record.python import array_record_module
 from flax import nnx
 import jax
@@ -33,6 +34,10 @@ from gendd_jax import teacher as teacher_lib
 from gendd_jax.cli import common
 from gendd_jax.data import features
 from gendd_jax.errors import PrecomputeError
+
+for _name in ('config', 'workdir', 'distributed', 'coordinator_address',
+              'num_processes', 'process_id', 'heartbeat_timeout'):
+  flags.declare_key_flag(_name)
 
 _TEMPLATE = '{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}'
 
@@ -219,5 +224,10 @@ def main(argv) -> None:
           f'{meta["seconds"]:.1f}s', flush=True)
 
 
+def entry() -> None:
+  """The `gendd-precompute` console script."""
+  common.run(main, __name__)
+
+
 if __name__ == '__main__':
-  common.run(main)
+  entry()
