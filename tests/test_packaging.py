@@ -152,11 +152,13 @@ class InstalledTest(absltest.TestCase):
   def test_train_writes_results(self):
     workdir = os.path.join(self.tmp, 'run')
     # One stage of the two-step digits run keeps the test short; the whole
-    # pipeline is tested in test_main.py.
-    proc = self._run([
+    # pipeline is tested in test_main.py. `~` is expanded (no shell here).
+    proc = subprocess.run([
         os.path.join(self.bin, 'gendd-train'),
         f'--config={testing.CONFIGS}/digits.py:quick,tiny',
-        f'--workdir={workdir}', '--config.stage=teacher'], timeout=600)
+        '--workdir=~/run', '--config.stage=teacher'], cwd=self.tmp,
+        env=dict(self.env, HOME=self.tmp), capture_output=True, text=True,
+        timeout=600)
     self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
     with open(os.path.join(workdir, 'results.json')) as f:
       results = json.load(f)

@@ -92,17 +92,19 @@ def main(argv: list[str]) -> int:
   kind, data_dir = argv[1], common.DATA_DIR.value
   if not data_dir:
     errors.fail('--data_dir is required')
+  data_dir = paths.absolute(data_dir)
+  src, lists = paths.expand(_SRC.value), paths.expand(_LISTS.value)
   if kind == 'tfds':
     if not _NAME.value:
       raise builders.BuildError('kind tfds needs --name <TFDS dataset>')
-    name = prepare_tfds(_NAME.value, data_dir, _SRC.value)
+    name = prepare_tfds(_NAME.value, data_dir, src)
     print(f"train with --config.data.name='tfds:{name}' "
           f'--config.data.data_dir={data_dir}')
     return 0
-  if _SRC.value is None:
+  if src is None:
     errors.fail('--src is required for kind ' + kind)
-  result = builders.build(kind, _SRC.value, data_dir, _NAME.value,
-                          lists=_LISTS.value, overwrite=_OVERWRITE.value,
+  result = builders.build(kind, src, data_dir, _NAME.value,
+                          lists=lists, overwrite=_OVERWRITE.value,
                           workers=_WORKERS.value)
   short = result['name'].split('/', 1)[1]
   print(f"train with --config.data.name='{kind}:{short}' "

@@ -23,6 +23,7 @@ import jax
 from ml_collections import config_flags
 
 from gendd_jax import errors
+from gendd_jax import paths
 from gendd_jax import reliability
 
 CONFIG = config_flags.DEFINE_config_file(
@@ -136,9 +137,8 @@ def config_and_workdir(argv: list[str]):
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-  workdir = WORKDIR.value
-  # Local paths become absolute; remote ones (gs://...) stay as given.
-  return config, workdir if '://' in workdir else os.path.abspath(workdir)
+  # Local paths become absolute (`~` expanded); gs://... stays as given.
+  return config, paths.absolute(WORKDIR.value)
 
 
 def devices_line() -> str:

@@ -20,6 +20,7 @@ import numpy as np
 from gendd_jax import checkpoint as ckpt_lib
 from gendd_jax import errors
 from gendd_jax import models
+from gendd_jax import paths
 from gendd_jax.cli import common
 from gendd_jax.errors import ConversionError
 from gendd_jax.models import torch_import
@@ -84,6 +85,7 @@ def _convert_command(argv: list[str]) -> int:
                                    ('out', out)) if not v]
   if missing:
     raise ConversionError(f'{", ".join(missing)} required')
+  checkpoint, out = paths.absolute(checkpoint), paths.absolute(out)
   if arch not in models.REGISTRY:
     raise ConversionError(f'unknown --arch {arch!r}; available: '
                           f'{", ".join(models.BACKBONES)}')

@@ -322,7 +322,7 @@ def _evaluate_command(argv: list[str]) -> None:
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # Keep library INFO logs out.
-  ex = load(common.CHECKPOINT.value, common.CONFIG.value)
+  ex = load(paths.absolute(common.CHECKPOINT.value), common.CONFIG.value)
   modes = modes_of(ex, _MODE.value)
   spec = sampler_spec(ex.config, _SAMPLER.value, _STEPS.value, _CFG.value,
                       _TEMP.value, _NUM.value, common.CLIP_X0.value,
@@ -337,7 +337,7 @@ def _evaluate_command(argv: list[str]) -> None:
         f'{jax.devices()[0].platform} device(s)', flush=True)
   for mode in modes:
     res = evaluate(ex, eval_batches(ex, common.BATCH_SIZE.value,
-                                    common.DATA_DIR.value),
+                                    paths.expand(common.DATA_DIR.value)),
                    mode, spec, common.SEED.value, _MAX_BATCHES.value,
                    train_counts=counts)
     if mode == 'sample':
