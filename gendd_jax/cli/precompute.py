@@ -109,7 +109,7 @@ def write_features(out_dir: str, teacher_fn,
     first_shard = sum(len(x) for x in lengths[:process_index])
     lo, hi = ranges[process_index]
     local_batch = batch // process_count
-    steps = max(1, -(-max(h - l for l, h in ranges) // local_batch))
+    steps = max(1, -(-max(b - a for a, b in ranges) // local_batch))
     spec = None  # From the first batch's feature width.
     writers = [array_record_module.ArrayRecordWriter(
         os.path.join(version_dir, f'{features.FEATURES_NAME}-train.array_record'
