@@ -3,6 +3,8 @@ r"""Command-line entry point.
   python -m gendd_jax.main --config=configs/digits.py --workdir=runs/digits \
       [--config.key=value ...]
 
+(after `pip install .`, the same as `gendd-train --config=... --workdir=...`).
+
 Hands `(config, workdir)` to the pipeline (if `config.stage == 'pipeline'`) or
 to `train.train_and_evaluate`. User errors (bad settings, missing inputs)
 print one line and exit with their status (`errors.exit_status`). One run
@@ -13,7 +15,6 @@ from __future__ import annotations
 
 import sys
 
-from absl import app
 from absl import flags
 
 from gendd_jax import errors
@@ -48,5 +49,10 @@ def main(argv: list[str]) -> None:
     fail(str(e), errors.exit_status(e))
 
 
+def entry() -> None:
+  """The `gendd-train` console script."""
+  common.run(main, __name__)
+
+
 if __name__ == '__main__':
-  app.run(main, flags_parser=common.parse_flags)
+  entry()

@@ -39,6 +39,7 @@ LONGEST_FIRST = (
     'test_configs.py::TwoSteps_imagenet',
     'test_reliability.py::PreemptionTest',
     'test_notebook.py::NotebookTest',
+    'test_packaging.py::InstalledTest',
     'test_zoo.py::ShardedForwardTest',
     'test_main.py::PipelineTest',
     'test_multihost.py::TwoProcessTest',

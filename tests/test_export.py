@@ -94,7 +94,7 @@ class ExportEvaluateTest(absltest.TestCase):
     out_json = os.path.join(_TMP.name, 'eval.json')
     p = _run('gendd_jax.cli.evaluate', f'--checkpoint={self.out}',
              '--sampler=ancestral', '--steps=2',
-             '--num_sampling=2', '--cfg_scale=1.5', f'--output={out_json}')
+             '--num_sampling=2', '--cfg_scale=1.5', f'--out={out_json}')
     self.assertEqual(p.returncode, 0, p.stderr[-2000:])
     self.assertRegex(p.stdout, r'sample \(ancestral, 2 steps, cfg 1.5, T 1, '
                      r'2 draw\(s\)\): top-1 [\d.]+%  top-5 [\d.]+%  '
@@ -117,14 +117,14 @@ class ExportEvaluateTest(absltest.TestCase):
              '--mode=both', '--sampler=ancestral', '--steps=2',
              '--batch_size=64')
     one = os.path.join(_TMP.name, 'eval_one.json')
-    p = _run(*flags, f'--output={one}')
+    p = _run(*flags, f'--out={one}')
     self.assertEqual(p.returncode, 0, p.stderr[-2000:])
     two = os.path.join(_TMP.name, 'eval_two.json')
     with socket.socket() as s:
       s.bind(('127.0.0.1', 0))
       port = s.getsockname()[1]
     procs = [subprocess.Popen(
-        [sys.executable, '-m', *flags, f'--output={two}', '--distributed',
+        [sys.executable, '-m', *flags, f'--out={two}', '--distributed',
          f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
          f'--process_id={i}'], cwd=_ROOT, env=testing.subprocess_env(4),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -261,7 +261,7 @@ class GcsPipelineTest(absltest.TestCase):
     output = _gs('eval', 'probe.json')
     self.assertEqual(common.call(evaluate.main, [
         f'--checkpoint={gendd_dir}/export', '--mode=probe',
-        f'--output={output}']), 0)
+        f'--out={output}']), 0)
     got = json.loads(paths.read_text(output))
     self.assertEqual(got['probe']['images'], 12)
     self.assertAlmostEqual(got['probe']['top1'],

@@ -116,7 +116,7 @@ class GrainTrainTest(absltest.TestCase):
     workdir, res = _run_a()
     out = os.path.join(_TMP.name, 'other_eval.json')
     argv = [f'--checkpoint={workdir}/export', f'--data_dir={data_dir}',
-            '--data=folder:other', '--split=train', f'--output={out}']
+            '--data=folder:other', '--split=train', f'--out={out}']
     with mock.patch.object(ip, 'open_source', wraps=ip.open_source) as spy:
       self.assertEqual(common.call(evaluate.main, argv), 0)
     self.assertEqual([c.args[:2] for c in spy.call_args_list],
@@ -128,7 +128,7 @@ class GrainTrainTest(absltest.TestCase):
     self.assertGreaterEqual(got['top1'], 60.0)
     # The config's own split through the same path gives the training
     # run's accuracy.
-    self.assertEqual(common.call(evaluate.main, argv[:2] + [f'--output={out}']),
+    self.assertEqual(common.call(evaluate.main, argv[:2] + [f'--out={out}']),
                      0)
     with open(out) as f:
       self.assertAlmostEqual(json.load(f)['logits']['top1'],

@@ -96,7 +96,7 @@ class LongTailedRunTest(absltest.TestCase):
     out = os.path.join(tmp, 'eval.json')
     self.assertEqual(common.call(evaluate.main, [
         f'--checkpoint={workdir}/export', '--mode=logits',
-        f'--output={out}']), 0)
+        f'--out={out}']), 0)
     with open(out) as f:
       standalone = json.load(f)['logits']
     for name in ('many', 'medium', 'few'):

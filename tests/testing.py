@@ -14,17 +14,30 @@
 * `subprocess_env(devices)`: the environment of a child process (CPU, the
   repository importable, the session's XLA flags and compile cache kept,
   optionally `devices` simulated CPU devices).
+* `fresh_venv(path, hide)`: a new virtual environment that sees this one's
+  packages (but those in `hide`), to install into without downloading them;
+  `installed_wheel(name, dest)`: an installed pure-Python package packed
+  back into a wheel; `copy_source(dest)`: what `pip install` needs of the
+  working tree, copied.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import functools
+import hashlib
+import importlib.metadata
 import importlib.util
 import io
 import os
+import shutil
+import site
+import subprocess
+import sys
 import tempfile
 from unittest import mock
+import zipfile
 
 from flax import nnx
 import jax
@@ -77,6 +90,92 @@ def subprocess_env(devices: int | None = None, **extra: str
     env['XLA_FLAGS'] = ' '.join(
         flags + [f'--xla_force_host_platform_device_count={devices}'])
   return env
+
+
+def fresh_venv(path: str, hide: tuple[str, ...] = ()) -> str:
+  """Makes a virtual environment at `path` that also sees this
+  environment's packages; returns its python.
+
+  A .pth file adds this environment's site directories (what
+  `--system-site-packages` would do for a base interpreter's; that flag is
+  not used, since here it would add the base interpreter's packages too,
+  which this environment does not see: `pip check` found conflicts among
+  them). What is installed into the new one goes to its own site-packages
+  and takes precedence, and the installed dependencies count as present
+  (nothing is downloaded). It has no pip of its own: `python -m pip` runs
+  this environment's pip, which installs into the new one.
+
+  Args:
+    path: where to make it.
+    hide: top-level names (e.g. 'ml_collections') the new environment does
+      not see: the site directories it adds are then views of this
+      environment's (a symlink per entry) without those names and their
+      `<name>-<version>.dist-info`.
+  """
+  subprocess.run([sys.executable, '-m', 'venv', '--without-pip', path],
+                 check=True)
+  python = os.path.join(path, 'bin', 'python')
+  purelib = subprocess.run(
+      [python, '-c', 'import sysconfig; print(sysconfig.get_paths()'
+       '["purelib"])'], capture_output=True, text=True,
+      check=True).stdout.strip()
+  dirs = site.getsitepackages()
+  if hide:
+    views = []
+    for i, d in enumerate(dirs):
+      view = os.path.join(path, f'parent_site_{i}')
+      os.makedirs(view)
+      for entry in os.listdir(d):
+        if not any(entry == h or entry.startswith(h + '-') for h in hide):
+          os.symlink(os.path.join(d, entry), os.path.join(view, entry))
+      views.append(view)
+    dirs = views
+  with open(os.path.join(purelib, 'gendd_parent_env.pth'), 'w') as f:
+    # A .pth line starting with `import` is executed (no comprehension:
+    # it would not see `site` in the namespace the line runs in).
+    f.write(f'import site; list(map(site.addsitedir, {dirs!r}))\n')
+  return python
+
+
+def installed_wheel(dist_name: str, dest: str) -> str:
+  """Packs the installed pure-Python distribution `dist_name` back into a
+  wheel in `dest` (for an offline `pip install`); returns its path."""
+  dist = importlib.metadata.distribution(dist_name)
+  wheel_info = next(f for f in dist.files if f.name == 'WHEEL')
+  if 'Root-Is-Purelib: true' not in wheel_info.read_text():
+    raise ValueError(f'{dist_name} is not pure Python')
+  name = dist.metadata['Name'].replace('-', '_')
+  path = os.path.join(dest, f'{name}-{dist.version}-py3-none-any.whl')
+  record, files = [], []
+  for f in dist.files:
+    if f.suffix == '.pyc' or f.name in ('RECORD', 'INSTALLER', 'REQUESTED',
+                                        'direct_url.json'):
+      continue
+    data = f.locate().read_bytes()
+    digest = base64.urlsafe_b64encode(
+        hashlib.sha256(data).digest()).rstrip(b'=').decode()
+    record.append(f'{f.as_posix()},sha256={digest},{len(data)}')
+    files.append((f.as_posix(), data))
+  info = wheel_info.parent.as_posix()
+  record.append(f'{info}/RECORD,,')
+  os.makedirs(dest, exist_ok=True)
+  with zipfile.ZipFile(path, 'w') as z:
+    for arcname, data in files:
+      z.writestr(arcname, data)
+    z.writestr(f'{info}/RECORD', '\n'.join(record) + '\n')
+  return path
+
+
+def copy_source(dest: str) -> str:
+  """Copies what `pip install` builds from (pyproject.toml and the package,
+  without caches) to `dest`, so no build output lands in the repository;
+  returns `dest`."""
+  os.makedirs(dest, exist_ok=True)
+  shutil.copy(os.path.join(ROOT, 'pyproject.toml'), dest)
+  shutil.copytree(os.path.join(ROOT, 'gendd_jax'),
+                  os.path.join(dest, 'gendd_jax'),
+                  ignore=shutil.ignore_patterns('__pycache__', '*.pyc'))
+  return dest
 
 
 def export_weights(workdir: str) -> dict[str, np.ndarray]:

@@ -94,6 +94,7 @@ def main(argv: list[str]) -> int:
   src, lists = paths.expand(_SRC.value), paths.expand(_LISTS.value)
   if not data_dir:
     errors.fail('--data_dir is required')
+  data_dir = paths.absolute(data_dir)
   if kind == 'tfds':
     if not _NAME.value:
       raise builders.BuildError('kind tfds needs --name <TFDS dataset>')
@@ -113,5 +114,10 @@ def main(argv: list[str]) -> int:
   return 0
 
 
+def entry() -> None:
+  """The `gendd-build-dataset` console script."""
+  common.run(main, __name__)
+
+
 if __name__ == '__main__':
-  common.run(main)
+  entry()

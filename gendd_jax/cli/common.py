@@ -4,7 +4,9 @@ reports mistakes as one line, and running a `main` so that user errors
 (`errors.USER_ERRORS`) print one `error:` line and exit with status 2.
 
 A command declares the shared flags it takes as key flags
-(`flags.declare_key_flag`), so its `--help` lists them.
+(`flags.declare_key_flag`), so its `--help` lists them. Each command module
+has an `entry()` function, the console script `pip install` makes of it
+(`gendd-train`, `gendd-evaluate`, ...; see `pyproject.toml`).
 """
 
 from __future__ import annotations
@@ -30,8 +32,10 @@ CONFIG = config_flags.DEFINE_config_file(
 WORKDIR = flags.DEFINE_string(
     'workdir', None, 'A training run directory (checkpoints, logs, exports '
     'and results).')
-OUT = flags.DEFINE_string('out', None, 'Directory to write the export to '
-                          '(must not exist yet).')
+OUT = flags.DEFINE_string(
+    'out', None, 'Where the command writes its result: export and convert, '
+    'a directory that must not exist yet; evaluate, a JSON file; '
+    'sweep_sampling, a path prefix (<out>.json, .md and .png).')
 CHECKPOINT = flags.DEFINE_string(
     'checkpoint', None, 'What to read: an export directory (evaluate) or a '
     'PyTorch checkpoint, .pth/.pt/.bin (needs torch) or .safetensors '
@@ -109,6 +113,10 @@ def parse_flags(argv: list[str]) -> list[str]:
                 'the config file for the available keys)')
   except (TypeError, ValueError) as e:
     errors.fail(f'bad configuration: {e}')
+  except SystemExit as e:
+    # Only absl's --help/--helpshort/--helpfull/--helpxml exit while
+    # parsing, with status 1 after printing; asking for help succeeds.
+    sys.exit(0 if e.code == 1 else e.code)
 
 
 def config_and_workdir(argv: list[str]):
@@ -129,8 +137,7 @@ def config_and_workdir(argv: list[str]):
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-  # Local paths have `~` expanded and become absolute; remote ones
-  # (gs://...) stay as given.
+  # Local paths become absolute (`~` expanded); gs://... stays as given.
   return config, paths.absolute(WORKDIR.value)
 
 
@@ -153,10 +160,59 @@ def _reporting(main: Callable[[list[str]], int | None]):
   return wrapped
 
 
-def run(main: Callable[[list[str]], int | None]) -> None:
+def run(main: Callable[[list[str]], int | None],
+        module: str = '__main__') -> None:
   """`absl.app.run(main)`; `errors.USER_ERRORS` print one `error:` line and
-  exit with status 2. `main` returns the exit status (None: 0)."""
-  app.run(_reporting(main), flags_parser=parse_flags)
+  exit with status 2. `main` returns the exit status (None: 0).
+
+  Args:
+    main: the command's `main(argv)`.
+    module: the name of the module defining the command. A console script
+      (`gendd-evaluate`, ...) imports it under its own name, while absl's
+      `--help` shows the docstring and flags of `__main__` (the generated
+      wrapper); they are shown for `module` instead.
+  """
+  if module != '__main__':
+    _help_for(module)
+  own = sys.argv[0] if module == '__main__' else module
+
+  def checked(argv: list[str]) -> int | None:
+    others = foreign_flags(own)
+    if others:
+      errors.fail(f'{", ".join("--" + n for n in others)}: not a flag of '
+                  'this command (see --help)')
+    return main(argv)
+
+  app.run(_reporting(checked), flags_parser=parse_flags)
+
+
+def foreign_flags(module: str) -> list[str]:
+  """The flags given on the command line that are the project's but not
+  `module`'s (its key flags: defined or declared there).
+
+  Every command's process defines the shared flags, and sweep_sampling
+  evaluate's; without this check a flag of another command would be
+  accepted and ignored.
+  """
+  own = {id(f) for f in flags.FLAGS.get_key_flags_for_module(module)}
+  package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  names = set()
+  for name, defined in flags.FLAGS.flags_by_module_dict().items():
+    # Imported modules go by name, one run with `python -m` by its path.
+    if (name.split('.')[0] == 'gendd_jax' or
+        os.path.abspath(name).startswith(package + os.sep)):
+      names.update(f.name for f in defined
+                   if f.present and id(f) not in own)
+  return sorted(names)
+
+
+def _help_for(module: str) -> None:
+  """Makes `--help` describe `module` (a console script's command)."""
+  for flag in flags.FLAGS.get_key_flags_for_module(module):
+    flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+  main_module = sys.modules.get('__main__')
+  if main_module is not None:
+    main_module.__doc__ = sys.modules[module].__doc__
 
 
 def call(main: Callable[[list[str]], int | None], argv: Sequence[str]

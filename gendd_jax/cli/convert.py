@@ -86,6 +86,7 @@ def _convert_command(argv: list[str]) -> int:
                                    ('out', out)) if not v]
   if missing:
     raise ConversionError(f'{", ".join(missing)} required')
+  checkpoint, out = paths.absolute(checkpoint), paths.absolute(out)
   if arch not in models.REGISTRY:
     raise ConversionError(f'unknown --arch {arch!r}; available: '
                           f'{", ".join(models.BACKBONES)}')
@@ -100,5 +101,10 @@ def _convert_command(argv: list[str]) -> int:
   return 0
 
 
+def entry() -> None:
+  """The `gendd-convert` console script."""
+  common.run(main, __name__)
+
+
 if __name__ == '__main__':
-  common.run(main)
+  entry()

@@ -3,7 +3,7 @@ r"""Standalone evaluation of an export (no training code).
   python -m gendd_jax.cli.evaluate --checkpoint=exports/r50 \
       [--config=configs/r50_600ep.py] [--mode=both] [--steps=64] \
       [--sampler=ancestral] [--cfg_scale=2] [--temperature=1] \
-      [--num_sampling=5] [--data_dir=...] [--output=eval.json]
+      [--num_sampling=5] [--data_dir=...] [--out=eval.json]
 
 Loads an export (a run's final `<workdir>/export`, or one written by
 `python -m gendd_jax.cli.export` from any checkpoint) and evaluates it
@@ -61,7 +61,8 @@ _TEMP = flags.DEFINE_float('temperature', None, 'Per-step noise scale.')
 _NUM = flags.DEFINE_integer('num_sampling', None, 'Draws averaged per image.')
 _MAX_BATCHES = flags.DEFINE_integer('max_batches', 0, 'Stop after this many '
                                     'batches (0: the whole split).')
-_OUTPUT = flags.DEFINE_string('output', None, 'Also write results as JSON.')
+# Deprecated: evaluate's name for --out before the commands shared it.
+flags.DEFINE_alias('output', 'out')
 _DATA = flags.DEFINE_string(
     'data', None, 'Evaluate on this labelled dataset instead of the '
     "config's ('<kind>:<name>' as made by build_dataset, e.g. "
@@ -70,8 +71,8 @@ _SPLIT = flags.DEFINE_string(
     'split', None, "The split to evaluate (default: the config's "
     'data.eval_split).')
 for _name in ('checkpoint', 'config', 'clip_x0', 'batch_size', 'data_dir',
-              'seed', 'distributed', 'coordinator_address', 'num_processes',
-              'process_id', 'heartbeat_timeout'):
+              'seed', 'out', 'distributed', 'coordinator_address',
+              'num_processes', 'process_id', 'heartbeat_timeout'):
   flags.declare_key_flag(_name)
 
 class Exported(NamedTuple):
@@ -342,7 +343,7 @@ def _evaluate_command(argv: list[str]) -> None:
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # Keep library INFO logs out.
-  ex = load(common.CHECKPOINT.value, common.CONFIG.value)
+  ex = load(paths.absolute(common.CHECKPOINT.value), common.CONFIG.value)
   modes = modes_of(ex, _MODE.value)
   spec = sampler_spec(ex.config, _SAMPLER.value, _STEPS.value, _CFG.value,
                       _TEMP.value, _NUM.value, common.CLIP_X0.value,
@@ -379,10 +380,15 @@ def _evaluate_command(argv: list[str]) -> None:
       print(f'{mode} by shot group: ' + ', '.join(
           f'{g} {v:.2f}%' for g, v in res['shot_accuracy'].items()),
             flush=True)
-  if _OUTPUT.value and jax.process_index() == 0:
-    paths.write_text(paths.absolute(_OUTPUT.value),
+  if common.OUT.value and jax.process_index() == 0:
+    paths.write_text(paths.absolute(common.OUT.value),
                      json.dumps(results, indent=1))
 
 
+def entry() -> None:
+  """The `gendd-evaluate` console script."""
+  common.run(main, __name__)
+
+
 if __name__ == '__main__':
-  common.run(main)
+  entry()

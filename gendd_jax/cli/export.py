@@ -130,5 +130,10 @@ def main(argv: list[str]) -> None:
   print(f'exported to {paths.absolute(common.OUT.value)}', flush=True)
 
 
+def entry() -> None:
+  """The `gendd-export` console script."""
+  common.run(main, __name__)
+
+
 if __name__ == '__main__':
-  common.run(main)
+  entry()

@@ -21,6 +21,7 @@ import tempfile
 import time
 from typing import Any
 
+from absl import flags
 from array_record.python import array_record_module
 from flax import nnx
 import jax
@@ -33,6 +34,10 @@ from gendd_jax import teacher as teacher_lib
 from gendd_jax.cli import common
 from gendd_jax.data import features
 from gendd_jax.errors import PrecomputeError
+
+for _name in ('config', 'workdir', 'distributed', 'coordinator_address',
+              'num_processes', 'process_id', 'heartbeat_timeout'):
+  flags.declare_key_flag(_name)
 
 _TEMPLATE = '{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}'
 
@@ -104,7 +109,7 @@ def write_features(out_dir: str, teacher_fn,
     first_shard = sum(len(x) for x in lengths[:process_index])
     lo, hi = ranges[process_index]
     local_batch = batch // process_count
-    steps = max(1, -(-max(h - l for l, h in ranges) // local_batch))
+    steps = max(1, -(-max(b - a for a, b in ranges) // local_batch))
     spec = None  # From the first batch's feature width.
     writers = [array_record_module.ArrayRecordWriter(
         os.path.join(version_dir, f'{features.FEATURES_NAME}-train.array_record'
@@ -219,5 +224,10 @@ def main(argv) -> None:
           f'{meta["seconds"]:.1f}s', flush=True)
 
 
+def entry() -> None:
+  """The `gendd-precompute` console script."""
+  common.run(main, __name__)
+
+
 if __name__ == '__main__':
-  common.run(main)
+  entry()

@@ -4,7 +4,7 @@ r"""Accuracy against sampling steps, per sampler: the few-step study.
       --runs='runs/digits/seed0/fold*/gendd' \
       --step_counts=1,2,4,8,16,32,64,100 \
       --samplers=ancestral,ddim,posterior_mean --seeds=3 \
-      --output_prefix=docs/results/sampling_digits
+      --out=docs/results/sampling_digits
 
 Exports each GenDD training run (to `<run>/eval_export`, once), evaluates
 every (sampler, steps) setting on each run's evaluation split, pools the
@@ -46,9 +46,10 @@ _REFERENCE = flags.DEFINE_string(
     'sampler:steps whose accuracy is the target.')
 _TOLERANCE = flags.DEFINE_float('tolerance', 0.2, 'Points below the '
                                 'reference still counted as equal.')
-_OUT = flags.DEFINE_string('output_prefix', None,
-                           'Output path without extension.')
+# Deprecated: this command's name for --out before the commands shared it.
+flags.DEFINE_alias('output_prefix', 'out')
 flags.declare_key_flag('clip_x0')
+flags.declare_key_flag('out')
 
 
 def _settings(samplers, steps):
@@ -175,15 +176,16 @@ def plot(res: dict, path: str) -> None:
 
 
 def main(argv):
-  if len(argv) > 1 or not _RUNS.value or not _OUT.value:
-    errors.fail('--runs and --output_prefix are required')
+  out = common.OUT.value
+  if len(argv) > 1 or not _RUNS.value or not out:
+    errors.fail('--runs and --out (the output path prefix) are required')
+  out = paths.absolute(out)
   runs = sorted(glob.glob(paths.absolute(_RUNS.value)))
   if not runs:
     errors.fail(f'no run directory matches {_RUNS.value}')
   clip_x0 = 'none' if common.CLIP_X0.value is None else common.CLIP_X0.value
   res = sweep(runs, _SAMPLERS.value, _STEPS.value, _SEEDS.value,
               _REFERENCE.value, _TOLERANCE.value, clip_x0)
-  out = paths.absolute(_OUT.value)  # `~` expanded.
   os.makedirs(os.path.dirname(out), exist_ok=True)
   with open(out + '.json', 'w') as f:
     json.dump(res, f, indent=1)
@@ -194,5 +196,10 @@ def main(argv):
   print('\n' + table)
 
 
+def entry() -> None:
+  """The `gendd-sweep-sampling` console script."""
+  common.run(main, __name__)
+
+
 if __name__ == '__main__':
-  common.run(main)
+  entry()

@@ -92,5 +92,10 @@ def main(argv: list[str]) -> int:
   return 0
 
 
+def entry() -> None:
+  """The `gendd-zoo` console script."""
+  common.run(main, __name__)
+
+
 if __name__ == '__main__':
-  common.run(main)
+  entry()
