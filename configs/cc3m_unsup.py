@@ -18,6 +18,13 @@ CC3M is built once from its image shards:
 the same wiring for two steps per stage on a laptop, with no download and no
 teacher file (`config_lib.tiny`: digits at 32x32, batch 4, small head, a two-
 step random teacher stage first where the config distils).
+
+Estimated training time (not measured; docs/walltime.md): r18: ~46.5 h on 1 x
+NVIDIA A100, ~5.8 h on 8 x NVIDIA A100, ~3.3 h on 16 x TPU v4.
+Estimated training time (not measured; docs/walltime.md): mbv1: ~3.5 days on 1
+x NVIDIA A100, ~10.4 h on 8 x NVIDIA A100, ~5.9 h on 16 x TPU v4.
+Estimated training time (not measured; docs/walltime.md): mbv1_kl: ~19.8 h on 1
+x NVIDIA A100, ~2.5 h on 8 x NVIDIA A100, ~1.4 h on 16 x TPU v4.
 """
 
 from gendd_jax import config_lib

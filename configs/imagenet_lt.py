@@ -17,6 +17,13 @@ warm-up epochs, cosine. Build the dataset with
 same wiring for two steps per stage on a laptop, with no download and no
 teacher file (`config_lib.tiny`: digits at 32x32, batch 4, small head, a two-
 step random teacher stage first where the config distils).
+
+Estimated training time (not measured; docs/walltime.md): r50: ~5.3 h on 1 x
+NVIDIA A100, ~40 min on 8 x NVIDIA A100, ~23 min on 16 x TPU v4.
+Estimated training time (not measured; docs/walltime.md): r18: ~4.4 h on 1 x
+NVIDIA A100, ~33 min on 8 x NVIDIA A100, ~19 min on 16 x TPU v4.
+Estimated training time (not measured; docs/walltime.md): teacher: ~3.3 h on 1
+x NVIDIA A100, ~25 min on 8 x NVIDIA A100, ~14 min on 16 x TPU v4.
 """
 
 from gendd_jax import config_lib

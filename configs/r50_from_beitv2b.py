@@ -11,6 +11,9 @@ colour jitter), smooth 0.9, feature mixup off (beta 0). bfloat16 compute
 `--config=configs/r50_from_beitv2b.py:tiny` runs the same wiring for two steps
 per stage on a laptop, with no download and no teacher file (`config_lib.tiny`:
 digits at 32x32, batch 4, small head, a two-step random teacher stage first).
+
+Estimated training time (not measured; docs/walltime.md): ~7.1 days on 1 x
+NVIDIA A100, ~21.4 h on 8 x NVIDIA A100, ~12.1 h on 16 x TPU v4.
 """
 
 from gendd_jax import config_lib

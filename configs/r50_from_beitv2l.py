@@ -6,6 +6,9 @@ of 64). For the 600-epoch A1 recipe see `r50_600ep.py`.
 `--config=configs/r50_from_beitv2l.py:tiny` runs the same wiring for two steps
 per stage on a laptop, with no download and no teacher file (`config_lib.tiny`:
 digits at 32x32, batch 4, small head, a two-step random teacher stage first).
+
+Estimated training time (not measured; docs/walltime.md): ~15.9 days on 1 x
+NVIDIA A100, ~47.8 h on 8 x NVIDIA A100, ~27.1 h on 16 x TPU v4.
 """
 
 from gendd_jax import config_lib

@@ -29,6 +29,7 @@ from flax import nnx
 
 from gendd_jax import checkpoint as ckpt_lib
 from gendd_jax import data as data_lib
+from gendd_jax import flops
 from gendd_jax import optim
 from gendd_jax import reliability
 from gendd_jax import reporting
@@ -36,6 +37,7 @@ from gendd_jax import settings as settings_lib
 from gendd_jax import sharding
 from gendd_jax import stages
 from gendd_jax import teacher as teacher_lib
+from gendd_jax import walltime
 from gendd_jax.data import features as features_lib
 from gendd_jax.errors import ConfigChangedError
 from gendd_jax.errors import ConfigError
@@ -320,6 +322,21 @@ def _check_resume(run: _Run, step: int, saved: dict[str, Any]) -> None:
           f'(allow_config_changes): {listed}')
 
 
+def _flops_estimate(run: _Run, train_fn, batch, steps: int) -> str:
+  """The compiled step's FLOPs and the estimated time of `steps` of them on
+  these devices (or, where their peak is unknown, on `REFERENCE`)."""
+  # The step was just traced for this batch: the trace is cached.
+  jaxpr = train_fn.trace(run.state, run.teacher, batch).jaxpr
+  step_flops = flops.matmul_flops(jaxpr)
+  kind, chips = jax.devices()[0].device_kind, jax.device_count()
+  secs = walltime.seconds(step_flops * steps, kind, chips)
+  if secs is None:
+    kind, chips = walltime.REFERENCE
+    secs = walltime.seconds(step_flops * steps, kind, chips)
+  return (f'[{run.stage.name}] {step_flops / 1e9:.3g} GFLOP per step; '
+          f'{steps} steps: ' + walltime.describe(secs, kind, chips))
+
+
 def _loop(run: _Run, ckpt, writer, train_fn, periodic_fn
           ) -> dict[str, Any]:
   """Trains from the state's step to the end; returns the loop's record.
@@ -346,6 +363,8 @@ def _loop(run: _Run, ckpt, writer, train_fn, periodic_fn
     for step in range(start, total):
       batch = sharding.shard_batch(run.stage.visible(next(run.stream)), mesh)
       run.state, metrics = train_fn(run.state, run.teacher, batch)
+      if step == start:
+        run.log(_flops_estimate(run, train_fn, batch, total - start))
       done = step + 1
       guard.add(done, metrics['nonfinite'])
       means.add(metrics)

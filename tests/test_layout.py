@@ -34,6 +34,7 @@ LAYERS = {
     'errors': 0,
     # Math and parts.
     'diffusion': 1, 'precision': 1, 'sharding': 1, 'optim': 1, 'flops': 1,
+    'walltime': 1,
     'paths': 0,  # The one path layer (etils.epath).
     'models': 1, 'checkpoint': 1, 'data': 1,
     'gendd': 1.5,  # The objective: diffusion + the denoiser.
