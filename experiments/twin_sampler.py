@@ -594,7 +594,11 @@ class Theirs:
 
   def sample(self, clip: bool) -> np.ndarray:
     """Their `forward_test_stage2` on the test rows; with `clip`, their
-    `p_sample_loop` gets a `denoised_fn` clamping the x0 estimate."""
+    `p_sample_loop` gets a `denoised_fn` clamping the x0 estimate.
+
+    Seeds torch's global generator, which their training also draws from:
+    a run's later snapshots depend on which earlier ones were sampled.
+    """
     torch = self.ref.torch
     gen = self.model.diffloss.gen_diffusion
     bound = self.feats.clip_bound
