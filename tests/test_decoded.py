@@ -116,7 +116,7 @@ class SameStreamTest(parameterized.TestCase):
       for _ in range(b.steps_per_epoch):
         seen.extend(next(b)['id'].tolist())
       # Only this process's records are held.
-      self.assertEqual(len(b._data.ids), len(range(p, 23, count)))  # pylint: disable=protected-access
+      self.assertEqual(b.shard_size, len(range(p, 23, count)))
     # 21 decodable records; 3 steps of 2 per process read 18 of them, none
     # twice and none broken.
     self.assertLen(seen, 18)

@@ -211,23 +211,21 @@ class DecodedStream:
     """What the view does deterministically, done once: 'eval' stores the
     uint8 evaluation view, 'cifar' the images at the training size; 'each'
     runs the view per example."""
-    d = self._data
     if isinstance(view, augment.EvalView):
-      as_uint8 = dataclasses.replace(view, as_uint8=True)
-      kind, fn = 'eval', lambda img: as_uint8(img)
+      kind, fixed = 'eval', dataclasses.replace(view, as_uint8=True)
     elif isinstance(view, augment.TrainView) and view.kind == 'cifar':
+      # As `TrainView` brings an image of another size to the training size.
       size = view.image_size
-      resize = augment.EvalView(size, size, as_uint8=True)
-      kind = 'cifar'
-      fn = lambda img: img if img.shape[:2] == (size, size) else resize(img)
+      kind, fixed = 'cifar', augment.EvalView(size, size, as_uint8=True)
     else:
       return 'each', None
-    stored = [fn(img) if img is not None else None for img in d.images]
+    stored = [None if img is None
+              else img if kind == 'cifar' and img.shape[:2] == (size, size)
+              else fixed(img) for img in self._data.images]
     shape = next(s.shape for s in stored if s is not None)
-    blank = np.zeros(shape, np.uint8)
-    out = np.stack([s if s is not None else blank for s in stored])
-    d.images = []  # The stored views replace the decoded images.
-    return kind, out
+    blank = np.zeros(shape, np.uint8)  # Never read: its record is skipped.
+    self._data.images = []  # The stored views replace the decoded images.
+    return kind, np.stack([s if s is not None else blank for s in stored])
 
   def _permutation(self, epoch: int) -> np.ndarray:
     """Epoch `epoch`'s order of this process's records (local indices), as
