@@ -7,6 +7,7 @@ path."""
 import io
 import os
 import tempfile
+from unittest import mock
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -153,17 +154,34 @@ class PathChoiceTest(absltest.TestCase):
 
   def test_in_memory_under_the_limit_streamed_over_it(self):
     # 36 images of 40 x 48 x 3: 0.2 MB decoded.
+    ds = data_lib.open_dataset(_data(), seed=0)
     with self.assertLogs(level='INFO') as logs:
-      ds = data_lib.open_dataset(_data(), seed=0)
-    self.assertIsInstance(ds.train, decoded.DecodedStream)
+      self.assertIsInstance(ds.train.chosen, decoded.DecodedStream)
     self.assertTrue(any('36 images decoded into memory once (0.2 MB' in line
                         for line in logs.output), logs.output)
     for limit, why in ((0.1, 'decoded size about 0.2 MB is over'),
                        (0, 'data.in_memory_limit_mb=0')):
+      ds = data_lib.open_dataset(_data(in_memory_limit_mb=limit), seed=0)
       with self.assertLogs(level='INFO') as logs:
-        ds = data_lib.open_dataset(_data(in_memory_limit_mb=limit), seed=0)
-      self.assertIsInstance(ds.train, streams.TrainStream)
+        self.assertIsInstance(ds.train.chosen, streams.TrainStream)
       self.assertTrue(any(why in line for line in logs.output), logs.output)
+
+  def test_decoded_only_when_training_reads(self):
+    calls = []
+    original = decoded.decode_slice
+
+    def counted(*args, **kwargs):
+      calls.append(1)
+      return original(*args, **kwargs)
+    with mock.patch.object(decoded, 'decode_slice', counted):
+      ds = data_lib.open_dataset(_data(), seed=0)
+      self.assertEqual(ds.train.steps_per_epoch, 36 // 6)
+      self.assertLen(list(ds.eval_batches()), 2)  # 12 images, batch 8.
+      self.assertEmpty(calls)
+      next(ds.train)
+      ds.train.get_state()
+      next(ds.train)
+    self.assertLen(calls, 1)
 
   def test_limit_counted_while_decoding(self):
     source = _source()  # The first image is 20 x 24, the others 16 x 16.

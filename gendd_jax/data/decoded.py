@@ -1,6 +1,6 @@
 """TFDS/builder training splits small enough to hold decoded in host memory
-(`data.in_memory_limit_mb`): decoded once at start-up, then served from
-memory.
+(`data.in_memory_limit_mb`): decoded once, when training first reads them
+(`streams.ChosenStream`), then served from memory.
 
 `DecodedStream` yields exactly the batches of `streams.TrainStream` with
 `num_workers=0`, bit for bit:

@@ -8,8 +8,9 @@ Training stream, per process:
   batch(local) -> batch transform (mixup/cutmix, label smoothing)
 
 When the process's slice decoded is smaller than `data.in_memory_limit_mb`,
-it is decoded once at start-up and the same stream, bit for bit and with
-the same iterator state, is served from memory (`decoded.DecodedStream`).
+it is decoded once, when the stream is first used, and the same stream, bit
+for bit and with the same iterator state, is served from memory
+(`decoded.DecodedStream`, chosen by `ChosenStream`).
 
 Process `p` of `P` reads only its own slice of the records (every example once
 per epoch over all processes); its batches are the `p`-th slices of the
@@ -327,6 +328,45 @@ def _mixer(d, num_classes: int) -> BatchFn | None:
   return fn
 
 
+class ChosenStream:
+  """A training stream served from memory or streamed through grain, chosen
+  on first use (`next`, `get_state`, `set_state`): only then is the split
+  decoded, so a dataset opened for its evaluation split alone costs nothing.
+
+  Args:
+    streamed: the grain stream (built, not yet read).
+    in_memory_fn: `() -> DecodedStream`, or None when the split does not
+      fit in memory.
+  """
+
+  def __init__(self, streamed: TrainStream,
+               in_memory_fn: Callable[[], decoded.DecodedStream | None]):
+    self.steps_per_epoch = streamed.steps_per_epoch
+    self._streamed = streamed
+    self._in_memory_fn = in_memory_fn
+    self._chosen = None
+
+  @property
+  def chosen(self) -> TrainStream | decoded.DecodedStream:
+    """The stream that serves the batches (decided at the first call)."""
+    if self._chosen is None:
+      self._chosen = self._in_memory_fn() or self._streamed
+      self._in_memory_fn = None
+    return self._chosen
+
+  def __iter__(self) -> 'ChosenStream':
+    return self
+
+  def __next__(self) -> Example:
+    return next(self.chosen)
+
+  def get_state(self) -> dict[str, Any]:
+    return self.chosen.get_state()
+
+  def set_state(self, state: Mapping[str, Any]) -> None:
+    self.chosen.set_state(state)
+
+
 def in_memory_limit_bytes(d) -> int:
   """`data.in_memory_limit_mb` in bytes (0: never in memory)."""
   limit = d.get('in_memory_limit_mb', DEFAULT_IN_MEMORY_LIMIT_MB)
@@ -409,13 +449,14 @@ def open_dataset(d, seed: int, process_index: int = 0,
   labelled = 'label' in first
   skipped = SkipCounter('undecodable training images')
   mixer = _mixer(d, num_classes) if labelled else None
-  stream = _in_memory_stream(d, train_src, seed, train_view, mixer, skipped,
-                             process_index, process_count)
-  if stream is None:
-    stream = TrainStream(
-        train_src, d.batch_size, seed,
-        example_fn(train_view, skipped, labelled), mixer,
-        process_index=process_index, process_count=process_count, read=read)
+  in_memory_limit_bytes(d)  # A bad value fails here, not at the first step.
+  stream = ChosenStream(
+      TrainStream(train_src, d.batch_size, seed,
+                  example_fn(train_view, skipped, labelled), mixer,
+                  process_index=process_index, process_count=process_count,
+                  read=read),
+      lambda: _in_memory_stream(d, train_src, seed, train_view, mixer,
+                                skipped, process_index, process_count))
 
   def batches(src):
     fn = example_fn(eval_view, SkipCounter('undecodable evaluation images'),
