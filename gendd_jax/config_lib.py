@@ -213,7 +213,8 @@ def image_data(name: str, *, image_size: int = 224, augment: str = 'regular',
   training set), as the released CC3M runs do (`--T`).
   `in_memory_limit_mb`: a training split whose decoded images (each
   process's slice, uint8) take less is decoded once, when training first
-  reads it, and served from memory, the same stream (0: always stream through grain).
+  reads it, and served from memory: the same stream (0: always stream
+  through grain).
   """
   return ml_collections.ConfigDict(dict(
       name=name, eval_name='', data_dir='', train_split=train_split,
