@@ -211,6 +211,10 @@ def image_data(name: str, *, image_size: int = 224, augment: str = 'regular',
   of the classes' accuracies), for long-tailed data. `steps_per_epoch` fixes
   the length of an epoch of the schedules in steps (0: one pass over the
   training set), as the released CC3M runs do (`--T`).
+  `in_memory_limit_mb`: a training split whose decoded images (each
+  process's slice, uint8) take less is decoded once, when training first
+  reads it, and served from memory: the same stream (0: always stream
+  through grain).
   """
   return ml_collections.ConfigDict(dict(
       name=name, eval_name='', data_dir='', train_split=train_split,
@@ -219,7 +223,8 @@ def image_data(name: str, *, image_size: int = 224, augment: str = 'regular',
       eval_batch_size=eval_batch_size, label_fraction=1.0, mixup=mixup,
       cutmix=cutmix, mix_switch_prob=0.5, label_smoothing=label_smoothing,
       num_threads=16, prefetch=512, num_workers=0, stats_batches=20,
-      crop_scale=0.6, shot_groups=False, steps_per_epoch=0))
+      crop_scale=0.6, shot_groups=False, steps_per_epoch=0,
+      in_memory_limit_mb=2048.0))
 
 
 def _student(model: str) -> ml_collections.ConfigDict:

@@ -147,12 +147,16 @@ def check_workdir(workdir: str) -> None:
 # checkpoint and evaluation cadence, sampling (evaluation only), where the
 # data are read from and how fast, and the pipeline's stage list (each stage
 # compares its own settings). A key ending in '.' covers its subtree.
+# `data.in_memory_limit_mb` picks between two paths that yield the same
+# example stream with the same iterator state; a state that cannot carry
+# over (streamed with worker processes) is refused when it is restored.
 SAFE_TO_CHANGE = (
     'log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
     'eval_every_steps', 'eval_subset_batches', 'on_nonfinite',
     'allow_config_changes', 'profile_steps', 'tensorboard_dir', 'sampler.',
     'pipeline.', 'data.data_dir', 'data.eval_batch_size', 'data.num_threads',
-    'data.prefetch', 'data.worker_count', 'data.shot_groups', 'precompute.')
+    'data.prefetch', 'data.worker_count', 'data.shot_groups',
+    'data.in_memory_limit_mb', 'precompute.')
 
 
 def _flatten(tree: Any, prefix: str = '') -> dict[str, Any]:

@@ -45,6 +45,7 @@ from gendd_jax.cli import evaluate
 from gendd_jax.cli import export
 from gendd_jax.cli import precompute
 from gendd_jax.data import builders
+from gendd_jax.data import decoded
 from gendd_jax.data import features
 from gendd_jax.data import streams
 import testing
@@ -188,13 +189,14 @@ class GcsPipelineTest(absltest.TestCase):
                             for i in range(6)), [0, 40, 80, 120, 160, 200])
 
     # Training: data and workdir on gs://, killed after 10 steps and resumed
-    # from the checkpoint at step 8 (arrays and the grain iterator's state
-    # on gs://); it ends bit-equal to an uninterrupted run on local disk.
+    # from the checkpoint at step 8 (arrays and the iterator's state on
+    # gs://; the small split is served from memory); it ends bit-equal to an
+    # uninterrupted run on local disk.
     res_local = train.train_and_evaluate(
         _config(local_data), os.path.join(_TMP.name, 'teacher_local'),
         quiet=True)
     workdir = _gs('runs', 'teacher')
-    with testing.killed_at_batch(streams.TrainStream, 10):
+    with testing.killed_at_batch(decoded.DecodedStream, 10):
       with self.assertRaises(KeyboardInterrupt):
         train.train_and_evaluate(_config(data), workdir, quiet=True)
     steps = sorted(int(p.name) for p in

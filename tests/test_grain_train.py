@@ -51,6 +51,7 @@ def _config(**data):
   c.data.data_dir = os.path.join(_TMP.name, 'tfds')
   c.data.num_threads = 2
   c.data.prefetch = 8
+  c.data.in_memory_limit_mb = 0  # grain (the memory path: test_decoded.py).
   for k, v in data.items():
     c.data[k] = v
   c.stage = 'teacher'
@@ -228,6 +229,7 @@ def main(argv):
                             cutmix=1.0, label_smoothing=0.1,
                             eval_split='val')
   c.data_dir, c.num_threads, c.prefetch, c.num_workers = {data_dir!r}, 1, 4, 2
+  c.in_memory_limit_mb = 0
   ds = data_lib.open_dataset(c, seed=0)
   ids = [next(ds.train)['id'].tolist() for _ in range(3)]
   state = ds.train.get_state()

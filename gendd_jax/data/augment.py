@@ -234,12 +234,29 @@ def pad_crop_flip(images: np.ndarray, rng: np.random.Generator,
   `RandomHorizontalFlip()`). For normalised images pass the normalised
   black (`info['black']`) as `fill`: the reference pads the raw image with 0.
   """
-  n, h, w, c = images.shape
-  padded = np.full((n, h + 2 * pad, w + 2 * pad, c), fill, images.dtype)
-  padded[:, pad:pad + h, pad:pad + w] = images
+  dy, dx, flip = pad_crop_flip_draws(rng, images.shape[0], pad)
+  return apply_pad_crop_flip(images, dy, dx, flip, pad, fill)
+
+
+def pad_crop_flip_draws(rng: np.random.Generator, n: int, pad: int = 4
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """The random part of `pad_crop_flip` for `n` images: `(dy [N], dx [N],
+  flip [N] bool)`, drawn in that order."""
   dy = rng.integers(0, 2 * pad + 1, n)
   dx = rng.integers(0, 2 * pad + 1, n)
   flip = rng.random(n) < 0.5
+  return dy, dx, flip
+
+
+def apply_pad_crop_flip(images: np.ndarray, dy: np.ndarray, dx: np.ndarray,
+                        flip: np.ndarray, pad: int = 4, fill=0.0
+                        ) -> np.ndarray:
+  """`pad_crop_flip` of `[N, H, W, C]` with given offsets `dy`, `dx` (in
+  `[0, 2 pad]`) and flips (`[N]` each): the crop of image i starts at row
+  `dy[i]`, column `dx[i]` of the padded image."""
+  n, h, w, c = images.shape
+  padded = np.full((n, h + 2 * pad, w + 2 * pad, c), fill, images.dtype)
+  padded[:, pad:pad + h, pad:pad + w] = images
   rows = dy[:, None] + np.arange(h)[None, :]            # [N, H]
   cols = dx[:, None] + np.arange(w)[None, :]            # [N, W]
   cols = np.where(flip[:, None], cols[:, ::-1], cols)

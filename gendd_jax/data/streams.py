@@ -7,6 +7,11 @@ Training stream, per process:
   (per-example rng from (seed, index)) -> skip undecodable images ->
   batch(local) -> batch transform (mixup/cutmix, label smoothing)
 
+When the process's slice decoded is smaller than `data.in_memory_limit_mb`,
+it is decoded once, when the stream is first used, and the same stream, bit
+for bit and with the same iterator state, is served from memory
+(`decoded.DecodedStream`, chosen by `ChosenStream`).
+
 Process `p` of `P` reads only its own slice of the records (every example once
 per epoch over all processes); its batches are the `p`-th slices of the
 global batch, assembled on device with `jax.make_array_from_process_local_data`
@@ -32,11 +37,15 @@ import tensorflow_datasets as tfds
 from gendd_jax import paths
 from gendd_jax.data import augment
 from gendd_jax.data import builders
+from gendd_jax.data import decoded
 from gendd_jax.errors import BuildError
 from gendd_jax.errors import CorruptImageError
 from gendd_jax.errors import PipelineError
 
 Example = dict[str, Any]
+# The default of `data.in_memory_limit_mb`: training splits whose decoded
+# slice (per process) is smaller are decoded once and served from memory.
+DEFAULT_IN_MEMORY_LIMIT_MB = 2048.0
 # (raw record, rng) -> example dict, or None to skip the record.
 ExampleFn = Callable[[Mapping[str, Any], np.random.Generator],
                      'Example | None']
@@ -363,6 +372,87 @@ def open_eval(d, process_index: int = 0, process_count: int = 1):
       process_count=process_count, read=_read_settings(d))
 
 
+class ChosenStream:
+  """A training stream served from memory or streamed through grain, chosen
+  on first use (`next`, `get_state`, `set_state`): only then is the split
+  decoded, so a dataset opened for its evaluation split alone costs nothing.
+
+  Args:
+    streamed: the grain stream (built, not yet read).
+    in_memory_fn: `() -> DecodedStream`, or None when the split does not
+      fit in memory.
+  """
+
+  def __init__(self, streamed: TrainStream,
+               in_memory_fn: Callable[[], decoded.DecodedStream | None]):
+    self.steps_per_epoch = streamed.steps_per_epoch
+    self._streamed = streamed
+    self._in_memory_fn = in_memory_fn
+    self._chosen = None
+
+  @property
+  def chosen(self) -> TrainStream | decoded.DecodedStream:
+    """The stream that serves the batches (decided at the first call)."""
+    if self._chosen is None:
+      self._chosen = self._in_memory_fn() or self._streamed
+      self._in_memory_fn = None
+    return self._chosen
+
+  def __iter__(self) -> 'ChosenStream':
+    return self
+
+  def __next__(self) -> Example:
+    return next(self.chosen)
+
+  def get_state(self) -> dict[str, Any]:
+    return self.chosen.get_state()
+
+  def set_state(self, state: Mapping[str, Any]) -> None:
+    self.chosen.set_state(state)
+
+
+def in_memory_limit_bytes(d) -> int:
+  """`data.in_memory_limit_mb` in bytes (0: never in memory)."""
+  limit = d.get('in_memory_limit_mb', DEFAULT_IN_MEMORY_LIMIT_MB)
+  if (isinstance(limit, bool) or not isinstance(limit, (int, float))
+      or not limit >= 0):
+    raise PipelineError('data.in_memory_limit_mb must be a number >= 0 (0: '
+                        f'always stream), got {limit!r}')
+  return int(limit * decoded.MB)
+
+
+def _in_memory_stream(d, source, seed: int, view, mixer, skipped,
+                      process_index: int, process_count: int
+                      ) -> decoded.DecodedStream | None:
+  """The training stream served from memory when this process's decoded
+  slice fits `data.in_memory_limit_mb`, else None (stream through grain);
+  logs which, with the decoded size."""
+  limit = in_memory_limit_bytes(d)
+  what = f'training split {d.name}/{d.train_split}'
+  if process_count > 1:
+    what += f' (process {process_index} of {process_count}: its slice)'
+  if not limit:
+    logging.info('%s: streamed through grain, decoded per example '
+                 '(data.in_memory_limit_mb=0)', what)
+    return None
+  data, size = decoded.decode_slice(source, limit, process_index,
+                                    process_count, skipped)
+  setting = ('data.in_memory_limit_mb='
+             f'{d.get("in_memory_limit_mb", DEFAULT_IN_MEMORY_LIMIT_MB)}')
+  if data is None:
+    logging.info('%s: decoded size about %.1f MB is over %s; streamed '
+                 'through grain, decoded per example', what, size / decoded.MB,
+                 setting)
+    return None
+  logging.info('%s: %d images decoded into memory once (%.1f MB, within %s)'
+               '; served from memory%s', what, int(data.good.sum()),
+               size / decoded.MB, setting,
+               ' (data.num_workers is not used)' if d.num_workers else '')
+  return decoded.DecodedStream(
+      data, len(source), d.batch_size, seed, view, mixer,
+      process_index=process_index, process_count=process_count)
+
+
 def open_dataset(d, seed: int, process_index: int = 0,
                  process_count: int = 1):
   """The parts of a `data.Dataset` for a TFDS/builder dataset (`'<kind>:
@@ -388,11 +478,15 @@ def open_dataset(d, seed: int, process_index: int = 0,
   first = train_src[0]
   labelled = 'label' in first
   skipped = SkipCounter('undecodable training images')
-  stream = TrainStream(
-      train_src, d.batch_size, seed, example_fn(train_view, skipped,
-                                                labelled),
-      mix_transform(d, num_classes) if labelled else None,
-      process_index=process_index, process_count=process_count, read=read)
+  mixer = mix_transform(d, num_classes) if labelled else None
+  in_memory_limit_bytes(d)  # A bad value fails here, not at the first step.
+  stream = ChosenStream(
+      TrainStream(train_src, d.batch_size, seed,
+                  example_fn(train_view, skipped, labelled), mixer,
+                  process_index=process_index, process_count=process_count,
+                  read=read),
+      lambda: _in_memory_stream(d, train_src, seed, train_view, mixer,
+                                skipped, process_index, process_count))
 
   def batches(src):
     fn = example_fn(eval_view, SkipCounter('undecodable evaluation images'),
