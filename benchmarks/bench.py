@@ -1,7 +1,7 @@
 r"""Throughput benchmark: train-step and evaluation images/s, printed as JSON.
 
   python -m benchmarks.bench [--settings=digits,head_only,cifar] [--repeats=5]
-  python -m benchmarks.bench --settings=head_only,cifar --reference=PATH
+  python -m benchmarks.bench --settings=head_only,cifar --reference_dir=PATH
 
 Settings:
   digits     the bundled example's GenDD stage (teacher MLP + student MLP +
@@ -31,7 +31,7 @@ work). `gflops_per_sec` is that work over the measured time and
 in the same run (`matmul_peak`: chains of products of large square and of
 the steps' own shapes, through JAX and, with a reference, torch; the best).
 
-`--reference=PATH` (a local copy of the authors' PyTorch code, see
+`--reference_dir=PATH` (a local copy of the authors' PyTorch code, see
 `bench_reference`) runs their implementation of `head_only` and `cifar` in
 the same invocation with the same batch, widths, steps, CFG scale and
 repeats, float32, and reports their images/s, their counted work and the
@@ -83,7 +83,7 @@ _REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed repeats per figure.')
 _STEPS = flags.DEFINE_integer('train_steps', 5,
                              'Train steps per timed repeat.')
 _REFERENCE = flags.DEFINE_string(
-    'reference', '', 'Path of a local copy of the authors\' PyTorch code '
+    'reference_dir', '', 'Path of a local copy of the authors\' PyTorch code '
     '(holding GenDD_cifar/); times it on head_only and cifar too.')
 _TORCH_THREADS = flags.DEFINE_integer(
     'torch_threads', 0, 'torch intra-op threads (0: every core, as XLA).')

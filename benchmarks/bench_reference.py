@@ -4,7 +4,7 @@ The authors' code is not part of this project. Give the path of a local copy
 (the directory holding `GenDD_cifar/`, whose `diffloss.py`, `diffusion/` and
 `models/` are imported from there) and
 
-  python -m benchmarks.bench --settings=head_only,cifar --reference=PATH
+  python -m benchmarks.bench --settings=head_only,cifar --reference_dir=PATH
 
 runs both implementations on the same machine in one invocation. torch is
 imported only here, only when asked. Their modules are used as they are:

@@ -83,41 +83,6 @@ from gendd_jax import train
 from gendd_jax.data import memory
 from gendd_jax.models import denoiser
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', 'configs/digits.py', 'The bundled example config whose teacher, '
-    'stage-1 and gendd-stage settings are used.', lock_config=True)
-_REFERENCE_DIR = flags.DEFINE_string(
-    'reference_dir', None, "Local copy of the authors' code (GenDD_cifar/ or "
-    'its parent).')
-_OUTPUT_PREFIX = flags.DEFINE_string(
-    'output_prefix', 'docs/results/twin_sampler',
-    'Writes <prefix>.json, <prefix>.md and <prefix>.png.')
-_WORKDIR = flags.DEFINE_string(
-    'workdir', '', 'Where the teacher and stage-1 runs go (reused when '
-    'present); default: a temporary directory.')
-_STEPS = flags.DEFINE_list(
-    'steps', ['1000', '4000', '16000', '64000'],
-    'Training lengths (head steps): snapshots of one run per seed and '
-    'implementation.')
-_SEEDS = flags.DEFINE_list('seeds', ['0', '1'], 'Head seeds.')
-_LONG_SEEDS = flags.DEFINE_integer(
-    'long_seeds', 0, 'If > 0, only the first this many seeds go past '
-    '--long_steps (to fit a time budget).')
-_LONG_STEPS = flags.DEFINE_integer('long_steps', 16000, 'See --long_seeds.')
-_IMPLEMENTATIONS = flags.DEFINE_list(
-    'implementations', ['ours', 'theirs'], "'ours' and/or 'theirs'.")
-_DATA_SEED = flags.DEFINE_integer('data_seed', 0, 'Seed of the teacher, '
-                                  'stage-1 runs and the fold assignment.')
-_FOLD = flags.DEFINE_integer('fold', 0, 'Fold of the digits protocol.')
-_EPS_TIMESTEPS = flags.DEFINE_list(
-    'eps_timesteps', ['999', '990', '950', '500', '100'],
-    'Timesteps of the epsilon-error measurement.')
-_EPS_DRAWS = flags.DEFINE_integer(
-    'eps_draws', 4, 'Noise draws per held-out token row in the epsilon-error '
-    'measurement.')
-_TORCH_THREADS = flags.DEFINE_integer('torch_threads', 1,
-                                      'Intra-op threads for torch.')
-
 IMPLEMENTATIONS = ('ours', 'theirs')
 
 
@@ -927,6 +892,50 @@ def write_outputs(record: dict[str, Any], prefix: str,
   return [prefix + '.json', md_path, prefix + '.png']
 
 
+def _define_flags() -> None:
+  """The command's flags, defined only when it runs as a program: the
+  tests import this module beside the package's commands, whose flags
+  (--config, --workdir, --steps) share names with these."""
+  global _CONFIG, _REFERENCE_DIR, _OUTPUT_PREFIX, _WORKDIR, _STEPS, _SEEDS
+  global _LONG_SEEDS, _LONG_STEPS, _IMPLEMENTATIONS, _DATA_SEED, _FOLD
+  global _EPS_TIMESTEPS, _EPS_DRAWS, _TORCH_THREADS
+  _CONFIG = config_flags.DEFINE_config_file(
+      'config', 'configs/digits.py', 'The bundled example config whose '
+      'teacher, stage-1 and gendd-stage settings are used.',
+      lock_config=True)
+  _REFERENCE_DIR = flags.DEFINE_string(
+      'reference_dir', None, "Local copy of the authors' code (GenDD_cifar/ or "
+      'its parent).')
+  _OUTPUT_PREFIX = flags.DEFINE_string(
+      'output_prefix', 'docs/results/twin_sampler',
+      'Writes <prefix>.json, <prefix>.md and <prefix>.png.')
+  _WORKDIR = flags.DEFINE_string(
+      'workdir', '', 'Where the teacher and stage-1 runs go (reused when '
+      'present); default: a temporary directory.')
+  _STEPS = flags.DEFINE_list(
+      'steps', ['1000', '4000', '16000', '64000'],
+      'Training lengths (head steps): snapshots of one run per seed and '
+      'implementation.')
+  _SEEDS = flags.DEFINE_list('seeds', ['0', '1'], 'Head seeds.')
+  _LONG_SEEDS = flags.DEFINE_integer(
+      'long_seeds', 0, 'If > 0, only the first this many seeds go past '
+      '--long_steps (to fit a time budget).')
+  _LONG_STEPS = flags.DEFINE_integer('long_steps', 16000, 'See --long_seeds.')
+  _IMPLEMENTATIONS = flags.DEFINE_list(
+      'implementations', ['ours', 'theirs'], "'ours' and/or 'theirs'.")
+  _DATA_SEED = flags.DEFINE_integer('data_seed', 0, 'Seed of the teacher, '
+                                    'stage-1 runs and the fold assignment.')
+  _FOLD = flags.DEFINE_integer('fold', 0, 'Fold of the digits protocol.')
+  _EPS_TIMESTEPS = flags.DEFINE_list(
+      'eps_timesteps', ['999', '990', '950', '500', '100'],
+      'Timesteps of the epsilon-error measurement.')
+  _EPS_DRAWS = flags.DEFINE_integer(
+      'eps_draws', 4, 'Noise draws per held-out token row in the epsilon-error '
+      'measurement.')
+  _TORCH_THREADS = flags.DEFINE_integer('torch_threads', 1,
+                                        'Intra-op threads for torch.')
+
+
 def main(argv):
   del argv
   implementations = list(_IMPLEMENTATIONS.value)
@@ -967,4 +976,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)
