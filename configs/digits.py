@@ -69,7 +69,7 @@ def get_config(arg: str | None = None):
   c.sampler = ml_collections.ConfigDict(dict(
       kind='ancestral', steps='64', eval_kind='posterior_mean',
       eval_steps='1', cfg_scale=2.0, temperature=1.0, num_sampling=1,
-      clip_x0='none', also_eval_clipped=True))
+      clip_x0='none', also_eval_clipped=True, also_eval_published=False))
   c.kd = ml_collections.ConfigDict(dict(
       temperature=4.0, ce_weight=1.0, kd_weight=1.0))
   # Parameter paths containing these get no weight decay.

@@ -40,6 +40,7 @@ import numpy as np
 
 from gendd_jax import checkpoint as ckpt_lib
 from gendd_jax import data as data_lib
+from gendd_jax import diffusion
 from gendd_jax import errors
 from gendd_jax import gendd
 from gendd_jax import paths
@@ -51,9 +52,10 @@ from gendd_jax.cli import common
 _MODE = flags.DEFINE_enum('mode', None, ['sample', 'probe', 'both', 'logits'],
                           'What to evaluate (default: both for GenDD, '
                           'logits otherwise).')
-_SAMPLER = flags.DEFINE_string('sampler', None, 'ancestral, ddim or '
-                               'posterior_mean (default: the config\'s).')
-_STEPS = flags.DEFINE_string('steps', None, 'Sampling steps (respacing).')
+_SAMPLER = flags.DEFINE_string('sampler', None, 'ancestral, ddim, dpmpp_2m '
+                               'or posterior_mean (default: the config\'s).')
+_STEPS = flags.DEFINE_string('steps', None, "Sampling steps (respacing: 'N' "
+                             "as the paper, 'trailingN' from t = T - 1).")
 _CFG = flags.DEFINE_float('cfg_scale', None, 'Classifier-free guidance.')
 _TEMP = flags.DEFINE_float('temperature', None, 'Per-step noise scale.')
 _NUM = flags.DEFINE_integer('num_sampling', None, 'Draws averaged per image.')
@@ -82,7 +84,8 @@ class SamplerSpec(NamedTuple):
   cfg_scale: float
   temperature: float
   num_sampling: int
-  clip_x0: float | None = None  # Bound on the x0 estimate (None: off).
+  # Bound on the x0 estimate, a `diffusion.Threshold` or None (off).
+  clip_x0: float | diffusion.Threshold | None = None
 
 
 def load(directory: str, config=None) -> Exported:
@@ -116,7 +119,8 @@ def sampler_spec(config, sampler=None, steps=None, cfg_scale=None,
   rest of `config.sampler`).
 
   `clip_x0` is 'none', 'data' (the training targets' range, `clip_bound`,
-  stored in the export) or a number.
+  stored in the export), a number, or 'dynamic[:P]' / 'dynamic_clip[:P]'
+  (thresholding relative to `clip_bound`; see `gendd.parse_clip_x0`).
   """
   s = config.sampler
   pick = lambda v, d: d if v is None else v  # noqa: E731
@@ -126,6 +130,8 @@ def sampler_spec(config, sampler=None, steps=None, cfg_scale=None,
       raise ValueError("clip_x0='data' needs the export's clip_bound (this "
                        'export has none)')
     bound = float(clip_bound)
+  elif clip_bound is not None:
+    bound = gendd.with_bound(bound, float(clip_bound))
   return SamplerSpec(pick(sampler, s.get('eval_kind',
                                          s.get('kind', 'ancestral'))),
                      str(pick(steps, s.get('eval_steps', s.steps))),
@@ -133,6 +139,17 @@ def sampler_spec(config, sampler=None, steps=None, cfg_scale=None,
                      float(pick(temperature, s.temperature)),
                      int(pick(num_sampling, s.get('eval_num_sampling',
                                                   s.num_sampling))), bound)
+
+
+def describe_clip(clip) -> str:
+  """`clip_x0` in words, for the printed results ('' when off)."""
+  if clip is None:
+    return ''
+  if isinstance(clip, diffusion.Threshold):
+    how = 'rescaled' if clip.rescale else 'clipped'
+    return (f', x0 {how} at its {clip.percentile:g}th percentile beyond '
+            f'±{float(clip.bound):.3g}')
+  return f', x0 clipped to ±{clip:.3g}'
 
 
 def _sampling(g, spec: SamplerSpec):
@@ -342,8 +359,7 @@ def _evaluate_command(argv: list[str]) -> None:
     if mode == 'sample':
       res['sampler'] = spec._asdict()
     results[mode] = res
-    clip = ('' if spec.clip_x0 is None else
-            f', x0 clipped to ±{spec.clip_x0:.3g}')
+    clip = describe_clip(spec.clip_x0)
     steps = ('1 call' if spec.sampler == 'posterior_mean' else
              f'{spec.steps} steps')
     detail = (f' ({spec.sampler}, {steps}, cfg '
