@@ -163,18 +163,43 @@ def _sampling(g, spec: SamplerSpec):
   return sched, settings
 
 
+# Stands for the x0 bound in a compiled function's spec: the bound itself is
+# an argument, so runs (folds) with different bounds share one compile.
+_TRACED = 'traced'
+
+
+def _split_bound(spec: SamplerSpec | None
+                 ) -> tuple[SamplerSpec | None, np.ndarray]:
+  """`(spec with its x0 bound replaced by _TRACED, the bound)`."""
+  clip = None if spec is None else spec.clip_x0
+  if clip is None:
+    return spec, np.float32(0.0)
+  if isinstance(clip, diffusion.Threshold):
+    return (spec._replace(clip_x0=clip._replace(bound=_TRACED)),
+            np.float32(clip.bound))
+  return spec._replace(clip_x0=_TRACED), np.float32(clip)
+
+
+def _with_bound(clip, bound):
+  """The inverse of `_split_bound` inside the compiled function."""
+  if isinstance(clip, diffusion.Threshold):
+    return clip._replace(bound=bound)
+  return bound if isinstance(clip, str) and clip == _TRACED else clip
+
+
 @functools.lru_cache(maxsize=None)
 def _counts_fn(ex_key, mode: str, spec: SamplerSpec | None, mesh):
-  """A jitted `(variables, classifier, stats, batch, key) -> (top-1 hits per
-  class, top-5 hits, examples per class)` over a batch sharded along the
-  mesh's data axis (variables replicated); only these counts leave the
-  devices."""
+  """A jitted `(variables, classifier, stats, batch, key, bound) -> (top-1
+  hits per class, top-5 hits, examples per class)` over a batch sharded
+  along the mesh's data axis (variables replicated); only these counts
+  leave the devices. `spec` comes from `_split_bound`, `bound` is its x0
+  bound."""
   stage, graphdef, g = ex_key
   record = stages.get(stage)
   if mode == 'sample':
     sched, settings = _sampling(g, spec)
 
-  def logits_of(variables, classifier, stats, image, key):
+  def logits_of(variables, classifier, stats, image, key, bound):
     model = nnx.merge(graphdef, variables['params'],
                       variables['batch_stats'])
     if mode == 'logits':
@@ -184,12 +209,14 @@ def _counts_fn(ex_key, mode: str, spec: SamplerSpec | None, mesh):
     z, probe, _ = precision.to_float32(model.student(image))
     if mode == 'probe':
       return probe
-    return gendd.sampled_logits(model.head, sched, key, z, settings,
+    sample = settings._replace(clip_x0=_with_bound(settings.clip_x0, bound))
+    return gendd.sampled_logits(model.head, sched, key, z, sample,
                                 classifier['weight'], classifier['bias'],
                                 stats)[0]
 
-  def fn(variables, classifier, stats, batch, key):
-    logits = logits_of(variables, classifier, stats, batch['image'], key)
+  def fn(variables, classifier, stats, batch, key, bound):
+    logits = logits_of(variables, classifier, stats, batch['image'], key,
+                       bound)
     top = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
     hit = top == batch['label'][:, None]
     valid = batch['valid'] > 0
@@ -200,7 +227,7 @@ def _counts_fn(ex_key, mode: str, spec: SamplerSpec | None, mesh):
 
   rep = sharding.replicated(mesh)
   return jax.jit(fn, in_shardings=(rep, rep, rep,
-                                   sharding.data_sharded(mesh), rep),
+                                   sharding.data_sharded(mesh), rep, rep),
                  out_shardings=rep)
 
 
@@ -249,9 +276,11 @@ def evaluate(ex: Exported, batches: Iterable[dict[str, Any]], mode: str,
   """
   seed = int(ex.config.seed) if seed is None else seed
   mesh = mesh or sharding.create_mesh()
-  fn = _counts_fn(_key(ex), mode, spec if mode == 'sample' else None, mesh)
+  spec, bound = _split_bound(spec if mode == 'sample' else None)
+  fn = _counts_fn(_key(ex), mode, spec, mesh)
   rep = sharding.replicated(mesh)
   args = jax.device_put((ex.variables, ex.classifier, ex.target_stats), rep)
+  bound = jax.device_put(bound, rep)
   stream = iter(batches)
   if max_batches:
     stream = itertools.islice(stream, max_batches)
@@ -264,7 +293,8 @@ def evaluate(ex: Exported, batches: Iterable[dict[str, Any]], mode: str,
         image=b['image'], label=np.asarray(b['label'], np.int32),
         valid=np.asarray(b['valid'], np.float32)), mesh)
   # Compile (and warm up) outside the timed pass.
-  jax.block_until_ready(fn(*args, shard(first), stages.eval_key(seed, 0)))
+  jax.block_until_ready(fn(*args, shard(first), stages.eval_key(seed, 0),
+                           bound))
   totals = None
   t0 = time.perf_counter()
   pending = None
@@ -274,7 +304,7 @@ def evaluate(ex: Exported, batches: Iterable[dict[str, Any]], mode: str,
     return out if totals is None else [a + b for a, b in zip(totals, out)]
   for i, b in enumerate(itertools.chain([first], stream)):
     # Dispatch batch i before reading the counts of batch i - 1.
-    out = fn(*args, shard(b), stages.eval_key(seed, i))
+    out = fn(*args, shard(b), stages.eval_key(seed, i), bound)
     if pending is not None:
       totals = add(totals, pending)
     pending = out
