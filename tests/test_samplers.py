@@ -604,7 +604,8 @@ class SamplerSettingsTest(parameterized.TestCase):
   def test_new_options_pass(self):
     s = settings.step_settings(
         self._config(kind='dpmpp_2m', steps='trailing8',
-                     clip_x0='dynamic_clip:99'), 'gendd', 10)
+                     clip_x0='dynamic_clip:99', also_eval_published=False),
+        'gendd', 10)
     self.assertEqual(s.sample.sampler, 'dpmpp_2m')
     self.assertEqual(s.sampling_steps, 'trailing8')
     self.assertEqual(s.sample.clip_x0, diffusion.Threshold(99.0, False))
@@ -656,6 +657,31 @@ class SelectionRuleTest(absltest.TestCase):
     self.assertEqual(pick, rows[5])  # Not the 1-call 87.3%.
     best, pick = sweep_sampling.choose(rows, 0.12)
     self.assertEqual(pick, rows[4])
+
+  def test_merge_of_studies_per_clipping(self):
+    def study(clip, rows):
+      return dict(rows=rows, clip_x0=clip, runs=['a', 'b'], seeds=1,
+                  probe_top1=98.0)
+    row = lambda steps, top1, cost: dict(  # noqa: E731
+        sampler='ancestral', steps=steps, top1=top1, cost=cost,
+        top1_std=0.0, top5=100.0, images_per_sec=1000.0 / cost)
+    res = sweep_sampling.merge(
+        [study('none', [row('100', 97.8, 200), row('8', 97.7, 16)]),
+         study('data', [row('100', 98.9, 200), row('16', 99.1, 32),
+                        row('8', 98.8, 16)])], 'ancestral:100', 0.2)
+    self.assertEqual(res['reference']['clip_x0'], 'none')
+    self.assertEqual(sweep_sampling._key(res['best']),
+                     ('ancestral', '16', 'data'))
+    self.assertEqual(res['recommended'], res['best'])  # 8 steps: -0.3.
+    self.assertAlmostEqual(res['speedup_calls'], 200 / 32)
+    self.assertIn('(best, recommended)', sweep_sampling.markdown(res))
+    with self.assertRaisesRegex(ValueError, 'same runs'):
+      sweep_sampling.merge([study('none', []), dict(study('data', []),
+                                                    seeds=2)],
+                           'ancestral:100', 0.2)
+    with self.assertRaisesRegex(ValueError, 'reference'):
+      sweep_sampling.merge([study('data', [row('100', 98.9, 200)])],
+                           'ancestral:100', 0.2)
 
   def test_settings_and_costs(self):
     got = sweep_sampling._settings(['ddim', 'posterior_mean'],

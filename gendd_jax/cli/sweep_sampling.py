@@ -59,6 +59,9 @@ _TOLERANCE = flags.DEFINE_float('tolerance', 0.2, 'Points below the best '
                                 'setting still counted as equal.')
 _OUT = flags.DEFINE_string('output_prefix', None,
                            'Output path without extension.')
+_MERGE = flags.DEFINE_list(
+    'merge', [], 'Instead of evaluating, re-select from studies written '
+    'before (their .json files, e.g. one per clipping) pooled as one.')
 flags.declare_key_flag('clip_x0')
 
 
@@ -171,6 +174,39 @@ def sweep(run_dirs, samplers, steps, seeds, reference, tolerance,
                                 ref['images_per_sec']))
 
 
+def merge(results: list[dict], reference: str, tolerance: float) -> dict:
+  """One study from several written before on the same runs (e.g. one per
+  clipping, as this tool wrote them when it took a single `--clip_x0`),
+  re-selected under the rule of `choose`. Rows lacking a clipping take
+  their study's.
+
+  Raises:
+    ValueError: studies of different runs or seeds, or no reference row.
+  """
+  first = results[0]
+  for r in results[1:]:
+    if r['runs'] != first['runs'] or r['seeds'] != first['seeds']:
+      raise ValueError('--merge takes studies of the same runs and seeds')
+  rows = []
+  for res in results:
+    clip = res.get('clip_x0', 'none')
+    for row in res['rows']:
+      rows.append(dict(row, clip_x0=row.get('clip_x0', clip)))
+  ref_sampler, _, ref_steps = reference.partition(':')
+  ref = [r for r in rows if _key(r) == (ref_sampler, ref_steps, 'none')]
+  if not ref:
+    raise ValueError(f'no study holds the reference {reference} unclipped')
+  best, cheapest = choose(rows, tolerance)
+  return dict(rows=rows, reference=ref[0], best=best, recommended=cheapest,
+              clip_x0=sorted({r['clip_x0'] for r in rows}),
+              tolerance=tolerance, probe_top1=first['probe_top1'],
+              seeds=first['seeds'], runs=first['runs'],
+              merged_from=[r.get('source', '') for r in results],
+              speedup_calls=ref[0]['cost'] / cheapest['cost'],
+              speedup_measured=(cheapest['images_per_sec'] /
+                                ref[0]['images_per_sec']))
+
+
 def markdown(res: dict) -> str:
   """The study's table and its conclusion, in markdown."""
   lines = ['| sampler | steps | x0 clipping | network calls / image | top-1 % '
@@ -230,18 +266,27 @@ def plot(res: dict, path: str) -> None:
   fig.savefig(path, dpi=120)
 
 
+def _read(path: str) -> dict:
+  with open(paths.absolute(path)) as f:
+    return dict(json.load(f), source=path)
+
+
 def main(argv):
-  if len(argv) > 1 or not _RUNS.value or not _OUT.value:
-    errors.fail('--runs and --output_prefix are required')
-  runs = sorted(glob.glob(paths.absolute(_RUNS.value)))
-  if not runs:
-    errors.fail(f'no run directory matches {_RUNS.value}')
-  clips = ('none' if common.CLIP_X0.value is None else
-           common.CLIP_X0.value).split(',')
+  if len(argv) > 1 or not _OUT.value or not (_RUNS.value or _MERGE.value):
+    errors.fail('--output_prefix and one of --runs or --merge are required')
   try:
-    res = sweep(runs, _SAMPLERS.value, _STEPS.value, _SEEDS.value,
-                _REFERENCE.value, _TOLERANCE.value, clips)
-  except ValueError as e:  # Bad samplers, step counts or clippings.
+    if _MERGE.value:
+      res = merge([_read(p) for p in _MERGE.value], _REFERENCE.value,
+                  _TOLERANCE.value)
+    else:
+      runs = sorted(glob.glob(paths.absolute(_RUNS.value)))
+      if not runs:
+        errors.fail(f'no run directory matches {_RUNS.value}')
+      clips = ('none' if common.CLIP_X0.value is None else
+               common.CLIP_X0.value).split(',')
+      res = sweep(runs, _SAMPLERS.value, _STEPS.value, _SEEDS.value,
+                  _REFERENCE.value, _TOLERANCE.value, clips)
+  except (ValueError, OSError) as e:  # Bad settings, unreadable studies.
     errors.fail(str(e))
   out = paths.absolute(_OUT.value)  # `~` expanded.
   os.makedirs(os.path.dirname(out), exist_ok=True)
