@@ -27,11 +27,15 @@ def get_config(arg: str | None = None):
       name='digits32', data_dir='', augment='none', fold=0, num_folds=2,
       label_fraction=1.0, batch_size=64, eval_batch_size=300))
   c.gendd.smooth = 0.9
-  # Standalone evaluation's default: one posterior-mean call is within 0.2
-  # points of the 64- and 100-step samplers here
-  # (docs/results/sampling_digits32.md: 97.61% vs 97.72% / 97.77%).
-  c.sampler.eval_kind = 'posterior_mean'
-  c.sampler.eval_steps = '1'
+  # x0 clipped to the data range, and standalone evaluation's default: the
+  # cheapest setting within 0.2 points of the best one measured
+  # (docs/results/sampling_digits32_best.md: 16 clipped ancestral steps,
+  # 99.11%, vs 99.17% at 64 clipped steps and 97.77% for the paper's
+  # unclipped 100 steps). The paper's sampler is reported beside it.
+  c.sampler.clip_x0 = 'data'
+  c.sampler.also_eval_published = True
+  c.sampler.eval_kind = 'ancestral'
+  c.sampler.eval_steps = '16'
   scale = 15 / 240
   c.stages.teacher.epochs = 15.0
   c.stages.teacher.decay_epochs = tuple(

@@ -68,8 +68,8 @@ def space_timesteps(num_steps: int, spacing: str | int | Sequence[int]
   Args:
     num_steps: length of the base process (e.g. 1000).
     spacing: '' / None (keep all), 'N' or 'a,b,c' (steps per equal section,
-      evenly strided with Python's round-half-even, as the reference does), or
-      'ddimN' (fixed integer stride).
+      evenly strided with Python's round-half-even, as the reference does),
+      'ddimN' (fixed integer stride) or 'trailingN' (see `trailing_steps`).
 
   Returns:
     Sorted list of kept timesteps.
@@ -79,8 +79,10 @@ def space_timesteps(num_steps: int, spacing: str | int | Sequence[int]
   if isinstance(spacing, int):
     counts = [spacing]
   elif isinstance(spacing, str):
+    if spacing.startswith('trailing'):
+      return trailing_steps(num_steps, _count(spacing, 'trailing'))
     if spacing.startswith('ddim'):
-      want = int(spacing[4:])
+      want = _count(spacing, 'ddim')
       for stride in range(1, num_steps):
         if len(range(0, num_steps, stride)) == want:
           return list(range(0, num_steps, stride))
@@ -102,6 +104,33 @@ def space_timesteps(num_steps: int, spacing: str | int | Sequence[int]
       pos += stride
     start += size
   return sorted(set(kept))
+
+
+def _count(spacing: str, prefix: str) -> int:
+  try:
+    return int(spacing[len(prefix):])
+  except ValueError:
+    raise ValueError(f'{prefix} spacing needs a step count, e.g. '
+                     f"'{prefix}8', got {spacing!r}") from None
+
+
+def trailing_steps(num_steps: int, count: int) -> list[int]:
+  """'Trailing' respacing (Lin et al., 2024, table 2): `count` steps evenly
+  spaced down from the noisiest one, `round(num_steps - k * num_steps /
+  count) - 1` for k = 0..count-1.
+
+  It always keeps t = num_steps - 1, so sampling starts where x_T ~ N(0, I)
+  is the right marginal; the reference's rule ('N') keeps t = 0 and drops the
+  noisiest steps at low counts (one step keeps only t = 0). The least noisy
+  kept step is num_steps / count - 1, whose x0 estimate the samplers return.
+
+  Raises:
+    ValueError: `count` outside [1, num_steps].
+  """
+  if not 1 <= count <= num_steps:
+    raise ValueError(f'cannot take {count} trailing steps of {num_steps}')
+  stride = num_steps / count
+  return sorted(int(round(num_steps - k * stride)) - 1 for k in range(count))
 
 
 def schedule_tables(betas: np.ndarray, timestep_map: Sequence[int] | None = None
@@ -234,8 +263,43 @@ def learned_range_logvar(s: Schedule, v: jax.Array, t: jax.Array
           (1.0 - frac) * _at(s.posterior_log_variance_clipped, t, v))
 
 
+class Threshold(NamedTuple):
+  """Dynamic thresholding of the x0 estimate (Saharia et al., 2022, Imagen).
+
+  Per row (the last axis: one token), `s = max(bound, q)` with `q` the
+  `percentile` of `|x0|`; then `x0` is clipped to `[-s, s]` and, with
+  `rescale`, multiplied by `bound / s`. Imagen's data lie in [-1, 1]
+  (`bound = 1`); features are unbounded, so `bound` is their own scale (the
+  training targets' largest magnitude). Rescaling shrinks a row whose
+  estimate has blown up back to the data's range but also scales down its
+  valid entries; `rescale=False` only clips at the percentile, which keeps a
+  row's scale (a blown-up row stays blown up) and removes its outliers.
+  """
+  percentile: float = 99.5
+  rescale: bool = True
+  bound: float | jax.Array = 1.0
+
+
+# A static float, a traced scalar (data-derived bound), a `Threshold` or None.
+X0Clip = float | jax.Array | Threshold | None
+
+
+def threshold_x0(x0: jax.Array, clip: X0Clip) -> jax.Array:
+  """`x0` clipped to `[-clip, clip]` for a number, dynamically thresholded
+  for a `Threshold`, unchanged for None. `x0: [..., C]`."""
+  if clip is None:
+    return x0
+  if not isinstance(clip, Threshold):
+    return jnp.clip(x0, -clip, clip)
+  q = jnp.percentile(jnp.abs(x0), clip.percentile, axis=-1, keepdims=True)
+  bound = jnp.asarray(clip.bound, x0.dtype)
+  scale = jnp.maximum(q, bound)
+  out = jnp.clip(x0, -scale, scale)
+  return out * (bound / scale) if clip.rescale else out
+
+
 def p_mean_variance(s: Schedule, model_out: jax.Array, xt: jax.Array,
-                    t: jax.Array, clip_x0: float | None = None
+                    t: jax.Array, clip_x0: X0Clip = None
                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Model mean, log-variance and x0 estimate of `p(x_{t-1} | x_t)`.
 
@@ -244,8 +308,9 @@ def p_mean_variance(s: Schedule, model_out: jax.Array, xt: jax.Array,
     model_out: `[N, 2C]` network output `[eps | v]`.
     xt: `[N, C]`.
     t: `[N]` indices into `s`.
-    clip_x0: if set, clip the x0 estimate to `[-clip_x0, clip_x0]` (the
-      reference never clips; see the config's `sampler.clip_x0`).
+    clip_x0: if set, clip the x0 estimate to `[-clip_x0, clip_x0]`, or
+      threshold it (`Threshold`); the reference never clips (see the
+      config's `sampler.clip_x0`).
 
   Returns:
     `(mean, log_var, pred_x0)`, each `[N, C]`.
@@ -254,8 +319,7 @@ def p_mean_variance(s: Schedule, model_out: jax.Array, xt: jax.Array,
   eps, v = model_out[..., :c], model_out[..., c:]
   logvar = learned_range_logvar(s, v, t)
   pred_x0 = predict_x0_from_eps(s, xt, t, eps)
-  if clip_x0 is not None:
-    pred_x0 = jnp.clip(pred_x0, -clip_x0, clip_x0)
+  pred_x0 = threshold_x0(pred_x0, clip_x0)
   mean, _ = q_posterior(s, pred_x0, xt, t)
   return mean, logvar, pred_x0
 
@@ -346,7 +410,7 @@ def training_losses(s: Schedule, model_fn: Callable[[jax.Array, jax.Array],
 
 def p_sample(s: Schedule, model_out: jax.Array, x: jax.Array, t: jax.Array,
              noise: jax.Array, temperature: float | jax.Array = 1.0,
-             clip_x0: float | None = None) -> tuple[jax.Array, jax.Array]:
+             clip_x0: X0Clip = None) -> tuple[jax.Array, jax.Array]:
   """One ancestral step `x_t -> x_{t-1}`; no noise is added at t == 0.
 
   `temperature` scales only the injected noise.
@@ -365,7 +429,7 @@ def p_sample_loop(s: Schedule,
                   key: jax.Array | None = None,
                   step_noise: jax.Array | None = None,
                   temperature: float | jax.Array = 1.0,
-                  clip_x0: float | None = None,
+                  clip_x0: X0Clip = None,
                   return_trajectory: bool = False):
   """Ancestral sampling from `x_T` through every step of `s`, as one scan.
 
@@ -456,10 +520,10 @@ def cfg_model_fn(cond_fn: Callable[[jax.Array, jax.Array], jax.Array],
 
 
 # ---------------------------------------------------------------------------
-# Few-step samplers: DDIM and the one-step posterior mean.
+# Few-step samplers: DDIM, DPM-Solver++(2M) and the one-step posterior mean.
 # ---------------------------------------------------------------------------
 
-SAMPLERS = ('ancestral', 'ddim', 'posterior_mean')
+SAMPLERS = ('ancestral', 'ddim', 'dpmpp_2m', 'posterior_mean')
 
 
 def _is_static_zero(value) -> bool:
@@ -470,7 +534,7 @@ def ddim_step(s: Schedule, model_out: jax.Array, x: jax.Array, t: jax.Array,
               noise: jax.Array | None = None,
               eta: float | jax.Array = 0.0,
               temperature: float | jax.Array = 1.0,
-              clip_x0: float | None = None) -> tuple[jax.Array, jax.Array]:
+              clip_x0: X0Clip = None) -> tuple[jax.Array, jax.Array]:
   """One DDIM update from schedule index `t` to index `t - 1`.
 
   With `a = alphas_cumprod[t]` and `a' = alphas_cumprod_prev[t]` (the
@@ -513,7 +577,7 @@ def ddim_step(s: Schedule, model_out: jax.Array, x: jax.Array, t: jax.Array,
   eps = model_out[..., :c]
   pred_x0 = predict_x0_from_eps(s, x, t, eps)
   if clip_x0 is not None:
-    pred_x0 = jnp.clip(pred_x0, -clip_x0, clip_x0)
+    pred_x0 = threshold_x0(pred_x0, clip_x0)
     eps = predict_eps_from_x0(s, x, t, pred_x0)
   a = _at(s.alphas_cumprod, t, x)
   a_prev = _at(s.alphas_cumprod_prev, t, x)
@@ -539,7 +603,7 @@ def ddim_sample_loop(s: Schedule,
                      key: jax.Array | None = None,
                      step_noise: jax.Array | None = None,
                      temperature: float | jax.Array = 1.0,
-                     clip_x0: float | None = None,
+                     clip_x0: X0Clip = None,
                      return_trajectory: bool = False):
   """DDIM sampling from `x_T` through every step of `s`, as one scan.
 
@@ -584,13 +648,79 @@ def ddim_sample_loop(s: Schedule,
                      return_trajectory=return_trajectory)
 
 
+def dpmpp_2m_sample_loop(s: Schedule,
+                         model_fn: Callable[[jax.Array, jax.Array],
+                                            jax.Array],
+                         x_T: jax.Array,
+                         *,
+                         clip_x0: X0Clip = None) -> jax.Array:
+  """DPM-Solver++(2M) (Lu et al., 2022, algorithm 2): a deterministic
+  second-order multistep solver of the probability-flow ODE in its
+  data-prediction form, one network call per step of `s`, as one scan.
+
+  With `alpha = sqrt(a)`, `sigma = sqrt(1 - a)` (a = alphas_cumprod) and
+  `lambda = log(alpha / sigma)`, a step from schedule index i to i - 1 is
+
+    x' = (sigma' / sigma) x - alpha' (exp(-h) - 1) D,   h = lambda' - lambda,
+    D  = (1 + 1 / (2 r)) x0_i - 1 / (2 r) x0_{i+1},    r = h_prev / h,
+
+  where `x0` is the (thresholded) data prediction from the eps half of the
+  network output (the learned-variance half is not used). The first step
+  has no history and the last one (to index 0's `a' = 1`, sigma' = 0) has
+  h = inf: both use `D = x0_i`, the first-order step, which is DDIM (eta 0);
+  the last therefore returns the x0 estimate at the least noisy kept step.
+  `-alpha' (exp(-h) - 1)` is evaluated as `alpha' - sigma' alpha / sigma`,
+  exact when sigma' = 0.
+
+  Args:
+    s: (respaced) sampling schedule with `T` steps; respacings that keep the
+      noisiest step ('trailingN', or 'N' with N >= 2) suit it.
+    model_fn: `(x [..., C], network timestep (scalar int)) -> [..., 2C]`
+      (`[..., C]` also works).
+    x_T: initial noise `[..., C]`.
+    clip_x0: optional x0 clipping or thresholding of every data prediction.
+
+  Returns:
+    The samples `[..., C]`.
+  """
+  num = s.num_steps
+  c = x_T.shape[-1]
+  steps = jnp.arange(num - 1, -1, -1, dtype=jnp.int32)
+  log_snr = 0.5 * (jnp.log(s.alphas_cumprod) -
+                   jnp.log1p(-s.alphas_cumprod))  # lambda per index.
+
+  def body(carry, i):
+    x, x0_prev, h_prev = carry
+    out = model_fn(x, s.timestep_map[i])
+    t = jnp.broadcast_to(i, x.shape[:-1])
+    x0 = threshold_x0(predict_x0_from_eps(s, x, t, out[..., :c]), clip_x0)
+    a, a_next = s.alphas_cumprod[i], s.alphas_cumprod_prev[i]
+    alpha, sigma = jnp.sqrt(a), jnp.sqrt(1.0 - a)
+    alpha_next, sigma_next = jnp.sqrt(a_next), jnp.sqrt(1.0 - a_next)
+    last = i == 0
+    # lambda at the next index; a finite stand-in at index 0 (unused there).
+    lam_next = jnp.where(last, log_snr[i] + 1.0,
+                         log_snr[jnp.maximum(i - 1, 0)])
+    h = lam_next - log_snr[i]
+    second = (i < num - 1) & ~last
+    r = jnp.where(second, h_prev / h, 1.0)
+    d = jnp.where(second, x0 + (x0 - x0_prev) / (2.0 * r), x0)
+    x_next = (sigma_next / sigma) * x + (alpha_next -
+                                         sigma_next * alpha / sigma) * d
+    return (x_next, x0, h), None
+
+  init = (x_T, jnp.zeros_like(x_T), jnp.ones((), x_T.dtype))
+  (x_0, _, _), _ = jax.lax.scan(body, init, steps)
+  return x_0
+
+
 def posterior_mean_sample(s: Schedule,
                           model_fn: Callable[[jax.Array, jax.Array],
                                              jax.Array],
                           x_T: jax.Array,
                           *,
                           t_index: int | jax.Array | None = None,
-                          clip_x0: float | None = None) -> jax.Array:
+                          clip_x0: X0Clip = None) -> jax.Array:
   """One-network-call estimate: the model's posterior mean E[x0 | x_t].
 
   Treats `x_T` as the state at schedule index `t_index` (default: the last,
@@ -633,8 +763,7 @@ def posterior_mean_sample(s: Schedule,
   out = model_fn(x_T, s.timestep_map[t_index])
   t = jnp.full(x_T.shape[:-1], t_index, jnp.int32)
   pred_x0 = predict_x0_from_eps(s, x_T, t, out[..., :x_T.shape[-1]])
-  if clip_x0 is not None:
-    pred_x0 = jnp.clip(pred_x0, -clip_x0, clip_x0)
+  pred_x0 = threshold_x0(pred_x0, clip_x0)
   return pred_x0
 
 
@@ -644,14 +773,16 @@ def sample_loop(kind: str, s: Schedule,
                 *,
                 key: jax.Array | None = None,
                 temperature: float | jax.Array = 1.0,
-                clip_x0: float | None = None,
+                clip_x0: X0Clip = None,
                 eta: float | jax.Array = 0.0) -> jax.Array:
   """Samples `[..., C]` from `x_T` with the sampler named by `kind`.
 
   Args:
     kind: one of `SAMPLERS`: 'ancestral' (`p_sample_loop`, needs `key`),
-      'ddim' (`ddim_sample_loop`; deterministic unless `eta != 0`) or
-      'posterior_mean' (`posterior_mean_sample` at the noisiest step of `s`).
+      'ddim' (`ddim_sample_loop`; deterministic unless `eta != 0`),
+      'dpmpp_2m' (`dpmpp_2m_sample_loop`, deterministic) or
+      'posterior_mean' (`posterior_mean_sample` at the noisiest step of
+      `s`).
     s: (respaced) sampling schedule.
     model_fn: `(x [..., C], network timestep (scalar int)) -> [..., 2C]`.
     x_T: initial noise `[..., C]`.
@@ -678,4 +809,6 @@ def sample_loop(kind: str, s: Schedule,
   if kind == 'ddim':
     return ddim_sample_loop(s, model_fn, x_T, eta=eta, key=key,
                             temperature=temperature, clip_x0=clip_x0)
+  if kind == 'dpmpp_2m':
+    return dpmpp_2m_sample_loop(s, model_fn, x_T, clip_x0=clip_x0)
   return posterior_mean_sample(s, model_fn, x_T, clip_x0=clip_x0)

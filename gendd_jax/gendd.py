@@ -171,16 +171,28 @@ class SampleSettings(NamedTuple):
   num_sampling: int = 1
   cfg_scale: float = 2.0
   temperature: float = 1.0
-  # A number, a traced scalar (a data-derived bound) or None (no clipping).
-  clip_x0: float | jax.Array | None = None
-  # 'ancestral' (the paper's), 'ddim' (eta 0) or 'posterior_mean' (one
-  # network call at the schedule's noisiest step; see `sampling_schedule`).
+  # A number, a traced scalar (a data-derived bound), a
+  # `diffusion.Threshold` (dynamic thresholding) or None (no clipping).
+  clip_x0: diffusion.X0Clip = None
+  # 'ancestral' (the paper's), 'ddim' (eta 0), 'dpmpp_2m' (DPM-Solver++(2M))
+  # or 'posterior_mean' (one network call at the schedule's noisiest step;
+  # see `sampling_schedule`).
   sampler: str = 'ancestral'
 
 
-def parse_clip_x0(value: Any) -> float | str | None:
+# `clip_x0` names of dynamic thresholding: rescale to the data bound, or
+# only clip at the percentile (see `diffusion.Threshold`).
+DYNAMIC = {'dynamic': True, 'dynamic_clip': False}
+
+
+def parse_clip_x0(value: Any) -> float | str | diffusion.Threshold | None:
   """A `clip_x0` setting: None for 'none' (or ''), 'data' (the training
-  targets' range, known only once data is seen) or a number.
+  targets' range, known only once data is seen), a number, or dynamic
+  thresholding: 'dynamic' (Imagen's: clip at the per-token 99.5th
+  percentile of |x0| when it exceeds the data bound, then rescale to the
+  bound), 'dynamic_clip' (clip there, no rescaling), each optionally with
+  the percentile, 'dynamic:99'. A `Threshold`'s bound is 1 here;
+  `with_bound` sets the data's.
 
   Raises:
     ValueError: anything else.
@@ -190,11 +202,30 @@ def parse_clip_x0(value: Any) -> float | str | None:
     return None
   if text == 'data':
     return 'data'
+  name, sep, pct = text.partition(':')
+  if name in DYNAMIC:
+    try:
+      p = float(pct) if sep else diffusion.Threshold().percentile
+    except ValueError:
+      p = -1.0
+    if not 0.0 < p <= 100.0:
+      raise ValueError(f'clip_x0={value!r}: the percentile after {name}: '
+                       'must be a number in (0, 100]')
+    return diffusion.Threshold(p, DYNAMIC[name])
   try:
     return float(text)
   except ValueError:
-    raise ValueError(f"clip_x0 must be 'none', 'data' or a number, got "
+    raise ValueError(f"clip_x0 must be 'none', 'data', a number, "
+                     f"'dynamic[:P]' or 'dynamic_clip[:P]', got "
                      f'{value!r}') from None
+
+
+def with_bound(clip: Any, bound: Any) -> Any:
+  """`clip` with a dynamic threshold's bound set to the data's (`bound`,
+  e.g. `Teacher.clip_bound`); other settings unchanged."""
+  if isinstance(clip, diffusion.Threshold) and bound is not None:
+    return clip._replace(bound=bound)
+  return clip
 
 
 def sampling_schedule(noise_schedule: str, diffusion_steps: int,
@@ -205,7 +236,11 @@ def sampling_schedule(noise_schedule: str, diffusion_steps: int,
   Respacing to N steps keeps both ends of the schedule for N >= 2, but only
   t = 0 for N = 1 (the reference's spacing rule), so a one-step estimate
   from noise needs the full schedule: 'posterior_mean' always uses it (its
-  single network call is at t = T - 1, whatever `steps` says).
+  single network call is at t = T - 1, whatever `steps` says). 'trailingN'
+  always keeps t = T - 1 (`diffusion.trailing_steps`).
+
+  Raises:
+    ValueError: an unknown sampler or a respacing the schedule cannot take.
   """
   if sampler not in diffusion.SAMPLERS:
     raise ValueError(f'unknown sampler {sampler!r}; expected one of '
@@ -217,7 +252,7 @@ def sampling_schedule(noise_schedule: str, diffusion_steps: int,
 
 # Samplers that call the network once at every step of their schedule; for
 # them the unconditional branch's modulations are tabulated before the loop.
-_EVERY_STEP_SAMPLERS = ('ancestral', 'ddim')
+_EVERY_STEP_SAMPLERS = ('ancestral', 'ddim', 'dpmpp_2m')
 # Largest such table (bytes); beyond it they are computed in each step.
 _MAX_TABLE_BYTES = 1 << 28
 

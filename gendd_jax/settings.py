@@ -48,6 +48,9 @@ class StepSettings:
   clip_to_data: bool = False
   # Also evaluate the data-clipped sampler beside the configured one.
   also_clipped: bool = False
+  # Also evaluate the paper's sampler as published (ancestral, no clipping,
+  # `sampling_steps`) beside a configured one that clips or thresholds.
+  also_published: bool = False
   # Teacher outputs come precomputed in the batch (`teacher_feature`,
   # `teacher_logits`); the training step runs no teacher forward.
   precomputed: bool = False
@@ -111,6 +114,12 @@ def _generative(config, stage: stages.Stage) -> dict:
     clip = gendd.parse_clip_x0(smp.clip_x0)
   except ValueError as e:
     raise ConfigError(f'sampler.{e}') from None
+  published = bool(smp.get('also_eval_published', False))
+  if published and not str(smp.steps).isdigit():
+    raise ConfigError(
+        f'sampler.also_eval_published measures the paper\'s sampler at '
+        f"sampler.steps, which must then be a step count ('64'), not "
+        f'{smp.steps!r}')
   target_norm(config)
   return dict(
       smooth=float(g.smooth) if stage.contracts else 0.0,
@@ -126,7 +135,8 @@ def _generative(config, stage: stages.Stage) -> dict:
       noise_schedule=g.noise_schedule, diffusion_steps=g.diffusion_steps,
       sampling_steps=str(smp.steps),
       clip_to_data=clip == 'data',
-      also_clipped=bool(smp.also_eval_clipped) and clip is None)
+      also_clipped=bool(smp.also_eval_clipped) and clip is None,
+      also_published=published and clip is not None)
 
 
 def step_settings(config, stage: str, steps_per_epoch: int,
@@ -152,7 +162,7 @@ def periodic_eval_settings(s: StepSettings) -> StepSettings:
     return s
   return dataclasses.replace(
       s, sample=s.sample._replace(sampler='posterior_mean', num_sampling=1),
-      sampling_steps='1', also_clipped=False)
+      sampling_steps='1', also_clipped=False, also_published=False)
 
 
 def create_mesh(config):

@@ -173,20 +173,27 @@ def _stage1_logits(s, model, teacher, image, key):
 
 
 def _sampled_logits(s, model, teacher, image, key):
-  """The configured sampler's logits (and the x0-clipped sampler's, when
-  asked for), with the ratio of sample to teacher-feature norms."""
+  """The configured sampler's logits (and, when asked for, the x0-clipped
+  sampler's and the paper's unclipped one's), with the ratio of sample to
+  teacher-feature norms."""
   z, probe_logits, _ = precision.to_float32(model.student(image))
   w, b = teacher.classifier()
-  variants = {'sampled_acc': s.sample}
+  # A dynamic threshold is relative to the training targets' range.
+  sample = s.sample._replace(
+      clip_x0=gendd.with_bound(s.sample.clip_x0, teacher.clip_bound))
+  variants = {'sampled_acc': sample}
   if s.clip_to_data or s.also_clipped:
     clipped = s.sample._replace(clip_x0=teacher.clip_bound)
     variants['sampled_acc' if s.clip_to_data else 'sampled_clip_acc'] = clipped
+  if s.also_published:  # The paper's sampler, on the same head and noise.
+    variants['sampled_published_acc'] = s.sample._replace(
+        clip_x0=None, sampler='ancestral')
   t_feat, _ = teacher.outputs(image)
   t_norm = jnp.linalg.norm(t_feat, axis=-1) + 1e-12
-  schedule = gendd.sampling_schedule(s.noise_schedule, s.diffusion_steps,
-                                     s.sampling_steps, s.sample.sampler)
   out, diag = {}, {}
   for name, settings in variants.items():
+    schedule = gendd.sampling_schedule(s.noise_schedule, s.diffusion_steps,
+                                       s.sampling_steps, settings.sampler)
     # The same key: every variant starts from the same noise.
     out[name], feat = gendd.sampled_logits(
         model.head, schedule, key, z, settings, w, b, teacher.target_stats)

@@ -67,8 +67,7 @@ class ExportEvaluateTest(absltest.TestCase):
     # `sampler.eval_kind`).
     spec = evaluate.sampler_spec(ex.config, sampler=ex.config.sampler.kind,
                                  steps=ex.config.sampler.steps)
-    self.assertEqual(evaluate.sampler_spec(ex.config).sampler,
-                     'posterior_mean')
+    self.assertEqual(evaluate.sampler_spec(ex.config)[:2], ('ancestral', '64'))
     probe = evaluate.evaluate(ex, evaluate.eval_batches(ex), 'probe')
     sample = evaluate.evaluate(ex, evaluate.eval_batches(ex), 'sample', spec)
     acc = self.results['accuracy']
@@ -103,7 +102,7 @@ class ExportEvaluateTest(absltest.TestCase):
     default = _run('gendd_jax.cli.evaluate', f'--checkpoint={self.out}',
                    '--mode=sample')
     self.assertEqual(default.returncode, 0, default.stderr[-2000:])
-    self.assertIn('sample (posterior_mean, 1 call, cfg 2', default.stdout)
+    self.assertIn('sample (ancestral, 64 steps, cfg 2', default.stdout)
     with open(out_json) as f:
       res = json.load(f)
     self.assertEqual(res['sample']['sampler']['steps'], '2')

@@ -463,8 +463,19 @@ class ParseClipTest(absltest.TestCase):
     self.assertEqual(gendd.parse_clip_x0('data'), 'data')
     self.assertEqual(gendd.parse_clip_x0('2.5'), 2.5)
     self.assertEqual(gendd.parse_clip_x0(3), 3.0)
-    with self.assertRaisesRegex(ValueError, "'none', 'data' or a number"):
+    with self.assertRaisesRegex(ValueError, "'none', 'data', a number"):
       gendd.parse_clip_x0('sometimes')
+
+  def test_dynamic(self):
+    th = gendd.parse_clip_x0('dynamic')
+    self.assertEqual(th, diffusion.Threshold(99.5, True, 1.0))
+    self.assertEqual(gendd.parse_clip_x0('dynamic_clip:90'),
+                     diffusion.Threshold(90.0, False, 1.0))
+    self.assertEqual(gendd.with_bound(th, 3.0).bound, 3.0)
+    self.assertEqual(gendd.with_bound(2.0, 3.0), 2.0)
+    for bad in ('dynamic:0', 'dynamic:101', 'dynamic:x', 'dynamic_clip:'):
+      with self.assertRaisesRegex(ValueError, 'percentile', msg=bad):
+        gendd.parse_clip_x0(bad)
 
 
 if __name__ == '__main__':

@@ -1,4 +1,5 @@
-"""Few-step samplers in `gendd_jax/diffusion.py`: DDIM and the posterior mean.
+"""Few-step samplers in `gendd_jax/diffusion.py`: DDIM, DPM-Solver++(2M),
+the posterior mean, trailing respacing and x0 thresholding.
 
 `tests/fixtures/ddim_reference.npz` holds numbers from the authors' PyTorch
 GenDD code (commit 9246d0b, its `diffusion/` package: `create_diffusion`
@@ -38,7 +39,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from configs import digits as digits_config
 from gendd_jax import diffusion
+from gendd_jax import errors
+from gendd_jax import gendd
+from gendd_jax import settings
+from gendd_jax.cli import evaluate
+from gendd_jax.cli import sweep_sampling
 
 _FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                         'fixtures', 'ddim_reference.npz')
@@ -353,7 +360,7 @@ class DispatchTest(parameterized.TestCase):
 
   def test_sampler_names(self):
     self.assertEqual(diffusion.SAMPLERS,
-                     ('ancestral', 'ddim', 'posterior_mean'))
+                     ('ancestral', 'ddim', 'dpmpp_2m', 'posterior_mean'))
 
   def test_ancestral_is_p_sample_loop(self):
     key = jax.random.key(10)
@@ -385,7 +392,7 @@ class DispatchTest(parameterized.TestCase):
 
   def test_unknown_kind_raises(self):
     with self.assertRaisesRegex(ValueError,
-                                "'dpm'.*ancestral.*ddim.*posterior_mean"):
+                                "'dpm'.*ancestral.*ddim.*dpmpp_2m"):
       diffusion.sample_loop('dpm', self.sched, self.fn, self.x_T)
 
   def test_eta_only_for_ddim(self):
@@ -423,6 +430,276 @@ class DispatchTest(parameterized.TestCase):
     self.assertLen(scans, 1)
     self.assertEqual(scans[0].params['length'], 8)
     self.assertLen(calls, 1)
+
+
+# ---------------------------------------------------------------------------
+# e. Trailing respacing, DPM-Solver++(2M) and x0 thresholding.
+# ---------------------------------------------------------------------------
+
+
+def _gaussian_ode_solution(x_T, mu, sigma):
+  """Where the probability-flow ODE takes `x_T` (at t = 999) for data
+  N(mu, sigma^2): it keeps the standardised value (x_t - a mu) / sd_t."""
+  abar = diffusion.respaced_tables('cosine', 1000, '')['alphas_cumprod'][999]
+  a = np.sqrt(abar)
+  sd = np.sqrt(abar * sigma ** 2 + 1.0 - abar)
+  return mu + sigma * (np.asarray(x_T, np.float64) - a * mu) / sd
+
+
+class TrailingSpacingTest(parameterized.TestCase):
+
+  def test_steps(self):
+    self.assertEqual(diffusion.space_timesteps(1000, 'trailing1'), [999])
+    self.assertEqual(diffusion.space_timesteps(1000, 'trailing4'),
+                     [249, 499, 749, 999])
+    for n in (2, 3, 7, 64, 100, 1000):
+      kept = diffusion.space_timesteps(1000, f'trailing{n}')
+      self.assertLen(kept, n)
+      self.assertEqual(kept[-1], 999)
+    # The reference's rule at one step keeps only the least noisy step.
+    self.assertEqual(diffusion.space_timesteps(1000, '1'), [0])
+
+  def test_schedule_starts_at_the_noisiest_step(self):
+    full = _schedule('')
+    s = _schedule('trailing4')
+    np.testing.assert_array_equal(s.timestep_map, [249, 499, 749, 999])
+    np.testing.assert_allclose(s.alphas_cumprod,
+                               full.alphas_cumprod[s.timestep_map],
+                               rtol=1e-6)
+
+  @parameterized.parameters('trailing', 'trailingx', 'trailing0',
+                            'trailing1001')
+  def test_bad_counts(self, spacing):
+    with self.assertRaisesRegex(ValueError, 'trailing'):
+      diffusion.space_timesteps(1000, spacing)
+
+  def test_one_trailing_step_is_the_posterior_mean(self):
+    # One step from t = 999 returns its x0 estimate, for every sampler.
+    fn = _fixture_model_fn()
+    x_T = jax.random.normal(jax.random.key(3), (6, 4))
+    want = diffusion.posterior_mean_sample(_schedule(''), fn, x_T)
+    for kind in ('ancestral', 'ddim', 'dpmpp_2m'):
+      got = diffusion.sample_loop(kind, _schedule('trailing1'), fn, x_T,
+                                  key=jax.random.key(0))
+      # x0 at t = 999 is 2.0e4 (x - eps): a few float32 roundings apart.
+      atol = _NOISIEST_ULPS * _EPS32 * 2.1e4 * float(jnp.max(jnp.abs(x_T)))
+      np.testing.assert_allclose(got, want, rtol=0, atol=atol, err_msg=kind)
+
+
+class DpmSolverTest(parameterized.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    self.x_T = jax.random.normal(jax.random.key(4), (64, 4))
+    self.fn = _gaussian_model_fn(_MU, _SIGMA)
+    self.want = _gaussian_ode_solution(self.x_T, _MU, _SIGMA)
+
+  def _error(self, kind, spacing):
+    got = diffusion.sample_loop(kind, _schedule(spacing), self.fn, self.x_T)
+    return float(np.max(np.abs(np.asarray(got, np.float64) - self.want)))
+
+  def test_second_order(self):
+    # Exact eps of Gaussian data: only the solver's discretisation errs.
+    # Doubling the steps halves DDIM's error (first order) and quarters
+    # DPM-Solver++(2M)'s (measured: 0.124, 0.040, 0.0125 at 20, 40, 80).
+    dpm = [self._error('dpmpp_2m', f'trailing{n}') for n in (20, 40, 80)]
+    ddim = [self._error('ddim', f'trailing{n}') for n in (20, 40, 80)]
+    for d, e in zip(dpm, ddim):
+      self.assertLess(d, 0.5 * e)
+    self.assertLess(dpm[2] / dpm[1], 0.4)
+    self.assertGreater(ddim[2] / ddim[1], 0.45)
+    self.assertLess(dpm[2], 0.02)
+
+  def test_many_steps_approach_ddim(self):
+    # The fixture's nonlinear network: with 500 steps the second-order
+    # correction vanishes and both solve the same ODE.
+    fn = _fixture_model_fn()
+    x_T = jax.random.normal(jax.random.key(5), (6, 4))
+    dpm = diffusion.sample_loop('dpmpp_2m', _schedule('trailing500'), fn, x_T)
+    ddim = diffusion.sample_loop('ddim', _schedule('trailing500'), fn, x_T)
+    np.testing.assert_allclose(dpm, ddim, rtol=0, atol=0.02)
+    few = diffusion.sample_loop('dpmpp_2m', _schedule('trailing8'), fn, x_T)
+    self.assertGreater(float(jnp.max(jnp.abs(few - ddim))), 0.02)
+
+  def test_two_steps_are_first_order(self):
+    # The first step has no history and the last one lands on sigma = 0:
+    # both are DDIM steps, so two steps equal two-step DDIM.
+    fn = _fixture_model_fn()
+    x_T = jax.random.normal(jax.random.key(6), (6, 4))
+    for spacing in ('2', 'trailing2'):
+      np.testing.assert_allclose(
+          diffusion.sample_loop('dpmpp_2m', _schedule(spacing), fn, x_T),
+          diffusion.sample_loop('ddim', _schedule(spacing), fn, x_T),
+          rtol=1e-5, atol=1e-5)
+
+  def test_one_scan(self):
+    jaxpr = jax.make_jaxpr(lambda x: diffusion.dpmpp_2m_sample_loop(
+        _schedule('8'), self.fn, x))(self.x_T)
+    scans = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == 'scan']
+    self.assertLen(scans, 1)
+    self.assertEqual(scans[0].params['length'], 8)
+
+
+class ThresholdTest(parameterized.TestCase):
+
+  def test_static_bound_clips(self):
+    x = jnp.array([[-3.0, 0.5, 2.0]])
+    np.testing.assert_array_equal(diffusion.threshold_x0(x, 1.0),
+                                  [[-1.0, 0.5, 1.0]])
+    self.assertIs(diffusion.threshold_x0(x, None), x)
+
+  def test_dynamic_rows(self):
+    # Row 0 lies inside the bound: unchanged. Row 1 has blown up: rescaled
+    # by bound / max|x0| (percentile 100), or left as is by the clip-only
+    # variant. Row 2 has one outlier beyond the bound.
+    x = jnp.array([[0.5, -1.0, 1.5, 0.0],
+                   [100.0, -50.0, 20.0, 0.0],
+                   [0.5, -1.0, 1.0, 9.0]])
+    th = diffusion.Threshold(100.0, True, 2.0)
+    got = np.asarray(diffusion.threshold_x0(x, th))
+    np.testing.assert_allclose(got[0], x[0])
+    np.testing.assert_allclose(got[1], [2.0, -1.0, 0.4, 0.0], rtol=1e-6)
+    np.testing.assert_allclose(got[2], np.asarray(x[2]) * 2.0 / 9.0,
+                               rtol=1e-6)
+    got = diffusion.threshold_x0(x, th._replace(rescale=False))
+    np.testing.assert_allclose(got, x)  # Percentile 100 clips nothing.
+    # At the 50th percentile (0.75 in row 2) the bound (2) wins: clip at 2.
+    got = diffusion.threshold_x0(x, diffusion.Threshold(50.0, False, 2.0))
+    np.testing.assert_allclose(got[2], [0.5, -1.0, 1.0, 2.0])
+    np.testing.assert_allclose(got[1], [35.0, -35.0, 20.0, 0.0])
+
+  @parameterized.parameters('ancestral', 'ddim', 'dpmpp_2m',
+                            'posterior_mean')
+  def test_rescaling_bounds_the_sample(self, kind):
+    # A network whose eps is far off makes unbounded x0 estimates.
+    fn = _fixture_model_fn()
+    bad = lambda x, t: fn(x, t) * 3.0 + 1.0  # noqa: E731
+    x_T = jax.random.normal(jax.random.key(7), (6, 4))
+    sched = _schedule('trailing8')
+    free = diffusion.sample_loop(kind, sched, bad, x_T,
+                                 key=jax.random.key(1))
+    self.assertGreater(float(jnp.max(jnp.abs(free))), 100.0)
+    th = diffusion.Threshold(99.5, True, 1.5)
+    got = diffusion.sample_loop(kind, sched, bad, x_T, key=jax.random.key(1),
+                                clip_x0=th)
+    self.assertLessEqual(float(jnp.max(jnp.abs(got))), 1.5 + 1e-5)
+    got = diffusion.sample_loop(kind, sched, bad, x_T, key=jax.random.key(1),
+                                clip_x0=th._replace(rescale=False))
+    self.assertTrue(bool(jnp.all(jnp.isfinite(got))))
+
+
+# ---------------------------------------------------------------------------
+# f. The settings that reach the samplers, and the study's selection rule.
+# ---------------------------------------------------------------------------
+
+
+class SamplerSettingsTest(parameterized.TestCase):
+
+  def _config(self, **sampler):
+    config = digits_config.get_config()
+    for k, v in sampler.items():
+      config.sampler[k] = v
+    return config
+
+  def test_new_options_pass(self):
+    s = settings.step_settings(
+        self._config(kind='dpmpp_2m', steps='trailing8',
+                     clip_x0='dynamic_clip:99', also_eval_published=False),
+        'gendd', 10)
+    self.assertEqual(s.sample.sampler, 'dpmpp_2m')
+    self.assertEqual(s.sampling_steps, 'trailing8')
+    self.assertEqual(s.sample.clip_x0, diffusion.Threshold(99.0, False))
+    self.assertFalse(s.also_clipped)
+    hash(s)  # Static argument of the jitted steps.
+    s = settings.step_settings(
+        self._config(clip_x0='data', also_eval_published=True), 'gendd', 10)
+    self.assertTrue(s.also_published)
+    self.assertTrue(s.clip_to_data)
+
+  @parameterized.parameters(
+      (dict(kind='dpm'), 'sampler.kind'),
+      (dict(steps='trailing'), 'sampler.steps'),
+      (dict(steps='trailing2000'), 'sampler.steps'),
+      (dict(clip_x0='dynamic:0'), 'percentile'),
+      (dict(clip_x0='dymanic'), 'clip_x0'),
+      (dict(steps='trailing8', clip_x0='data', also_eval_published=True),
+       'also_eval_published'))
+  def test_bad_values_fail_clearly(self, sampler, message):
+    with self.assertRaisesRegex(errors.ConfigError, message):
+      settings.step_settings(self._config(**sampler), 'gendd', 10)
+
+  def test_evaluate_spec_takes_the_data_bound(self):
+    config = self._config()
+    spec = evaluate.sampler_spec(config, sampler='dpmpp_2m',
+                                 steps='trailing4', clip_x0='dynamic',
+                                 clip_bound=7.0)
+    self.assertEqual(spec.clip_x0, diffusion.Threshold(99.5, True, 7.0))
+    self.assertIn('rescaled', evaluate.describe_clip(spec.clip_x0))
+    with self.assertRaisesRegex(ValueError, 'dpm.*expected one of'):
+      gendd.sampling_schedule('cosine', 1000, '8', 'dpm')
+
+
+class SelectionRuleTest(absltest.TestCase):
+
+  def _row(self, sampler, steps, clip, top1, cost):
+    return dict(sampler=sampler, steps=steps, clip_x0=clip, top1=top1,
+                cost=cost)
+
+  def test_cheapest_within_tolerance_of_the_best(self):
+    rows = [self._row('ancestral', '64', 'none', 87.4, 128),
+            self._row('posterior_mean', '1', 'none', 87.3, 2),
+            self._row('ancestral', '64', 'data', 97.2, 128),
+            self._row('ddim', '8', 'data', 96.9, 16),
+            self._row('dpmpp_2m', '8', 'data', 97.1, 16),
+            self._row('dpmpp_2m', '4', 'data', 97.05, 8)]
+    best, pick = sweep_sampling.choose(rows, 0.2)
+    self.assertEqual(best, rows[2])  # Clipped beats the paper's sampler.
+    self.assertEqual(pick, rows[5])  # Not the 1-call 87.3%.
+    best, pick = sweep_sampling.choose(rows, 0.12)
+    self.assertEqual(pick, rows[4])
+
+  def test_merge_of_studies_per_clipping(self):
+    def study(clip, rows):
+      return dict(rows=rows, clip_x0=clip, runs=['a', 'b'], seeds=1,
+                  probe_top1=98.0)
+    row = lambda steps, top1, cost: dict(  # noqa: E731
+        sampler='ancestral', steps=steps, top1=top1, cost=cost,
+        top1_std=0.0, top5=100.0, images_per_sec=1000.0 / cost)
+    res = sweep_sampling.merge(
+        [study('none', [row('100', 97.8, 200), row('8', 97.7, 16)]),
+         study('data', [row('100', 98.9, 200), row('16', 99.1, 32),
+                        row('8', 98.8, 16)])], 'ancestral:100', 0.2)
+    self.assertEqual(res['reference']['clip_x0'], 'none')
+    self.assertEqual(sweep_sampling._key(res['best']),
+                     ('ancestral', '16', 'data'))
+    self.assertEqual(res['recommended'], res['best'])  # 8 steps: -0.3.
+    self.assertAlmostEqual(res['speedup_calls'], 200 / 32)
+    self.assertIn('(best, recommended)', sweep_sampling.markdown(res))
+    with self.assertRaisesRegex(ValueError, 'same runs'):
+      sweep_sampling.merge([study('none', []), dict(study('data', []),
+                                                    seeds=2)],
+                           'ancestral:100', 0.2)
+    with self.assertRaisesRegex(ValueError, 'reference'):
+      sweep_sampling.merge([study('data', [row('100', 98.9, 200)])],
+                           'ancestral:100', 0.2)
+
+  def test_settings_and_costs(self):
+    got = sweep_sampling._settings(['ddim', 'posterior_mean'],
+                                   ['2', 'trailing4'], ['none', 'dynamic'])
+    self.assertEqual(got, [('ddim', '2', 'none'),
+                           ('ddim', 'trailing4', 'none'),
+                           ('posterior_mean', '1', 'none'),
+                           ('ddim', '2', 'dynamic'),
+                           ('ddim', 'trailing4', 'dynamic'),
+                           ('posterior_mean', '1', 'dynamic')])
+    self.assertEqual(sweep_sampling.cost('dpmpp_2m', 'trailing4', 2.0), 8)
+    self.assertEqual(sweep_sampling.cost('ancestral', '100', 1.0), 100)
+    self.assertEqual(sweep_sampling.cost('posterior_mean', '64', 2.0), 2)
+    for args, message in (((['dpm'], ['2'], ['none']), 'dpm'),
+                          ((['ddim'], ['two'], ['none']), 'two'),
+                          ((['ddim'], ['2'], ['clip']), 'clip')):
+      with self.assertRaisesRegex(ValueError, message):
+        sweep_sampling._settings(*args)
 
 
 if __name__ == '__main__':

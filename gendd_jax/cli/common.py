@@ -55,8 +55,10 @@ IMAGE_SIZE = flags.DEFINE_integer(
     'else 224).')
 CLIP_X0 = flags.DEFINE_string(
     'clip_x0', None, "x0 clipping of the sampler: 'none', 'data' (the "
-    "training targets' range) or a number (default: evaluate, the config's; "
-    "sweep_sampling, 'none', the paper's).")
+    "training targets' range), a number, or dynamic thresholding relative to "
+    "that range, 'dynamic[:P]' (rescale) or 'dynamic_clip[:P]' (default: "
+    "evaluate, the config's; sweep_sampling takes a comma-separated list, "
+    "default 'none', the paper's).")
 
 
 _DISTRIBUTED = flags.DEFINE_bool(

@@ -42,6 +42,7 @@ import numpy as np
 
 from gendd_jax import checkpoint as ckpt_lib
 from gendd_jax import data as data_lib
+from gendd_jax import diffusion
 from gendd_jax import errors
 from gendd_jax import gendd
 from gendd_jax import paths
@@ -53,9 +54,10 @@ from gendd_jax.cli import common
 _MODE = flags.DEFINE_enum('mode', None, ['sample', 'probe', 'both', 'logits'],
                           'What to evaluate (default: both for GenDD, '
                           'logits otherwise).')
-_SAMPLER = flags.DEFINE_string('sampler', None, 'ancestral, ddim or '
-                               'posterior_mean (default: the config\'s).')
-_STEPS = flags.DEFINE_string('steps', None, 'Sampling steps (respacing).')
+_SAMPLER = flags.DEFINE_string('sampler', None, 'ancestral, ddim, dpmpp_2m '
+                               'or posterior_mean (default: the config\'s).')
+_STEPS = flags.DEFINE_string('steps', None, "Sampling steps (respacing: 'N' "
+                             "as the paper, 'trailingN' from t = T - 1).")
 _CFG = flags.DEFINE_float('cfg_scale', None, 'Classifier-free guidance.')
 _TEMP = flags.DEFINE_float('temperature', None, 'Per-step noise scale.')
 _NUM = flags.DEFINE_integer('num_sampling', None, 'Draws averaged per image.')
@@ -92,7 +94,8 @@ class SamplerSpec(NamedTuple):
   cfg_scale: float
   temperature: float
   num_sampling: int
-  clip_x0: float | None = None  # Bound on the x0 estimate (None: off).
+  # Bound on the x0 estimate, a `diffusion.Threshold` or None (off).
+  clip_x0: float | diffusion.Threshold | None = None
 
 
 def load(directory: str, config=None) -> Exported:
@@ -126,7 +129,8 @@ def sampler_spec(config, sampler=None, steps=None, cfg_scale=None,
   rest of `config.sampler`).
 
   `clip_x0` is 'none', 'data' (the training targets' range, `clip_bound`,
-  stored in the export) or a number.
+  stored in the export), a number, or 'dynamic[:P]' / 'dynamic_clip[:P]'
+  (thresholding relative to `clip_bound`; see `gendd.parse_clip_x0`).
   """
   s = config.sampler
   pick = lambda v, d: d if v is None else v  # noqa: E731
@@ -136,6 +140,8 @@ def sampler_spec(config, sampler=None, steps=None, cfg_scale=None,
       raise ValueError("clip_x0='data' needs the export's clip_bound (this "
                        'export has none)')
     bound = float(clip_bound)
+  elif clip_bound is not None:
+    bound = gendd.with_bound(bound, float(clip_bound))
   return SamplerSpec(pick(sampler, s.get('eval_kind',
                                          s.get('kind', 'ancestral'))),
                      str(pick(steps, s.get('eval_steps', s.steps))),
@@ -143,6 +149,17 @@ def sampler_spec(config, sampler=None, steps=None, cfg_scale=None,
                      float(pick(temperature, s.temperature)),
                      int(pick(num_sampling, s.get('eval_num_sampling',
                                                   s.num_sampling))), bound)
+
+
+def describe_clip(clip) -> str:
+  """`clip_x0` in words, for the printed results ('' when off)."""
+  if clip is None:
+    return ''
+  if isinstance(clip, diffusion.Threshold):
+    how = 'rescaled' if clip.rescale else 'clipped'
+    return (f', x0 {how} at its {clip.percentile:g}th percentile beyond '
+            f'±{float(clip.bound):.3g}')
+  return f', x0 clipped to ±{clip:.3g}'
 
 
 def _sampling(g, spec: SamplerSpec):
@@ -156,18 +173,43 @@ def _sampling(g, spec: SamplerSpec):
   return sched, settings
 
 
+# Stands for the x0 bound in a compiled function's spec: the bound itself is
+# an argument, so runs (folds) with different bounds share one compile.
+_TRACED = 'traced'
+
+
+def _split_bound(spec: SamplerSpec | None
+                 ) -> tuple[SamplerSpec | None, np.ndarray]:
+  """`(spec with its x0 bound replaced by _TRACED, the bound)`."""
+  clip = None if spec is None else spec.clip_x0
+  if clip is None:
+    return spec, np.float32(0.0)
+  if isinstance(clip, diffusion.Threshold):
+    return (spec._replace(clip_x0=clip._replace(bound=_TRACED)),
+            np.float32(clip.bound))
+  return spec._replace(clip_x0=_TRACED), np.float32(clip)
+
+
+def _with_bound(clip, bound):
+  """The inverse of `_split_bound` inside the compiled function."""
+  if isinstance(clip, diffusion.Threshold):
+    return clip._replace(bound=bound)
+  return bound if isinstance(clip, str) and clip == _TRACED else clip
+
+
 @functools.lru_cache(maxsize=None)
 def _counts_fn(ex_key, mode: str, spec: SamplerSpec | None, mesh):
-  """A jitted `(variables, classifier, stats, batch, key) -> (top-1 hits per
-  class, top-5 hits, examples per class)` over a batch sharded along the
-  mesh's data axis (variables replicated); only these counts leave the
-  devices."""
+  """A jitted `(variables, classifier, stats, batch, key, bound) -> (top-1
+  hits per class, top-5 hits, examples per class)` over a batch sharded
+  along the mesh's data axis (variables replicated); only these counts
+  leave the devices. `spec` comes from `_split_bound`, `bound` is its x0
+  bound."""
   stage, graphdef, g = ex_key
   record = stages.get(stage)
   if mode == 'sample':
     sched, settings = _sampling(g, spec)
 
-  def logits_of(variables, classifier, stats, image, key):
+  def logits_of(variables, classifier, stats, image, key, bound):
     model = nnx.merge(graphdef, variables['params'],
                       variables['batch_stats'])
     if mode == 'logits':
@@ -177,12 +219,14 @@ def _counts_fn(ex_key, mode: str, spec: SamplerSpec | None, mesh):
     z, probe, _ = precision.to_float32(model.student(image))
     if mode == 'probe':
       return probe
-    return gendd.sampled_logits(model.head, sched, key, z, settings,
+    sample = settings._replace(clip_x0=_with_bound(settings.clip_x0, bound))
+    return gendd.sampled_logits(model.head, sched, key, z, sample,
                                 classifier['weight'], classifier['bias'],
                                 stats)[0]
 
-  def fn(variables, classifier, stats, batch, key):
-    logits = logits_of(variables, classifier, stats, batch['image'], key)
+  def fn(variables, classifier, stats, batch, key, bound):
+    logits = logits_of(variables, classifier, stats, batch['image'], key,
+                       bound)
     top = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
     hit = top == batch['label'][:, None]
     valid = batch['valid'] > 0
@@ -193,7 +237,7 @@ def _counts_fn(ex_key, mode: str, spec: SamplerSpec | None, mesh):
 
   rep = sharding.replicated(mesh)
   return jax.jit(fn, in_shardings=(rep, rep, rep,
-                                   sharding.data_sharded(mesh), rep),
+                                   sharding.data_sharded(mesh), rep, rep),
                  out_shardings=rep)
 
 
@@ -242,9 +286,11 @@ def evaluate(ex: Exported, batches: Iterable[dict[str, Any]], mode: str,
   """
   seed = int(ex.config.seed) if seed is None else seed
   mesh = mesh or sharding.create_mesh()
-  fn = _counts_fn(_key(ex), mode, spec if mode == 'sample' else None, mesh)
+  spec, bound = _split_bound(spec if mode == 'sample' else None)
+  fn = _counts_fn(_key(ex), mode, spec, mesh)
   rep = sharding.replicated(mesh)
   args = jax.device_put((ex.variables, ex.classifier, ex.target_stats), rep)
+  bound = jax.device_put(bound, rep)
   stream = iter(batches)
   if max_batches:
     stream = itertools.islice(stream, max_batches)
@@ -257,7 +303,8 @@ def evaluate(ex: Exported, batches: Iterable[dict[str, Any]], mode: str,
         image=b['image'], label=np.asarray(b['label'], np.int32),
         valid=np.asarray(b['valid'], np.float32)), mesh)
   # Compile (and warm up) outside the timed pass.
-  jax.block_until_ready(fn(*args, shard(first), stages.eval_key(seed, 0)))
+  jax.block_until_ready(fn(*args, shard(first), stages.eval_key(seed, 0),
+                           bound))
   totals = None
   t0 = time.perf_counter()
   pending = None
@@ -267,7 +314,7 @@ def evaluate(ex: Exported, batches: Iterable[dict[str, Any]], mode: str,
     return out if totals is None else [a + b for a, b in zip(totals, out)]
   for i, b in enumerate(itertools.chain([first], stream)):
     # Dispatch batch i before reading the counts of batch i - 1.
-    out = fn(*args, shard(b), stages.eval_key(seed, i))
+    out = fn(*args, shard(b), stages.eval_key(seed, i), bound)
     if pending is not None:
       totals = add(totals, pending)
     pending = out
@@ -365,8 +412,7 @@ def _evaluate_command(argv: list[str]) -> None:
     if mode == 'sample':
       res['sampler'] = spec._asdict()
     results[mode] = res
-    clip = ('' if spec.clip_x0 is None else
-            f', x0 clipped to ±{spec.clip_x0:.3g}')
+    clip = describe_clip(spec.clip_x0)
     steps = ('1 call' if spec.sampler == 'posterior_mean' else
              f'{spec.steps} steps')
     detail = (f' ({spec.sampler}, {steps}, cfg '

@@ -1,21 +1,28 @@
-r"""Accuracy against sampling steps, per sampler: the few-step study.
+r"""Accuracy against sampling steps, per sampler and x0 clipping: the
+few-step study.
 
   python -m gendd_jax.cli.sweep_sampling \
       --runs='runs/digits/seed0/fold*/gendd' \
-      --step_counts=1,2,4,8,16,32,64,100 \
-      --samplers=ancestral,ddim,posterior_mean --seeds=3 \
+      --step_counts=1,2,4,8,16,32,64,trailing1,trailing2,trailing4,trailing8 \
+      --samplers=ancestral,ddim,dpmpp_2m,posterior_mean \
+      --clip_x0=none,data,dynamic,dynamic_clip --seeds=3 \
       --out=docs/results/sampling_digits
 
 Exports each GenDD training run (to `<run>/eval_export`, once), evaluates
-every (sampler, steps) setting on each run's evaluation split, pools the
-predictions over runs (e.g. the folds of a cross-validation, which together
-test every image once) and averages over `--seeds` sampler-noise seeds.
-`posterior_mean` is a single network call whatever the step count, so it is
-evaluated once. The cost of a setting is its number of network evaluations
-per image (steps x 2 with classifier-free guidance), which does not depend
-on the machine; measured images/s are reported beside it. The recommended
-setting is the cheapest whose accuracy is within `--tolerance` points of
-the reference sampler (`--reference`, the paper's ancestral sampler).
+every (sampler, steps, x0 clipping) setting on each run's evaluation split,
+pools the predictions over runs (e.g. the folds of a cross-validation, which
+together test every image once) and averages over `--seeds` sampler-noise
+seeds. `posterior_mean` is a single network call whatever the step count, so
+it is evaluated once per clipping. Step counts are respacings: 'N' is the
+paper's rule, 'trailingN' keeps the noisiest step (`diffusion.trailing_steps`).
+The cost of a setting is its number of network evaluations per image (steps
+x 2 with classifier-free guidance), which does not depend on the machine;
+measured images/s are reported beside it.
+
+The recommended setting is the cheapest whose accuracy is within
+`--tolerance` points of the BEST setting measured (any sampler, clipped or
+not); speed-ups are stated against `--reference`, the paper's sampler
+(ancestral, no clipping, 64 or 100 steps), which sets the cost to beat.
 Writes `<out>.json`, `<out>.md` and `<out>.png`.
 """
 
@@ -28,8 +35,10 @@ import statistics
 
 from absl import flags
 
-from gendd_jax import paths
+from gendd_jax import diffusion
 from gendd_jax import errors
+from gendd_jax import gendd
+from gendd_jax import paths
 from gendd_jax.cli import common
 from gendd_jax.cli import evaluate
 from gendd_jax.cli import export as export_lib
@@ -37,43 +46,83 @@ from gendd_jax.cli import export as export_lib
 _RUNS = flags.DEFINE_string('runs', None, 'Glob of GenDD training run dirs.')
 _STEPS = flags.DEFINE_list(
     'step_counts', ['1', '2', '4', '8', '16', '32', '64', '100'],
-    'Step counts.')
-_SAMPLERS = flags.DEFINE_list('samplers', ['ancestral', 'ddim',
-                                           'posterior_mean'], 'Samplers.')
+    "Step counts (respacings: 'N', or 'trailingN' from the noisiest step).")
+_SAMPLERS = flags.DEFINE_list(
+    'samplers', ['ancestral', 'ddim', 'dpmpp_2m', 'posterior_mean'],
+    'Samplers.')
 _SEEDS = flags.DEFINE_integer('seeds', 3, 'Sampler-noise seeds averaged.')
 _REFERENCE = flags.DEFINE_string(
     'reference', 'ancestral:64',
-    'sampler:steps whose accuracy is the target.')
-_TOLERANCE = flags.DEFINE_float('tolerance', 0.2, 'Points below the '
-                                'reference still counted as equal.')
+    "sampler:steps of the paper's sampler (no clipping), whose cost the "
+    'speed-ups are stated against.')
+_TOLERANCE = flags.DEFINE_float('tolerance', 0.2, 'Points below the best '
+                                'setting still counted as equal.')
 # Deprecated: this command's name for --out before the commands shared it.
 flags.DEFINE_alias('output_prefix', 'out')
+_MERGE = flags.DEFINE_list(
+    'merge', [], 'Instead of evaluating, re-select from studies written '
+    'before (their .json files, e.g. one per clipping) pooled as one.')
 flags.declare_key_flag('clip_x0')
 flags.declare_key_flag('out')
 
 
-def _settings(samplers, steps):
-  out = []
+def _settings(samplers, steps, clips):
+  """`(sampler, steps, clip_x0)` of every setting, checked before any run.
+
+  Raises:
+    ValueError: an unknown sampler, step count or clipping.
+  """
   for sampler in samplers:
-    for n in ([steps[0]] if sampler == 'posterior_mean' else steps):
-      out.append((sampler, '1' if sampler == 'posterior_mean' else n))
+    if sampler not in diffusion.SAMPLERS:
+      raise ValueError(f'unknown sampler {sampler!r} in --samplers; '
+                       f'expected some of {", ".join(diffusion.SAMPLERS)}')
+  for n in steps:
+    try:
+      diffusion.space_timesteps(1000, n)
+    except ValueError as e:
+      raise ValueError(f'--step_counts: {n!r}: {e}') from None
+  for clip in clips:
+    gendd.parse_clip_x0(clip)
+  out = []
+  for clip in clips:
+    for sampler in samplers:
+      for n in (['1'] if sampler == 'posterior_mean' else steps):
+        out.append((sampler, n, clip))
   return out
 
 
-def cost(sampler: str, steps: str, cfg_scale: float) -> int:
+def cost(sampler: str, steps: str, cfg_scale: float,
+         diffusion_steps: int = 1000) -> int:
   """Network evaluations per image and draw."""
-  calls = 1 if sampler == 'posterior_mean' else int(steps)
+  calls = (1 if sampler == 'posterior_mean' else
+           len(diffusion.space_timesteps(diffusion_steps, steps)))
   return calls * (2 if cfg_scale != 1.0 else 1)
 
 
-def choose(rows: list[dict], reference: dict, tolerance: float) -> dict:
-  """The cheapest row within `tolerance` points of `reference`."""
-  ok = [r for r in rows if r['top1'] >= reference['top1'] - tolerance]
-  return min(ok, key=lambda r: (r['cost'], -r['top1']))
+def choose(rows: list[dict], tolerance: float) -> tuple[dict, dict]:
+  """`(best, cheapest)`: the most accurate row, and the cheapest row within
+  `tolerance` points of it (the more accurate of equally cheap ones)."""
+  best = max(rows, key=lambda r: (r['top1'], -r['cost']))
+  ok = [r for r in rows if r['top1'] >= best['top1'] - tolerance]
+  return best, min(ok, key=lambda r: (r['cost'], -r['top1']))
+
+
+def _key(r: dict) -> tuple[str, str, str]:
+  return r['sampler'], r['steps'], r['clip_x0']
 
 
 def sweep(run_dirs, samplers, steps, seeds, reference, tolerance,
-          clip_x0: str = 'none') -> dict:
+          clips=('none',)) -> dict:
+  """Evaluates every setting on every run; see the module docstring.
+
+  `reference` is 'sampler:steps', always without clipping (the paper's).
+  """
+  settings = _settings(samplers, steps, clips)
+  ref_sampler, _, ref_steps = reference.partition(':')
+  ref_key = (ref_sampler, ref_steps, 'none')
+  _settings([ref_sampler], [ref_steps], ['none'])
+  if ref_key not in settings:
+    settings.append(ref_key)
   exports = []
   for run in run_dirs:
     out = os.path.join(run, 'eval_export')
@@ -81,17 +130,15 @@ def sweep(run_dirs, samplers, steps, seeds, reference, tolerance,
       export_lib.export(run, out)
     exports.append(evaluate.load(out))
   rows = []
-  ref_sampler, ref_steps = reference.split(':')
-  settings = _settings(samplers, steps)
-  if (ref_sampler, ref_steps) not in settings:
-    settings.append((ref_sampler, ref_steps))
-  for sampler, n in settings:
+  cfg = evaluate.sampler_spec(exports[0].config).cfg_scale
+  num_steps = int(exports[0].config.gendd.diffusion_steps)
+  for sampler, n, clip in settings:
     accs, top5s, speeds = [], [], []
     for seed in range(seeds):
       hits1 = hits5 = total = 0
       for ex in exports:
         spec = evaluate.sampler_spec(ex.config, sampler=sampler, steps=n,
-                                     clip_x0=clip_x0,
+                                     clip_x0=clip,
                                      clip_bound=ex.meta.get('clip_bound'))
         r = evaluate.evaluate(ex, evaluate.eval_batches(ex), 'sample', spec,
                               seed=seed)
@@ -101,15 +148,15 @@ def sweep(run_dirs, samplers, steps, seeds, reference, tolerance,
         speeds.append(r['images_per_sec'])
       accs.append(100.0 * hits1 / total)
       top5s.append(100.0 * hits5 / total)
-    cfg = evaluate.sampler_spec(exports[0].config).cfg_scale
-    row = dict(sampler=sampler, steps=n, cost=cost(sampler, n, cfg),
+    row = dict(sampler=sampler, steps=n, clip_x0=clip,
+               cost=cost(sampler, n, cfg, num_steps),
                top1=statistics.mean(accs),
                top1_std=statistics.pstdev(accs), top1_per_seed=accs,
                top5=statistics.mean(top5s),
                images_per_sec=statistics.median(speeds), images=total)
     rows.append(row)
-    print(f'{sampler:>15s} {n:>4s} steps ({row["cost"]:4d} calls): top-1 '
-          f'{row["top1"]:6.2f} ± {row["top1_std"]:.2f}  top-5 '
+    print(f'{sampler:>15s} {n:>11s} {clip:>12s} ({row["cost"]:4d} calls): '
+          f'top-1 {row["top1"]:6.2f} ± {row["top1_std"]:.2f}  top-5 '
           f'{row["top5"]:6.2f}  {row["images_per_sec"]:9.1f} images/s',
           flush=True)
   probe = []
@@ -117,36 +164,78 @@ def sweep(run_dirs, samplers, steps, seeds, reference, tolerance,
     probe.append(evaluate.evaluate(ex, evaluate.eval_batches(ex), 'probe'))
   probe_top1 = (sum(p['top1'] * p['images'] for p in probe) /
                 sum(p['images'] for p in probe))
-  ref = next(r for r in rows if (r['sampler'], r['steps']) ==
-             (ref_sampler, ref_steps))
-  best = choose(rows, ref, tolerance)
-  return dict(rows=rows, reference=ref, recommended=best, clip_x0=clip_x0,
-              tolerance=tolerance, probe_top1=probe_top1, seeds=seeds,
+  ref = next(r for r in rows if _key(r) == ref_key)
+  best, cheapest = choose(rows, tolerance)
+  return dict(rows=rows, reference=ref, best=best, recommended=cheapest,
+              clip_x0=list(clips), tolerance=tolerance,
+              probe_top1=probe_top1, seeds=seeds,
               runs=[os.path.abspath(r) for r in run_dirs],
-              speedup_calls=ref['cost'] / best['cost'],
-              speedup_measured=best['images_per_sec'] / ref['images_per_sec'])
+              speedup_calls=ref['cost'] / cheapest['cost'],
+              speedup_measured=(cheapest['images_per_sec'] /
+                                ref['images_per_sec']))
+
+
+def merge(results: list[dict], reference: str, tolerance: float) -> dict:
+  """One study from several written before on the same runs (e.g. one per
+  clipping, as this tool wrote them when it took a single `--clip_x0`),
+  re-selected under the rule of `choose`. Rows lacking a clipping take
+  their study's.
+
+  Raises:
+    ValueError: studies of different runs or seeds, or no reference row.
+  """
+  first = results[0]
+  for r in results[1:]:
+    if r['runs'] != first['runs'] or r['seeds'] != first['seeds']:
+      raise ValueError('--merge takes studies of the same runs and seeds')
+  rows = []
+  for res in results:
+    clip = res.get('clip_x0', 'none')
+    for row in res['rows']:
+      rows.append(dict(row, clip_x0=row.get('clip_x0', clip)))
+  ref_sampler, _, ref_steps = reference.partition(':')
+  ref = [r for r in rows if _key(r) == (ref_sampler, ref_steps, 'none')]
+  if not ref:
+    raise ValueError(f'no study holds the reference {reference} unclipped')
+  best, cheapest = choose(rows, tolerance)
+  return dict(rows=rows, reference=ref[0], best=best, recommended=cheapest,
+              clip_x0=sorted({r['clip_x0'] for r in rows}),
+              tolerance=tolerance, probe_top1=first['probe_top1'],
+              seeds=first['seeds'], runs=first['runs'],
+              merged_from=[r.get('source', '') for r in results],
+              speedup_calls=ref[0]['cost'] / cheapest['cost'],
+              speedup_measured=(cheapest['images_per_sec'] /
+                                ref[0]['images_per_sec']))
 
 
 def markdown(res: dict) -> str:
-  lines = ['| sampler | steps | network calls / image | top-1 % (mean ± std '
-           f'over {res["seeds"]} seeds) | top-5 % | images/s |',
-           '|---|---|---|---|---|---|']
+  """The study's table and its conclusion, in markdown."""
+  lines = ['| sampler | steps | x0 clipping | network calls / image | top-1 % '
+           f'(mean ± std over {res["seeds"]} seeds) | top-5 % | images/s |',
+           '|---|---|---|---|---|---|---|']
+  ref, best, pick = res['reference'], res['best'], res['recommended']
   for r in res['rows']:
-    mark = ' **(recommended)**' if r is res['recommended'] or (
-        r['sampler'], r['steps']) == (res['recommended']['sampler'],
-                                      res['recommended']['steps']) else ''
-    lines.append(f"| {r['sampler']}{mark} | {r['steps']} | {r['cost']} | "
-                 f"{r['top1']:.2f} ± {r['top1_std']:.2f} | {r['top5']:.2f} | "
-                 f"{r['images_per_sec']:.1f} |")
-  ref, best = res['reference'], res['recommended']
-  lines += ['', f"x0 clipping: {res['clip_x0']}. "
-            f"Linear probe (no sampling): {res['probe_top1']:.2f}%. "
-            f"Reference: {ref['sampler']} {ref['steps']} steps "
-            f"{ref['top1']:.2f}%. Cheapest within {res['tolerance']} points: "
-            f"{best['sampler']} {best['steps']} step(s), {best['top1']:.2f}% "
-            f"— {res['speedup_calls']:.0f}x fewer network calls, "
-            f"{res['speedup_measured']:.1f}x the measured images/s."]
+    marks = [name for name, row in (('best', best), ('recommended', pick),
+                                     ('paper', ref)) if _key(r) == _key(row)]
+    mark = f" **({', '.join(marks)})**" if marks else ''
+    lines.append(f"| {r['sampler']}{mark} | {r['steps']} | {r['clip_x0']} | "
+                 f"{r['cost']} | {r['top1']:.2f} ± {r['top1_std']:.2f} | "
+                 f"{r['top5']:.2f} | {r['images_per_sec']:.1f} |")
+  lines += ['', f"Linear probe (no sampling): {res['probe_top1']:.2f}%. "
+            f"The paper's sampler ({ref['sampler']} {ref['steps']} steps, no "
+            f"clipping): {ref['top1']:.2f}%, {ref['cost']} calls. Best "
+            f"setting: {_name(best)}, {best['top1']:.2f}%. Cheapest within "
+            f"{res['tolerance']} points of the best: {_name(pick)}, "
+            f"{pick['top1']:.2f}%, {pick['cost']} calls — "
+            f"{res['speedup_calls']:.1f}x fewer network calls than the "
+            f"paper's sampler, {res['speedup_measured']:.1f}x its measured "
+            'images/s.']
   return '\n'.join(lines) + '\n'
+
+
+def _name(r: dict) -> str:
+  steps = '1 call' if r['sampler'] == 'posterior_mean' else f"{r['steps']}"
+  return f"{r['sampler']} {steps}, x0 clipping {r['clip_x0']}"
 
 
 def plot(res: dict, path: str) -> None:
@@ -155,37 +244,54 @@ def plot(res: dict, path: str) -> None:
   matplotlib.use('Agg')
   # Optional, like matplotlib above; the headless backend is chosen first.
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, ax = plt.subplots(figsize=(6, 4))
+  fig, ax = plt.subplots(figsize=(9, 6))
   by = {}
   for r in res['rows']:
-    by.setdefault(r['sampler'], []).append(r)
-  for sampler, rows in by.items():
-    xs = [int(r['steps']) for r in rows]
-    ax.errorbar(xs, [r['top1'] for r in rows],
+    trailing = r['steps'].startswith('trailing')
+    name = (r['sampler'] + (' trailing' if trailing else '') +
+            ('' if r['clip_x0'] == 'none' else f", {r['clip_x0']}"))
+    by.setdefault(name, []).append(r)
+  for name, rows in by.items():
+    ax.errorbar([r['cost'] for r in rows], [r['top1'] for r in rows],
                 yerr=[r['top1_std'] for r in rows], marker='o',
-                label=sampler, capsize=3)
+                label=name, capsize=3, ms=3, lw=1)
   ax.axhline(res['probe_top1'], color='gray', ls='--', label='linear probe')
-  ax.axhline(res['reference']['top1'] - res['tolerance'], color='k', ls=':',
-             lw=0.8, label=f"reference - {res['tolerance']}")
+  ax.axhline(res['best']['top1'] - res['tolerance'], color='k', ls=':',
+             lw=0.8, label=f"best - {res['tolerance']}")
   ax.set_xscale('log', base=2)
-  ax.set_xlabel('sampling steps')
+  ax.set_ylim(max(0.0, res['probe_top1'] - 15.0), 100.0)
+  ax.set_xlabel('network calls per image')
   ax.set_ylabel('top-1 (%)')
-  ax.legend()
+  ax.legend(fontsize=6, ncol=2)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
 
 
+def _read(path: str) -> dict:
+  with open(paths.absolute(path)) as f:
+    return dict(json.load(f), source=path)
+
+
 def main(argv):
-  out = common.OUT.value
-  if len(argv) > 1 or not _RUNS.value or not out:
-    errors.fail('--runs and --out (the output path prefix) are required')
-  out = paths.absolute(out)
-  runs = sorted(glob.glob(paths.absolute(_RUNS.value)))
-  if not runs:
-    errors.fail(f'no run directory matches {_RUNS.value}')
-  clip_x0 = 'none' if common.CLIP_X0.value is None else common.CLIP_X0.value
-  res = sweep(runs, _SAMPLERS.value, _STEPS.value, _SEEDS.value,
-              _REFERENCE.value, _TOLERANCE.value, clip_x0)
+  if len(argv) > 1 or not common.OUT.value or not (_RUNS.value or
+                                                   _MERGE.value):
+    errors.fail('--out (the output path prefix) and one of --runs or '
+                '--merge are required')
+  try:
+    if _MERGE.value:
+      res = merge([_read(p) for p in _MERGE.value], _REFERENCE.value,
+                  _TOLERANCE.value)
+    else:
+      runs = sorted(glob.glob(paths.absolute(_RUNS.value)))
+      if not runs:
+        errors.fail(f'no run directory matches {_RUNS.value}')
+      clips = ('none' if common.CLIP_X0.value is None else
+               common.CLIP_X0.value).split(',')
+      res = sweep(runs, _SAMPLERS.value, _STEPS.value, _SEEDS.value,
+                  _REFERENCE.value, _TOLERANCE.value, clips)
+  except (ValueError, OSError) as e:  # Bad settings, unreadable studies.
+    errors.fail(str(e))
+  out = paths.absolute(common.OUT.value)  # `~` expanded.
   os.makedirs(os.path.dirname(out), exist_ok=True)
   with open(out + '.json', 'w') as f:
     json.dump(res, f, indent=1)
