@@ -75,7 +75,7 @@ def _under(module, root: str) -> bool:
 
 
 @contextlib.contextmanager
-def _cpu_cuda(torch):
+def cpu_cuda(torch):
   """`Tensor.cuda` is the identity inside (the sampler calls it)."""
   if torch.cuda.is_available():
     yield
@@ -122,7 +122,7 @@ def _parts(torch, model, opt, loss_fn: Callable, eval_input
 
   def eval_once():
     model.eval()
-    with torch.no_grad(), _cpu_cuda(torch):
+    with torch.no_grad(), cpu_cuda(torch):
       model(eval_input)
 
   return dict(train=train_once, eval=eval_once)
@@ -212,7 +212,7 @@ def count_flops(ref, fn: Callable[[], None]) -> int:
   `fn` runs, backward included."""
   from torch.utils import flop_counter  # pylint: disable=g-import-not-at-top
   mode = flop_counter.FlopCounterMode(display=False)
-  with mode, _cpu_cuda(ref.torch):
+  with mode, cpu_cuda(ref.torch):
     fn()
   return int(mode.get_total_flops())
 

@@ -52,7 +52,6 @@ Results go to `<output_prefix>.json`, `.md` and `.png`.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
@@ -456,20 +455,6 @@ class Ours:
 # ---------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _cuda_is_identity(torch):
-  """`Tensor.cuda` returns the tensor itself (their sampler calls it)."""
-  if torch.cuda.is_available():
-    yield
-    return
-  saved = torch.Tensor.cuda
-  torch.Tensor.cuda = lambda self, *a, **k: self
-  try:
-    yield
-  finally:
-    torch.Tensor.cuda = saved
-
-
 class Theirs:
   """The authors' `DiffModel` (their `DiffLoss` inside) over a pass-through
   backbone: the rows given are the student features; their frozen
@@ -569,7 +554,7 @@ class Theirs:
     bound = self.feats.clip_bound
     self.model.eval()
     torch.manual_seed(self.seed + (1 << 30))  # Same noise for both variants.
-    with torch.no_grad(), _cuda_is_identity(torch):
+    with torch.no_grad(), bench_reference.cpu_cuda(torch):
       if clip:
         loop = gen.p_sample_loop
         gen.p_sample_loop = lambda *a, **k: loop(

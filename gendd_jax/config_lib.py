@@ -320,7 +320,8 @@ def imagenet(teacher: str, student: str, *, epochs: float,
   reference code's (warm-up 20 epochs, Beta(1, 1) feature mixup).
 
   Supervised: stage-1 (`stage1_epochs`, lr 2e-3, AdamW, crops from 8% of
-  the image area; skipped with `stage1=False`) then GenDD (crops from 60%) with distribution contraction `smooth`.
+  the image area; skipped with `stage1=False`) then GenDD (crops from 60%)
+  with distribution contraction `smooth`.
   Unsupervised (`unsupervised=True`): GenDD with smooth 0 and no labels, no
   stage-1 (it needs labels), plus the released KL baseline under
   `stages.kl` (SGD lr 0.2, momentum 0.9, weight decay 1e-4, warm-up 10,

@@ -135,9 +135,10 @@ class StepParityTest(parameterized.TestCase):
     ours = {}
     for role, module in _parts(model, case).items():
       exported = _export(module, role)
-      self.assertEqual(sorted(exported), sorted(_group(f'{case}/final/{role}/')),
-                       role)
-      ours.update({f'{case}/final/{role}/{k}': v for k, v in exported.items()})
+      final = _group(f'{case}/final/{role}/')
+      self.assertEqual(sorted(exported), sorted(final), role)
+      ours.update({f'{case}/final/{role}/{k}': v
+                   for k, v in exported.items()})
       if case in ('stage1', 'kl'):  # Frozen there: bit-unchanged on both sides.
         key = 'fc.weight'
         init = _group(f'init/{role}/')[key]

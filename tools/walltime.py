@@ -190,9 +190,9 @@ def render(table: dict[str, Any]) -> str:
     stages_txt = '; '.join(
         f'{st}: {entry["flops_per_example"][st] / 1e9:.1f} x {n:,}'
         for st, n in est['steps'].items())
+    times = ' | '.join(walltime.amount(s) for s in est['seconds'].values())
     lines.append(f'| `{arg}` | {stages_txt} | {est["flops"] / 1e15:,.0f} | '
-                 + ' | '.join(walltime.amount(s) for s in est['seconds'].values())
-                 + ' |')
+                 f'{times} |')
   return '\n'.join(lines) + '\n'
 
 
