@@ -80,7 +80,7 @@ def _streams(view_kind, mix, p, count, batch=4, seed=3, source=None):
   view = augment.train_transform(view_kind, 16)
   batch_fn = None
   if mix:
-    batch_fn = streams._mixer(  # pylint: disable=protected-access
+    batch_fn = streams.mix_transform(
         config_lib.image_data('x:y', mixup=0.4, cutmix=1.0,
                               label_smoothing=0.1), 3)
   grain_stream = streams.TrainStream(
