@@ -60,11 +60,13 @@ class BatchNorm(nnx.BatchNorm):
       return super().__call__(x, use_running_average, mask=mask)
     before = self.var[...]
     y = super().__call__(x, False)
-    axes = tuple(range(x.ndim - 1))
-    n = math.prod(x.shape[a] for a in axes)
-    var = jnp.var(x.astype(jnp.promote_types(x.dtype, jnp.float32)), axes)
+    # The update just made, m before + (1 - m) v, becomes m before +
+    # (1 - m) v n / (n - 1) without a second pass over x: add
+    # (1 - m) v / (n - 1) = (after - m before) / (n - 1).
+    n = math.prod(x.shape[:-1])
+    after = self.var[...]
     self.var[...] = jax.lax.stop_gradient(
-        self.momentum * before + (1 - self.momentum) * var * n / max(n - 1, 1))
+        after + (after - self.momentum * before) / max(n - 1, 1))
     return y
 
 
