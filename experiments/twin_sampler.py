@@ -712,9 +712,16 @@ def markdown(record: dict[str, Any], conclusion: str = '') -> str:
   lines = ['# Twin experiment: the paper\'s sampler in our port and in the '
            'authors\' code', '']
   if m:
-    lines += [f"Command: `{m['command']}`", '',
-              f"Wall time: {m['wall_seconds'] / 60:.1f} min on "
-              f"{m['machine']}.", '']
+    wall = (f"Wall time: {m['wall_seconds'] / 60:.1f} min on "
+            f"{m['machine']}")
+    if m.get('merged'):
+      wall += (f" (the longest of {m['merged']} processes run side by side, "
+               'merged with --merge')
+      if m.get('paused_seconds'):
+        wall += (f", including {m['paused_seconds'] / 60:.1f} min paused "
+                 'while the machine was timed for something else')
+      wall += ')'
+    lines += [f"Command: `{m['command']}`", '', wall + '.', '']
   d, s = record['data'], record['setup']
   lines += [
       f"Data: digits fold {m.get('fold', 0)}, data seed "
@@ -877,13 +884,45 @@ def write_outputs(record: dict[str, Any], prefix: str,
   return [prefix + '.json', md_path, prefix + '.png']
 
 
+def merge_records(records: list[dict[str, Any]]) -> dict[str, Any]:
+  """One record of several runs of this script on the same data and setup
+  (e.g. `--implementations=ours` and `=theirs` run side by side, one core
+  each): their runs together, summarised again. Refuses records whose data,
+  setup or probe differ, or that both hold the same run."""
+  if not records:
+    raise ValueError('nothing to merge')
+  first = records[0]
+  runs, seen = [], set()
+  for i, r in enumerate(records):
+    for key in ('setup', 'data', 'eps_probe'):
+      if r[key] != first[key]:
+        raise ValueError(f'record {i} has another {key!r} than record 0: '
+                         'merge only runs on the same data and setup')
+    for run in r['runs']:
+      key = (run['implementation'], run['seed'], run['steps'])
+      if key in seen:
+        raise ValueError(f'run {key} is in more than one record')
+      seen.add(key)
+      runs.append(run)
+  out = {k: first[k] for k in ('setup', 'data', 'eps_probe')}
+  out.update(runs=runs, summary=summarise(runs))
+  metas = [r['meta'] for r in records if 'meta' in r]
+  if metas:
+    out['meta'] = dict(
+        metas[0], command=' ; '.join(m['command'] for m in metas),
+        wall_seconds=max(m['wall_seconds'] for m in metas),
+        merged=len(records),
+        paused_seconds=max(m.get('paused_seconds', 0.0) for m in metas))
+  return out
+
+
 def _define_flags() -> None:
   """The command's flags, defined only when it runs as a program: the
   tests import this module beside the package's commands, whose flags
   (--config, --workdir, --steps) share names with these."""
   global _CONFIG, _REFERENCE_DIR, _OUTPUT_PREFIX, _WORKDIR, _STEPS, _SEEDS
   global _LONG_SEEDS, _LONG_STEPS, _IMPLEMENTATIONS, _DATA_SEED, _FOLD
-  global _EPS_TIMESTEPS, _EPS_DRAWS, _TORCH_THREADS
+  global _EPS_TIMESTEPS, _EPS_DRAWS, _TORCH_THREADS, _MERGE
   _CONFIG = config_flags.DEFINE_config_file(
       'config', 'configs/digits.py', 'The bundled example config whose '
       'teacher, stage-1 and gendd-stage settings are used.',
@@ -919,10 +958,26 @@ def _define_flags() -> None:
       'measurement.')
   _TORCH_THREADS = flags.DEFINE_integer('torch_threads', 1,
                                         'Intra-op threads for torch.')
+  _MERGE = flags.DEFINE_list(
+      'merge', [], 'Instead of running: merge these JSON records of earlier '
+      'runs (same data and setup, e.g. one per --implementations) into '
+      '<output_prefix>.json/.md/.png.')
 
 
 def main(argv):
   del argv
+  if _MERGE.value:
+    records = []
+    for path in _MERGE.value:
+      with open(path) as f:
+        records.append(json.load(f))
+    try:
+      record = merge_records(records)
+    except ValueError as e:
+      sys.exit(f'twin_sampler: cannot merge: {e}')
+    for path in write_outputs(record, _OUTPUT_PREFIX.value):
+      print('wrote', path)
+    return
   implementations = list(_IMPLEMENTATIONS.value)
   ref = None
   if 'theirs' in implementations:

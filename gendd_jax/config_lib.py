@@ -104,6 +104,11 @@ def runtime(c: ml_collections.ConfigDict, *, log_every_steps: int = 200,
     (schedule, model, batch, data); by default such a resume is refused with
     the differing keys (`reliability.SAFE_TO_CHANGE` lists what may always
     change).
+  fast_compile: compile with XLA's backend optimisation off (`XLA_FLAGS`
+    `--xla_backend_optimization_level=0`, expensive LLVM passes disabled),
+    set by the launcher before JAX starts its backend. Compilation takes
+    about half as long and the compiled steps run slower: for smoke tests
+    (`:tiny` turns it on), never for training.
   """
   c.mesh = ml_collections.ConfigDict(dict(data=-1))
   c.precision = ml_collections.ConfigDict(dict(
@@ -118,6 +123,7 @@ def runtime(c: ml_collections.ConfigDict, *, log_every_steps: int = 200,
   c.profile_steps = 0
   c.allow_config_changes = False
   c.tensorboard_dir = ''
+  c.fast_compile = False
   return c
 
 
@@ -444,6 +450,12 @@ def _convert(default, value: str, key: str):
 
 # Reduced BEiT widths of the tiny runs (patch 16 on 32x32 images: 4 tokens).
 TINY_BEIT = dict(embed_dim=32, depth=1, num_heads=2)
+# ImageNet ResNets/ResNeXts and MobileNetV1: `:tiny` keeps one block per
+# stage (per width), `blocks=1` (their compilation dominates a two-step run
+# on a CPU).
+_TINY_BLOCKS = ('resnet18', 'resnet34', 'resnet50', 'resnet101',
+                'resnext50_32x4d', 'resnext101_32x4d', 'resnext101_32x8d',
+                'mobilenet_v1')
 TINY_BATCH = 4
 # Test examples of a tiny sequence run: digits32 in 20 folds, fold 0.
 _TINY_SEQUENCE_FOLDS = 20
@@ -455,7 +467,9 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   download and no teacher file; returns it.
 
   Kept as configured: the stages, the student and teacher architectures
-  (BEiTs at `TINY_BEIT` width and depth), precision, the optimisers and
+  (BEiTs at `TINY_BEIT` width and depth; ImageNet ResNets, ResNeXts and
+  MobileNetV1 at one block per stage with their widths and feature sizes),
+  precision, the optimisers and
   their schedules' shapes (warm-up and decays scaled with the epochs).
   Changed: the data become the in-memory digits at 32x32x3 ('digits32':
   1,797 images, 10 classes, no files; the 8x8 'digits' stay as they are),
@@ -467,7 +481,8 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   'teacher' stage gets one first (two steps from random initialisation: a
   random teacher, no export needed). The diffusion head is token 16, width
   32, depth 1, diffusion_batch_mul 2, with 2-step sampling. Nothing is
-  checkpointed mid-run; every step is logged.
+  checkpointed mid-run; every step is logged; XLA compiles without backend
+  optimisation (`fast_compile`).
   """
   kfold = c.stage == 'pipeline' and c.pipeline.get('protocol') == 'kfold'
   folds = 2 if kfold else _TINY_SEQUENCE_FOLDS
@@ -490,11 +505,14 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   for role in (c.teacher, c.student):
     if role.model.startswith('beit'):
       role.update(TINY_BEIT)
+    elif role.model in _TINY_BLOCKS:
+      role.blocks = 1  # Same blocks and widths, one per stage.
   c.gendd.update(token_dim=16, width=32, depth=1, diffusion_batch_mul=2)
   c.sampler.steps = '2'
   c.sampler.num_sampling = 1
   c.log_every_steps = 1
   c.checkpoint_every_steps = 0
+  c.fast_compile = True  # Compilation is most of a two-step run's time.
   # Training examples of fold 0 within one of the exact count; 2.5 steps'
   # worth of epochs truncates to two steps either way.
   train_examples = _DIGITS - _DIGITS // folds

@@ -34,6 +34,10 @@ def main(argv: list[str]) -> None:
   config, workdir = common.config_and_workdir(argv)
   common.initialize_distributed()
   print(common.devices_line(), flush=True)
+  if config.get('fast_compile', False):
+    print('fast_compile: XLA compiles without backend optimisation '
+          '(quicker to compile, slower steps: a smoke test, not training)',
+          flush=True)
   try:
     with reliability.WorkdirLock(workdir):
       if config.stage == 'pipeline':

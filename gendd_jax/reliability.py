@@ -153,7 +153,8 @@ def check_workdir(workdir: str) -> None:
 SAFE_TO_CHANGE = (
     'log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
     'eval_every_steps', 'eval_subset_batches', 'on_nonfinite',
-    'allow_config_changes', 'profile_steps', 'tensorboard_dir', 'sampler.',
+    'allow_config_changes', 'profile_steps', 'tensorboard_dir',
+    'fast_compile', 'sampler.',
     'pipeline.', 'data.data_dir', 'data.eval_batch_size', 'data.num_threads',
     'data.prefetch', 'data.worker_count', 'data.shot_groups',
     'data.in_memory_limit_mb', 'precompute.')

@@ -322,11 +322,9 @@ def _check_resume(run: _Run, step: int, saved: dict[str, Any]) -> None:
           f'(allow_config_changes): {listed}')
 
 
-def _flops_estimate(run: _Run, train_fn, batch, steps: int) -> str:
-  """The compiled step's FLOPs and the estimated time of `steps` of them on
+def _flops_estimate(run: _Run, jaxpr, steps: int) -> str:
+  """The traced step's FLOPs and the estimated time of `steps` of them on
   these devices (or, where their peak is unknown, on `REFERENCE`)."""
-  # The step was just traced for this batch: the trace is cached.
-  jaxpr = train_fn.trace(run.state, run.teacher, batch).jaxpr
   step_flops = flops.matmul_flops(jaxpr)
   kind, chips = jax.devices()[0].device_kind, jax.device_count()
   secs = walltime.seconds(step_flops * steps, kind, chips)
@@ -362,9 +360,13 @@ def _loop(run: _Run, ckpt, writer, train_fn, periodic_fn
   with reliability.PreemptionWatch() as watch:
     for step in range(start, total):
       batch = sharding.shard_batch(run.stage.visible(next(run.stream)), mesh)
+      if step == start:
+        # Traced before the call, which reuses the trace (after it the
+        # state is donated).
+        jaxpr = train_fn.trace(run.state, run.teacher, batch).jaxpr
       run.state, metrics = train_fn(run.state, run.teacher, batch)
       if step == start:
-        run.log(_flops_estimate(run, train_fn, batch, total - start))
+        run.log(_flops_estimate(run, jaxpr, total - start))
       done = step + 1
       guard.add(done, metrics['nonfinite'])
       means.add(metrics)

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from benchmarks import bench
 from benchmarks import bench_reference
+from benchmarks import bench_tiny
 
 # A local copy of the authors' PyTorch code (never part of the project);
 # the reference-runner test is skipped without one.
@@ -124,6 +125,31 @@ class TableTest(absltest.TestCase):
     self.assertIn('| 4.00 | 4.00 | 1.00x | 2.0 | 2.0 | 8 (50%) | 8 (50%) |',
                   lines[2])
     self.assertIn('16 GFLOP/s', lines[-1])
+
+
+class TinyBenchTest(absltest.TestCase):
+  """`bench_tiny`: every config file is an entry; one real run is timed
+  and its table row says whether it met the limit."""
+
+  def test_entries_and_table(self):
+    entries = bench_tiny.config_entries()
+    configs = os.path.join(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__))), 'configs')
+    self.assertEqual(sorted(entries), sorted(
+        f[:-3] for f in os.listdir(configs) if f.endswith('.py')))
+    run = bench_tiny.run_one('digits:quick', fast_compile=True)
+    self.assertEqual(run['returncode'], 0, run['last_lines'])
+    self.assertGreater(run['seconds'], 0.0)
+    slow = dict(run, config='x', seconds=run['seconds'] + 100.0)
+    failed = dict(run, config='y', returncode=2)
+    text = bench_tiny.markdown(dict(
+        command='c', machine='m', jax='j', fast_compile=True,
+        limit_seconds=run['seconds'] + 50.0, runs=[run, slow, failed]))
+    self.assertIn(f"| `configs/digits.py:quick,tiny` | {run['seconds']:.1f} "
+                  '| yes | 0 |', text)
+    # Over the limit, or failed: not within it.
+    self.assertRegex(text, r'\| `configs/x.py:tiny` \| [0-9.]+ \| no \| 0 \|')
+    self.assertRegex(text, r'\| `configs/y.py:tiny` \| [0-9.]+ \| no \| 2 \|')
 
 
 class BenchTest(absltest.TestCase):

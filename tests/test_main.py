@@ -239,5 +239,56 @@ class PipelineTest(absltest.TestCase):
     self.assertIn(table.strip(), again.stdout)
 
 
+class FastCompileTest(absltest.TestCase):
+  """`fast_compile` (`:tiny`) reaches XLA: its flags join the user's
+  `XLA_FLAGS` before JAX starts its backend, and XLA accepts them."""
+
+  _SCRIPT = '''
+import os, sys
+import jax
+from gendd_jax.cli import common
+common.fast_compile()
+print(os.environ['XLA_FLAGS'])
+print(jax.jit(lambda x: x * 2)(3), jax.device_count())
+common.fast_compile()  # Too late now: a warning, no change.
+print(os.environ['XLA_FLAGS'])
+'''
+
+  def test_flags_added_and_accepted(self):
+    env = dict(testing.subprocess_env(),
+               XLA_FLAGS='--xla_force_host_platform_device_count=3 '
+                         '--xla_backend_optimization_level=1')
+    proc = subprocess.run([sys.executable, '-c', self._SCRIPT], cwd=_ROOT,
+                          env=env, capture_output=True, text=True,
+                          timeout=120)
+    self.assertEqual(proc.returncode, 0, proc.stderr[-2000:])
+    first, ran, last = proc.stdout.strip().splitlines()
+    # The user's own setting of a flag wins; the missing one is added.
+    self.assertEqual(first.split(), [
+        '--xla_force_host_platform_device_count=3',
+        '--xla_backend_optimization_level=1',
+        '--xla_llvm_disable_expensive_passes=true'])
+    self.assertEqual(ran, '6 3')
+    self.assertEqual(last, first)
+    self.assertIn('already started its backend', proc.stderr)
+
+  def test_tiny_turns_it_on_and_the_run_uses_it(self):
+    workdir = _workdir('tiny_fast_compile')
+    proc = run_cli('--config=configs/digits.py:quick,tiny', '--workdir',
+                   workdir, '--config.stage=teacher',
+                   '--config.log_every_steps=1')
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    self.assertIn('fast_compile: XLA compiles without backend optimisation',
+                  proc.stdout)
+    with open(os.path.join(workdir, 'results.json')) as f:
+      self.assertIn('accuracy', json.load(f))
+    # Off unless asked: the quick config alone does not print it.
+    again = run_cli('--config=configs/digits.py:quick,tiny', '--workdir',
+                    _workdir('tiny_optimised'), '--config.stage=teacher',
+                    '--config.fast_compile=False')
+    self.assertEqual(again.returncode, 0, again.stderr[-3000:])
+    self.assertNotIn('fast_compile:', again.stdout)
+
+
 if __name__ == '__main__':
   absltest.main()

@@ -107,6 +107,27 @@ class ResNetTest(parameterized.TestCase):
     self.assertFalse(np.allclose(np.asarray(train_feat),
                                  np.asarray(eval_feat)))
 
+  @parameterized.parameters(
+      ('resnet50', 4, 2048), ('resnext101_32x4d', 4, 2048),
+      ('resnet18', 4, 512), ('mobilenet_v1', 6, 1024))
+  def test_blocks_keeps_widths_with_one_block_per_stage(self, name, n, dim):
+    def build(**kw):
+      return nnx.eval_shape(lambda: models.create_backbone(
+          name, num_classes=10, input_shape=(32, 32, 3), rngs=nnx.Rngs(0),
+          **kw))
+    full, tiny = build(), build(blocks=1)
+    self.assertEqual(tiny.feature_dim, full.feature_dim)
+    self.assertEqual(tiny.feature_dim, dim)
+    if name.startswith('mobilenet'):  # Stem + the first block per width.
+      self.assertLen(tiny.model, n)
+      self.assertLen(full.model, 14)
+    else:
+      self.assertEqual([len(getattr(tiny, f'layer{i}')) for i in (1, 2, 3, 4)],
+                       [1] * n)
+    self.assertLess(_count(tiny), _count(full))
+    with self.assertRaisesRegex(models.ModelError, 'blocks must be'):
+      build(blocks=-1 if name.startswith('res') else 2)
+
   def test_unknown_setting(self):
     with self.assertRaisesRegex(models.ModelError,
                                 r"resnet18: \['depth'\]"):
@@ -116,6 +137,28 @@ class ResNetTest(parameterized.TestCase):
 
 
 class BackboneTest(absltest.TestCase):
+
+  def test_no_parameter_is_weakly_typed(self):
+    # A weakly typed parameter comes back strongly typed from the first
+    # update, so the train step would be traced and compiled twice.
+    small = {'mlp': dict(hidden=(8,)),
+             'beitv2_base_patch16_224': dict(embed_dim=32, depth=1,
+                                             num_heads=2),
+             'beitv2_large_patch16_224': dict(embed_dim=32, depth=1,
+                                              num_heads=2)}
+    for name in models.BACKBONES:
+      shape = (64,) if name == 'mlp' else (32, 32, 3)
+      m = nnx.eval_shape(lambda name=name, shape=shape: models.create_backbone(
+          name, num_classes=10, input_shape=shape, rngs=nnx.Rngs(0),
+          **small.get(name, {})))
+      weak = [jax.tree_util.keystr(path) for path, leaf in
+              jax.tree_util.tree_leaves_with_path(nnx.state(m))
+              if getattr(leaf, 'weak_type', False)]
+      self.assertEqual(weak, [], name)
+    head = nnx.eval_shape(lambda: denoiser.DenoiserMLP(
+        16, 32, 32, 1, 4, rngs=nnx.Rngs(0)))
+    self.assertFalse(any(getattr(x, 'weak_type', False)
+                         for x in jax.tree.leaves(nnx.state(head))))
 
   def test_mlp_shapes_and_count(self):
     m = models.create_backbone('mlp', num_classes=10, input_shape=(8, 8),

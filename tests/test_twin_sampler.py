@@ -167,6 +167,29 @@ class TinyRunTest(absltest.TestCase):
     self.assertIn('| 10 | ours | 0,1 |', text)
     self.assertIn('## Conclusion\n\nConcluded.', text)
 
+  def test_merge_joins_runs_of_separate_processes(self):
+    feats, setup = _tiny_features(), _tiny_setup()
+    kw = dict(eps_timesteps=(999,), eps_draws=1, log=lambda _: None)
+    a = twin_sampler.run_experiment(feats, setup, [10], [0], ['ours'], **kw)
+    b = twin_sampler.run_experiment(feats, setup, [10], [1], ['ours'], **kw)
+    for r, cmd in ((a, 'a'), (b, 'b')):
+      r['meta'] = dict(command=cmd, wall_seconds=5.0 if cmd == 'a' else 9.0,
+                       machine='m', paused_seconds=60.0 * (cmd == 'b'))
+    merged = twin_sampler.merge_records([a, b])
+    self.assertEqual([(s['steps'], s['seeds']) for s in merged['summary']],
+                     [(10, [0, 1])])
+    self.assertEqual(merged['meta']['wall_seconds'], 9.0)
+    self.assertEqual(merged['meta']['command'], 'a ; b')
+    self.assertIn('2 processes run side by side', twin_sampler.markdown(
+        merged))
+    self.assertIn('1.0 min paused', twin_sampler.markdown(merged))
+    with self.assertRaisesRegex(ValueError, 'more than one record'):
+      twin_sampler.merge_records([a, a])
+    other = twin_sampler.run_experiment(
+        feats, _tiny_setup(width=8), [10], [2], ['ours'], **kw)
+    with self.assertRaisesRegex(ValueError, "another 'setup'"):
+      twin_sampler.merge_records([a, other])
+
   def test_snapshots_continue_one_run(self):
     feats, setup = _tiny_features(), _tiny_setup()
     a = twin_sampler.Ours(feats, setup, seed=0)

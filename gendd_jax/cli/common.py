@@ -139,8 +139,30 @@ def config_and_workdir(argv: list[str]):
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  if config.get('fast_compile', False):
+    fast_compile()
   # Local paths become absolute (`~` expanded); gs://... stays as given.
   return config, paths.absolute(WORKDIR.value)
+
+
+# XLA options of `config.fast_compile`: no backend (LLVM) optimisation.
+FAST_COMPILE_FLAGS = ('--xla_backend_optimization_level=0',
+                      '--xla_llvm_disable_expensive_passes=true')
+
+
+def fast_compile() -> None:
+  """Adds `FAST_COMPILE_FLAGS` to `XLA_FLAGS` (those not already given),
+  which XLA reads when JAX starts its backend: so before that, or not at
+  all (a warning says so)."""
+  from jax._src import xla_bridge  # No public query for this.
+  if xla_bridge.backends_are_initialized():
+    logging.warning('fast_compile: JAX has already started its backend; '
+                    'compiling with the default XLA options')
+    return
+  given = os.environ.get('XLA_FLAGS', '').split()
+  names = {f.split('=')[0] for f in given}
+  extra = [f for f in FAST_COMPILE_FLAGS if f.split('=')[0] not in names]
+  os.environ['XLA_FLAGS'] = ' '.join(given + extra)
 
 
 def devices_line() -> str:

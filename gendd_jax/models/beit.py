@@ -152,8 +152,10 @@ class Block(nnx.Module):
     self.attn = Attention(dim, num_heads, grid, rngs=rngs)
     self.norm2 = nnx.LayerNorm(dim, epsilon=_EPS, rngs=rngs)
     self.mlp = Mlp(dim, int(dim * mlp_ratio), rngs=rngs)
-    self.gamma_1 = nnx.Param(jnp.full((dim,), init_values))
-    self.gamma_2 = nnx.Param(jnp.full((dim,), init_values))
+    # float32, not weakly typed: a weak-typed parameter comes back strong
+    # from the first update, and the train step would be compiled twice.
+    self.gamma_1 = nnx.Param(jnp.full((dim,), init_values, jnp.float32))
+    self.gamma_2 = nnx.Param(jnp.full((dim,), init_values, jnp.float32))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = x + self.gamma_1[...] * self.attn(self.norm1(x))

@@ -66,14 +66,21 @@ class MobileNetV1(nnx.Module):
   TORCH_RENAMES = ((r'\.(conv|conv_dw)$', '.0'), (r'\.(bn|bn_dw)$', '.1'),
                    (r'\.conv_pw$', '.3'), (r'\.bn_pw$', '.4'))
 
-  def __init__(self, num_classes: int, in_channels: int = 3, *,
-               rngs: nnx.Rngs):
-    blocks = [ConvBN(in_channels, 32, 2, rngs=rngs)]
+  def __init__(self, num_classes: int, in_channels: int = 3,
+               blocks: int = 0, *, rngs: nnx.Rngs):
+    if blocks not in (0, 1):
+      raise ValueError(f'blocks must be 0 (all 13) or 1 (one per width), '
+                       f'got {blocks}')
+    # blocks=1: the first block of each width (the strided ones and the
+    # first), a shallower network with the same widths and feature size.
+    kept = [b for i, b in enumerate(_BLOCKS)
+            if not blocks or i == 0 or b[0] != _BLOCKS[i - 1][0]]
+    layers_ = [ConvBN(in_channels, 32, 2, rngs=rngs)]
     cin = 32
-    for cout, stride in _BLOCKS:
-      blocks.append(DepthwiseSeparable(cin, cout, stride, rngs=rngs))
+    for cout, stride in kept:
+      layers_.append(DepthwiseSeparable(cin, cout, stride, rngs=rngs))
       cin = cout
-    self.model = nnx.List(blocks)
+    self.model = nnx.List(layers_)
     self.feature_dim = cin
     self.fc = nnx.Linear(cin, num_classes, rngs=rngs)
 
@@ -90,10 +97,11 @@ class MobileNetV1(nnx.Module):
 
 
 def mobilenet_v1(num_classes: int, input_shape: tuple, *,
-                 rngs: nnx.Rngs) -> MobileNetV1:
-  """Builds MobileNetV1 for `input_shape = (H, W, C)` images."""
+                 rngs: nnx.Rngs, blocks: int = 0) -> MobileNetV1:
+  """Builds MobileNetV1 for `input_shape = (H, W, C)` images; `blocks=1`
+  keeps one block per width (the `:tiny` configs' smoke-test depth)."""
   return MobileNetV1(num_classes, in_channels=int(input_shape[-1]),
-                     rngs=rngs)
+                     blocks=blocks, rngs=rngs)
 
 
 MODELS = {'mobilenet_v1': mobilenet_v1}

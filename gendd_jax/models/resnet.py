@@ -106,11 +106,16 @@ class ResNet(nnx.Module):
   TORCH_RENAMES = ((r'downsample_(\d)', r'downsample.\1'),)
 
   def __init__(self, depth: int, num_classes: int, in_channels: int = 3,
-               groups: int = 1, width_per_group: int = 64, *,
-               rngs: nnx.Rngs):
+               groups: int = 1, width_per_group: int = 64,
+               blocks: int = 0, *, rngs: nnx.Rngs):
     if depth not in _DEPTHS:
       raise ValueError(f'no ResNet-{depth}; available: {sorted(_DEPTHS)}')
     block, counts = _DEPTHS[depth]
+    if blocks < 0:
+      raise ValueError(f'blocks must be >= 0 (0: as ResNet-{depth}), got '
+                       f'{blocks}')
+    if blocks:  # A shallower network of the same blocks and widths.
+      counts = (blocks,) * len(counts)
     if block is BasicBlock and (groups, width_per_group) != (1, 64):
       raise ValueError(f'ResNet-{depth} has basic blocks, which take no '
                        'groups or width_per_group')
@@ -147,9 +152,13 @@ class ResNet(nnx.Module):
 
 
 def _builder(depth, groups=1, width_per_group=64):
-  def build(num_classes: int, input_shape: tuple, *, rngs: nnx.Rngs):
+  def build(num_classes: int, input_shape: tuple, *, rngs: nnx.Rngs,
+            blocks: int = 0):
+    """`blocks > 0` keeps that many blocks per stage (the `:tiny` configs'
+    smoke-test depth); 0 builds the named network."""
     return ResNet(depth, num_classes, in_channels=int(input_shape[-1]),
-                  groups=groups, width_per_group=width_per_group, rngs=rngs)
+                  groups=groups, width_per_group=width_per_group,
+                  blocks=blocks, rngs=rngs)
   return build
 
 
