@@ -477,10 +477,11 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   one seed, a sequence uses fold 0 of 20 (90 test images). The in-memory
   data offer the 'cifar' crop and flip only, so 'regular'/'rand'
   augmentation becomes 'cifar', and mixup, CutMix and label smoothing (grain
-  path only) are dropped. A sequence that distils from a teacher and has no
-  'teacher' stage gets one first (two steps from random initialisation: a
-  random teacher, no export needed). The diffusion head is token 16, width
-  32, depth 1, diffusion_batch_mul 2, with 2-step sampling. Nothing is
+  path only) are dropped. A sequence without a 'teacher' stage distils from
+  the teacher architecture at its random initialisation
+  (`teacher.source='random'`: no file, no extra stage). The diffusion head
+  is token 16, width 32, depth 1, diffusion_batch_mul 2, with 2-step
+  sampling. Nothing is
   checkpointed mid-run; every step is logged; XLA compiles without backend
   optimisation (`fast_compile`).
   """
@@ -496,12 +497,10 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       batch_size=TINY_BATCH, eval_batch_size=45, stats_batches=1))
   if kfold:
     c.pipeline.seeds = (0,)
-  elif c.stage == 'pipeline':
-    stages = tuple(c.pipeline.stages)
-    if 'teacher' not in stages:
-      c.pipeline.stages = ('teacher',) + stages
-      if 'teacher' not in c.stages:
-        c.stages.teacher = stage(1, 2e-3, weight_decay=1e-4)
+  elif c.stage == 'pipeline' and 'teacher' not in c.pipeline.stages:
+    # No teacher file: the teacher architecture at its random init.
+    c.teacher.source = 'random'
+    c.teacher.checkpoint = ''
   for role in (c.teacher, c.student):
     if role.model.startswith('beit'):
       role.update(TINY_BEIT)

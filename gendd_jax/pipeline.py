@@ -127,7 +127,8 @@ def run_sequence(config, workdir: str) -> dict[str, Any]:
       raise ConfigError(f'pipeline stage {s!r} has no optimiser '
                         f'settings (config.stages.{s})')
   if (_distils(stages) and 'teacher' not in stages and
-      not config.teacher.checkpoint):
+      not config.teacher.checkpoint and
+      config.teacher.get('source', 'model') != 'random'):
     raise ConfigError(
         'this run distils from a teacher: set --config.teacher.checkpoint='
         '<export dir> (python -m gendd_jax.cli.convert makes one from a '

@@ -189,10 +189,10 @@ def create_mesh(config):
 def precomputed_teacher(config, stage: str) -> bool:
   """Whether `stage` reads precomputed teacher outputs."""
   source = config.teacher.get('source', 'model')
-  if source not in ('model', 'precomputed'):
-    raise ConfigError(f"teacher.source={source!r}; expected 'model' or "
-                      "'precomputed'")
-  if source == 'model' or not stages.get(stage).reads_precomputed:
+  if source not in ('model', 'precomputed', 'random'):
+    raise ConfigError(f"teacher.source={source!r}; expected 'model', "
+                      "'precomputed' or 'random'")
+  if source != 'precomputed' or not stages.get(stage).reads_precomputed:
     return False
   if not config.teacher.get('features'):
     raise ConfigError("teacher.source='precomputed' needs teacher.features="

@@ -70,8 +70,23 @@ def _variables(module) -> dict[str, Any]:
   return dict(params=params, batch_stats=bs)
 
 
+# Seed of `teacher.source='random'`: the same teacher in every stage and tool.
+RANDOM_TEACHER_SEED = 0
+
+
 def load(config, info, mesh, precomputed: bool = False) -> Teacher:
-  """The frozen teacher in `config.teacher.checkpoint`, replicated."""
+  """The frozen teacher in `config.teacher.checkpoint`, replicated; with
+  `teacher.source='random'`, the teacher architecture at its random
+  initialisation (`RANDOM_TEACHER_SEED`; smoke tests, e.g. `:tiny`)."""
+  if config.teacher.get('source', 'model') == 'random':
+    module = precision.set_compute_dtype(
+        stages.create_backbone(config.teacher, info, RANDOM_TEACHER_SEED),
+        precision.compute_dtypes(config)['teacher'])
+    graphdef, params, bs = nnx.split(module, nnx.Param, nnx.BatchStat)
+    variables = jax.device_put(dict(params=params, batch_stats=bs),
+                               sharding.replicated(mesh))
+    return Teacher(variables=variables, graphdef=graphdef,
+                   precomputed=precomputed)
   path = config.teacher.checkpoint
   if not path:
     raise ConfigError(f'stage {config.stage!r} needs a teacher: set '

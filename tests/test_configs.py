@@ -3,8 +3,9 @@ schedules add up.
 
 `config_lib.tiny` shrinks a config to two steps per stage on the in-memory
 digits at 32x32 (batch 4, small diffusion head, BEiTs at reduced width and
-depth, a two-step random teacher stage first where the config distils),
-keeping its stages, architectures and precision. Per config family one
+depth, ImageNet ResNets and MobileNetV1 at one block per stage, the teacher
+at its random initialisation where the config distils without a teacher
+stage), keeping its stages, architectures and precision. Per config family one
 member trains for real (`TwoSteps_*`; the ImageNet family's on a tiny
 generated image folder through grain, with its configured RandAugment,
 mixup, CutMix and label smoothing, and a random teacher export). Every
@@ -41,6 +42,7 @@ from gendd_jax import pipeline
 from gendd_jax import precision
 from gendd_jax import settings
 from gendd_jax import stages as stages_lib
+from gendd_jax import teacher as teacher_lib
 from gendd_jax import train
 import testing
 
@@ -204,6 +206,27 @@ class CoverageTest(absltest.TestCase):
                                     full.stages[s].schedule,
                                     full.stages[s].lr), name)
 
+  def test_random_teacher_is_one_teacher(self):
+    c = get_config('cifar100_gendd', 'resnet32x4-resnet8x4', tiny=True)
+    self.assertEqual(c.teacher.source, 'random')
+    self.assertEqual(get_config('digits', '', tiny=True).teacher.source,
+                     'model')  # Its k-fold pipeline trains the teacher.
+    c.stage = 'gendd'
+    info = dict(num_classes=10, input_shape=(32, 32, 3))
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ('data',))
+    a = teacher_lib.load(c, info, mesh)
+    b = teacher_lib.load(c, info, mesh)  # E.g. training, then the export.
+    for x, y in zip(jax.tree.leaves(a.variables), jax.tree.leaves(b.variables)):
+      np.testing.assert_array_equal(x, y)
+    w, bias = a.classifier()
+    self.assertEqual((w.shape[0], bias.shape[0]), (10, 10))
+    self.assertGreater(float(jnp.abs(w).max()), 0.0)
+    c.teacher.source = 'nope'
+    with self.assertRaisesRegex(settings.ConfigError,
+                                "expected 'model', 'precomputed' or "
+                                "'random'"):
+      settings.precomputed_teacher(c, 'gendd')
+
   def test_argument_grammar(self):
     a = config_lib.parse_arg('resnet56-resnet20,tiny', variant='x')
     self.assertEqual((a.variant, a.tiny), ('resnet56-resnet20', True))
@@ -232,7 +255,7 @@ class _TwoSteps(absltest.TestCase):
 
   def run_config(self, stem, variant, grain):
     c = get_config(stem, variant, tiny=True)
-    if grain:  # A random teacher export replaces the teacher stage.
+    if grain:  # A random teacher export replaces the random teacher.
       c = on_grain(c, get_config(stem, variant))
       with c.unlocked():
         c.pipeline.stages = tuple(
@@ -243,6 +266,7 @@ class _TwoSteps(absltest.TestCase):
                        'init_from')))
       c.teacher.checkpoint = random_teacher(c.teacher.model, settings,
                                             _CLASSES, (32, 32, 3))
+      c.teacher.source = 'model'  # The export, not tiny's random teacher.
     if c.stage == 'pipeline' and c.pipeline.protocol == 'kfold':
       # Two folds of every stage are traced by TracedTest.
       c.pipeline.stages = ('teacher', 'gendd')
