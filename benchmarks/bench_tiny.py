@@ -41,6 +41,8 @@ _FAST_COMPILE = flags.DEFINE_bool(
                           'optimisation).')
 _LIMIT = flags.DEFINE_float('limit_seconds', 60.0,
                             'The target each run is compared with.')
+_NOTE = flags.DEFINE_string('note', '', 'What else ran on the machine, for '
+                            'the record (appended to the table).')
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -97,6 +99,8 @@ def markdown(record: dict) -> str:
   lines += ['', f'Slowest {max(secs):.1f} s, median '
             f'{sorted(secs)[len(secs) // 2]:.1f} s, total {sum(secs):.0f} s.',
             '']
+  if record.get('note'):
+    lines += [record['note'], '']
   return '\n'.join(lines)
 
 
@@ -114,7 +118,7 @@ def main(argv):
       command='python -m benchmarks.bench_tiny ' + ' '.join(sys.argv[1:]),
       machine=f'{platform.machine()}, {os.cpu_count()} CPUs',
       jax=jax.__version__, fast_compile=_FAST_COMPILE.value,
-      limit_seconds=_LIMIT.value, runs=runs)
+      limit_seconds=_LIMIT.value, note=_NOTE.value, runs=runs)
   os.makedirs(os.path.dirname(_OUT.value) or '.', exist_ok=True)
   with open(_OUT.value + '.json', 'w') as f:
     json.dump(record, f, indent=1)
