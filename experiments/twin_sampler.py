@@ -714,13 +714,15 @@ def markdown(record: dict[str, Any], conclusion: str = '') -> str:
   if m:
     wall = (f"Wall time: {m['wall_seconds'] / 60:.1f} min on "
             f"{m['machine']}")
+    notes = []
     if m.get('merged'):
-      wall += (f" (the longest of {m['merged']} processes run side by side, "
-               'merged with --merge')
-      if m.get('paused_seconds'):
-        wall += (f", including {m['paused_seconds'] / 60:.1f} min paused "
-                 'while the machine was timed for something else')
-      wall += ')'
+      notes.append(f"the longest of {m['merged']} records merged with "
+                   '--merge')
+    if m.get('paused_seconds'):
+      notes.append(f"including {m['paused_seconds'] / 60:.1f} min paused "
+                   'while the machine was timed for something else')
+    if notes:
+      wall += ' (' + ', '.join(notes) + ')'
     lines += [f"Command: `{m['command']}`", '', wall + '.', '']
   d, s = record['data'], record['setup']
   lines += [

@@ -180,7 +180,7 @@ class TinyRunTest(absltest.TestCase):
                      [(10, [0, 1])])
     self.assertEqual(merged['meta']['wall_seconds'], 9.0)
     self.assertEqual(merged['meta']['command'], 'a ; b')
-    self.assertIn('2 processes run side by side', twin_sampler.markdown(
+    self.assertIn('the longest of 2 records merged', twin_sampler.markdown(
         merged))
     self.assertIn('1.0 min paused', twin_sampler.markdown(merged))
     with self.assertRaisesRegex(ValueError, 'more than one record'):
