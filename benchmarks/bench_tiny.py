@@ -31,18 +31,26 @@ import time
 from absl import app
 from absl import flags
 
-_CONFIGS = flags.DEFINE_list(
-    'configs', [], 'Config stems (optionally `stem:variant`); default: every '
-    'file in configs/.')
-_OUT = flags.DEFINE_string('out', 'docs/results/tiny_cpu2',
-                           'Writes <out>.json and <out>.md.')
-_FAST_COMPILE = flags.DEFINE_bool(
-    'fast_compile', True, "Keep `:tiny`'s fast_compile (false: XLA's default "
-                          'optimisation).')
-_LIMIT = flags.DEFINE_float('limit_seconds', 60.0,
-                            'The target each run is compared with.')
-_NOTE = flags.DEFINE_string('note', '', 'What else ran on the machine, for '
-                            'the record (appended to the table).')
+_CONFIGS = _OUT = _FAST_COMPILE = _LIMIT = _NOTE = None
+
+
+def _define_flags() -> None:
+  """The command's flags, defined only when it runs as a program: the
+  tests import this module beside the package's commands, which define
+  `--out` too."""
+  global _CONFIGS, _OUT, _FAST_COMPILE, _LIMIT, _NOTE
+  _CONFIGS = flags.DEFINE_list(
+      'configs', [], 'Config stems (optionally `stem:variant`); default: '
+      'every file in configs/.')
+  _OUT = flags.DEFINE_string('out', 'docs/results/tiny_cpu2',
+                             'Writes <out>.json and <out>.md.')
+  _FAST_COMPILE = flags.DEFINE_bool(
+      'fast_compile', True, "Keep `:tiny`'s fast_compile (false: XLA's "
+      'default optimisation).')
+  _LIMIT = flags.DEFINE_float('limit_seconds', 60.0,
+                              'The target each run is compared with.')
+  _NOTE = flags.DEFINE_string('note', '', 'What else ran on the machine, '
+                              'for the record (appended to the table).')
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -130,4 +138,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)
