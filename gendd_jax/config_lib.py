@@ -469,8 +469,8 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   Kept as configured: the stages, the student and teacher architectures
   (BEiTs at `TINY_BEIT` width and depth; ImageNet ResNets, ResNeXts and
   MobileNetV1 at one block per stage with their widths and feature sizes),
-  precision, the optimisers and
-  their schedules' shapes (warm-up and decays scaled with the epochs).
+  precision, the optimisers and their schedules' shapes (warm-up and decays
+  scaled with the epochs).
   Changed: the data become the in-memory digits at 32x32x3 ('digits32':
   1,797 images, 10 classes, no files; the 8x8 'digits' stay as they are),
   batch 4, one target-statistics batch; the k-fold protocol keeps 2 folds and
@@ -481,9 +481,8 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   the teacher architecture at its random initialisation
   (`teacher.source='random'`: no file, no extra stage). The diffusion head
   is token 16, width 32, depth 1, diffusion_batch_mul 2, with 2-step
-  sampling. Nothing is
-  checkpointed mid-run; every step is logged; XLA compiles without backend
-  optimisation (`fast_compile`).
+  sampling. Nothing is checkpointed mid-run; every step is logged; XLA
+  compiles without backend optimisation (`fast_compile`).
   """
   kfold = c.stage == 'pipeline' and c.pipeline.get('protocol') == 'kfold'
   folds = 2 if kfold else _TINY_SEQUENCE_FOLDS

@@ -1,5 +1,7 @@
 """Model tests: shapes, parameter counts, initialisation, rematerialisation."""
 
+import inspect
+
 from absl.testing import absltest
 from absl.testing import parameterized
 from flax import nnx
@@ -7,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gendd_jax import config_lib
 from gendd_jax import models
 from gendd_jax.models import denoiser
 from gendd_jax.models import distill
@@ -127,6 +130,12 @@ class ResNetTest(parameterized.TestCase):
     self.assertLess(_count(tiny), _count(full))
     with self.assertRaisesRegex(models.ModelError, 'blocks must be'):
       build(blocks=-1 if name.startswith('res') else 2)
+
+  def test_tiny_shrinks_every_model_with_blocks(self):
+    # `config_lib.tiny` sets blocks=1 for exactly the models that take it.
+    takes = {name for name, fn in models.REGISTRY.items()
+             if 'blocks' in inspect.signature(fn).parameters}
+    self.assertEqual(set(config_lib._TINY_BLOCKS), takes)
 
   def test_unknown_setting(self):
     with self.assertRaisesRegex(models.ModelError,

@@ -192,9 +192,9 @@ def _split_bound(spec: SamplerSpec | None
 
 def _with_bound(clip, bound):
   """The inverse of `_split_bound` inside the compiled function."""
-  if isinstance(clip, diffusion.Threshold):
-    return clip._replace(bound=bound)
-  return bound if isinstance(clip, str) and clip == _TRACED else clip
+  if isinstance(clip, str) and clip == _TRACED:
+    return bound
+  return gendd.with_bound(clip, bound)
 
 
 @functools.lru_cache(maxsize=None)

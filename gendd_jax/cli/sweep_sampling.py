@@ -165,14 +165,20 @@ def sweep(run_dirs, samplers, steps, seeds, reference, tolerance,
   probe_top1 = (sum(p['top1'] * p['images'] for p in probe) /
                 sum(p['images'] for p in probe))
   ref = next(r for r in rows if _key(r) == ref_key)
+  return _study(rows, ref, tolerance, clip_x0=list(clips),
+                probe_top1=probe_top1, seeds=seeds,
+                runs=[os.path.abspath(r) for r in run_dirs])
+
+
+def _study(rows: list[dict], ref: dict, tolerance: float, **more) -> dict:
+  """The study record of `rows`: the best and recommended rows (`choose`)
+  and the recommended row's speed-ups over `ref`, plus `more`."""
   best, cheapest = choose(rows, tolerance)
   return dict(rows=rows, reference=ref, best=best, recommended=cheapest,
-              clip_x0=list(clips), tolerance=tolerance,
-              probe_top1=probe_top1, seeds=seeds,
-              runs=[os.path.abspath(r) for r in run_dirs],
+              tolerance=tolerance,
               speedup_calls=ref['cost'] / cheapest['cost'],
               speedup_measured=(cheapest['images_per_sec'] /
-                                ref['images_per_sec']))
+                                ref['images_per_sec']), **more)
 
 
 def merge(results: list[dict], reference: str, tolerance: float) -> dict:
@@ -197,15 +203,11 @@ def merge(results: list[dict], reference: str, tolerance: float) -> dict:
   ref = [r for r in rows if _key(r) == (ref_sampler, ref_steps, 'none')]
   if not ref:
     raise ValueError(f'no study holds the reference {reference} unclipped')
-  best, cheapest = choose(rows, tolerance)
-  return dict(rows=rows, reference=ref[0], best=best, recommended=cheapest,
-              clip_x0=sorted({r['clip_x0'] for r in rows}),
-              tolerance=tolerance, probe_top1=first['probe_top1'],
-              seeds=first['seeds'], runs=first['runs'],
-              merged_from=[r.get('source', '') for r in results],
-              speedup_calls=ref[0]['cost'] / cheapest['cost'],
-              speedup_measured=(cheapest['images_per_sec'] /
-                                ref[0]['images_per_sec']))
+  return _study(rows, ref[0], tolerance,
+                clip_x0=sorted({r['clip_x0'] for r in rows}),
+                probe_top1=first['probe_top1'], seeds=first['seeds'],
+                runs=first['runs'],
+                merged_from=[r.get('source', '') for r in results])
 
 
 def markdown(res: dict) -> str:
