@@ -599,8 +599,11 @@ def evaluate(impl, feats: Features, probe: EpsProbe, setup: HeadSetup
 
 def run_seed(kind: str, feats: Features, setup: HeadSetup, probe: EpsProbe,
              snapshots: list[int], seed: int, ref=None,
-             log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-  """One run of `max(snapshots)` steps, evaluated at every snapshot."""
+             log: Callable[[str], None] = print,
+             on_snapshot: Callable[[dict[str, Any]], None] | None = None
+             ) -> list[dict[str, Any]]:
+  """One run of `max(snapshots)` steps, evaluated at every snapshot;
+  `on_snapshot` gets each snapshot's row as soon as it is measured."""
   impl = (Ours(feats, setup, seed) if kind == 'ours'
           else Theirs(ref, feats, setup, seed))
   out, train_seconds = [], 0.0
@@ -624,6 +627,8 @@ def run_seed(kind: str, feats: Features, setup: HeadSetup, probe: EpsProbe,
         f"loss {r['final_loss']:.4f}, train {train_seconds:.0f} s, eval "
         f"{r['eval_seconds']:.0f} s")
     out.append(r)
+    if on_snapshot is not None:
+      on_snapshot(r)
   return out
 
 
@@ -660,8 +665,14 @@ def run_experiment(feats: Features, setup: HeadSetup, steps: list[int],
                    seeds: list[int], implementations: list[str], ref=None,
                    eps_timesteps=(999, 990, 950, 500, 100), eps_draws: int = 4,
                    long_seeds: int = 0, long_steps: int = 16000,
-                   log: Callable[[str], None] = print) -> dict[str, Any]:
-  """Every (implementation, seed, length) run; the JSON record."""
+                   log: Callable[[str], None] = print,
+                   on_progress: Callable[[dict[str, Any]], None] | None = None
+                   ) -> dict[str, Any]:
+  """Every (implementation, seed, length) run; the JSON record.
+
+  `on_progress` gets the record of the snapshots measured so far after each
+  one (a long run stopped early keeps what it measured).
+  """
   for kind in implementations:
     if kind not in IMPLEMENTATIONS:
       raise ValueError(f'unknown implementation {kind!r}; expected one of '
@@ -669,13 +680,25 @@ def run_experiment(feats: Features, setup: HeadSetup, steps: list[int],
   if 'theirs' in implementations and ref is None:
     raise ValueError("'theirs' needs the reference code")
   probe = eps_probe(feats, setup, eps_timesteps, eps_draws)
-  runs = []
+  runs, measured = [], []
+
+  def snapshot(row):
+    measured.append(row)
+    if on_progress is not None:
+      on_progress(_record(feats, setup, probe, eps_draws, list(measured)))
+
   for i, seed in enumerate(seeds):
     snapshots = sorted(steps)
     if long_seeds > 0 and i >= long_seeds:
       snapshots = [n for n in snapshots if n <= long_steps]
     for kind in implementations:
-      runs += run_seed(kind, feats, setup, probe, snapshots, seed, ref, log)
+      runs += run_seed(kind, feats, setup, probe, snapshots, seed, ref, log,
+                       on_snapshot=snapshot)
+  return _record(feats, setup, probe, eps_draws, runs)
+
+
+def _record(feats: Features, setup: HeadSetup, probe: EpsProbe,
+            eps_draws: int, runs: list[dict[str, Any]]) -> dict[str, Any]:
   teacher_top1 = float(100.0 * np.mean(
       (feats.t_test @ feats.weight.T + feats.bias).argmax(-1) ==
       feats.y_test))
@@ -998,23 +1021,40 @@ def main(argv):
   workdir = _WORKDIR.value or tempfile.mkdtemp(prefix='twin_sampler_')
   feats = prepare_features(config, workdir, _DATA_SEED.value, _FOLD.value)
   setup = head_setup(config, len(feats.t_train))
+  # The snapshots measured so far, rewritten after each one: a run stopped
+  # early keeps them (`--merge` accepts this file).
+  partial_path = _OUTPUT_PREFIX.value + '.partial.json'
+
+  def meta(in_progress=False):
+    return dict(
+        command='python -m experiments.twin_sampler ' + ' '.join(
+            a for a in sys.argv[1:]),
+        wall_seconds=time.time() - t0, fold=_FOLD.value,
+        data_seed=_DATA_SEED.value,
+        machine=f'{platform.machine()}, {os.cpu_count()} CPUs',
+        jax=jax.__version__,
+        torch=ref.torch.__version__ if ref is not None else None,
+        torch_threads=_TORCH_THREADS.value if ref is not None else None,
+        **({'partial': 'the snapshots measured so far'}
+           if in_progress else {}))
+
+  def progress(rec):
+    rec['meta'] = meta(in_progress=True)
+    with open(partial_path + '.tmp', 'w') as f:
+      json.dump(rec, f, indent=1)
+    os.replace(partial_path + '.tmp', partial_path)
+
   record = run_experiment(
       feats, setup, [int(s) for s in _STEPS.value],
       [int(s) for s in _SEEDS.value], implementations, ref,
       eps_timesteps=tuple(int(t) for t in _EPS_TIMESTEPS.value),
       eps_draws=_EPS_DRAWS.value, long_seeds=_LONG_SEEDS.value,
-      long_steps=_LONG_STEPS.value)
-  record['meta'] = dict(
-      command='python -m experiments.twin_sampler ' + ' '.join(
-          a for a in sys.argv[1:]),
-      wall_seconds=time.time() - t0, fold=_FOLD.value,
-      data_seed=_DATA_SEED.value,
-      machine=f'{platform.machine()}, {os.cpu_count()} CPUs',
-      jax=jax.__version__,
-      torch=ref.torch.__version__ if ref is not None else None,
-      torch_threads=_TORCH_THREADS.value if ref is not None else None)
+      long_steps=_LONG_STEPS.value, on_progress=progress)
+  record['meta'] = meta()
   for path in write_outputs(record, _OUTPUT_PREFIX.value):
     print('wrote', path)
+  if os.path.exists(partial_path):
+    os.remove(partial_path)
 
 
 if __name__ == '__main__':

@@ -9,8 +9,8 @@ this module sets `EPATH_USE_TF=false` unless it is set already) and orbax's
 arrays through TensorStore. Both honour the standard `STORAGE_EMULATOR_HOST`
 (TensorStore through `TENSORSTORE_GCS_HTTP_URL`, which is derived from it
 here), so one variable points the whole package at a local GCS emulator.
-TensorFlow's own GCS client cannot be pointed elsewhere; it is used only for
-TensorBoard event files (`config.tensorboard_dir`).
+TensorBoard event files go through the same layer (`events`), so they too
+reach a bucket or an emulator.
 
 array_record opens local files only. A remote dataset or features directory
 is therefore read through a copy on local disk (`local_copy`, once per host,
@@ -76,6 +76,34 @@ def makedirs(path: str) -> None:
 
 def read_text(path: str) -> str:
   return epath.Path(path).read_text()
+
+
+def read_bytes(path: str) -> bytes:
+  return epath.Path(path).read_bytes()
+
+
+def write_bytes(path: str, data: bytes) -> None:
+  """Writes a whole file or object (no rename: see `write_text`)."""
+  epath.Path(path).write_bytes(data)
+
+
+def append_bytes(path: str, data: bytes) -> None:
+  """Appends to a local file and flushes it (object stores cannot append:
+  write a new object instead)."""
+  if is_remote(path):
+    raise ValueError(f'cannot append to an object: {path}')
+  with open(path, 'ab') as f:
+    f.write(data)
+    f.flush()
+
+
+def join(path: str, *parts: str) -> str:
+  return os.fspath(epath.Path(path).joinpath(*parts))
+
+
+def listdir(path: str) -> list[str]:
+  """Names in directory `path`, sorted."""
+  return sorted(p.name for p in epath.Path(path).iterdir())
 
 
 def write_text(path: str, text: str) -> None:

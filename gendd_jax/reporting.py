@@ -1,11 +1,13 @@
 """What a run tells its user: the start-up summary, progress lines (interval
 means of the train metrics, a wall-time estimate), the metric writers
-(TensorBoard event files on process 0) and clu's progress and profiling
-hooks."""
+(TensorBoard event files on process 0, `events`), and the per-step hooks:
+steps/s and uptime into the summaries, and the profiler."""
 
 from __future__ import annotations
 
+import contextlib
 import math
+import time
 from typing import Any
 
 import jax
@@ -13,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from gendd_jax import events
 from gendd_jax import models
 from gendd_jax import optim
 from gendd_jax import paths
@@ -88,32 +91,77 @@ def logdir(config, workdir: str) -> str:
   return paths.expand(config.get('tensorboard_dir', '')) or workdir
 
 
-def create_writer(workdir: str):
-  """clu writers: TensorBoard event files (process 0) plus absl logging."""
-  # clu's writers import TensorFlow (seconds); only a training run pays it.
-  from clu import metric_writers  # pylint: disable=g-import-not-at-top
-  return metric_writers.create_default_writer(
-      workdir, just_logging=jax.process_index() > 0, asynchronous=True)
+def create_writer(workdir: str) -> events.EventWriter:
+  """TensorBoard event files in `workdir` (process 0; the others write
+  nothing), without TensorFlow."""
+  return events.EventWriter(workdir, enabled=jax.process_index() == 0)
 
 
-def progress_hooks(config, workdir: str, total: int, writer) -> list:
-  """clu's periodic actions, called with the step after every step:
-  `ReportProgress` (steps/s, ETA and uptime into the summaries, every log
-  step) and, with `config.profile_steps`, a `Profile` of that many steps
-  from step 10 (process 0, into `workdir/plugins/profile`; `workdir` is the
+class ReportProgress:
+  """Every `every` steps, `steps_per_sec` (since the last report) and
+  `uptime` (seconds since the hook was made) into the summaries."""
+
+  def __init__(self, writer, every: int, start: int):
+    self.writer, self.every = writer, max(1, every)
+    self.t0 = self.last_t = time.time()
+    self.last_step = start
+
+  def __call__(self, step: int) -> None:
+    if step % self.every:
+      return
+    now = time.time()
+    rate = (step - self.last_step) / max(now - self.last_t, 1e-9)
+    self.writer.write_scalars(step, {'steps_per_sec': rate,
+                                     'uptime': now - self.t0})
+    self.last_t, self.last_step = now, step
+
+
+class Profile:
+  """A JAX profiler trace of steps `first + 1 .. first + num_steps` into
+  `logdir/plugins/profile` (TensorBoard's profile plugin reads it there)."""
+
+  def __init__(self, logdir: str, num_steps: int, first: int = 10):
+    self.logdir, self.first, self.last = logdir, first, first + num_steps
+    self.active = False
+
+  def __call__(self, step: int) -> None:
+    if step == self.first and not self.active:
+      jax.profiler.start_trace(self.logdir)
+      self.active = True
+    elif step >= self.last and self.active:
+      jax.profiler.stop_trace()
+      self.active = False
+
+  def close(self) -> None:
+    """Stops a trace the run ended inside of."""
+    if self.active:
+      jax.profiler.stop_trace()
+      self.active = False
+
+
+def progress_hooks(config, workdir: str, writer, start: int = 0) -> list:
+  """The hooks called with the step after every step (process 0):
+  `ReportProgress` every log step and, with `config.profile_steps`, a
+  `Profile` of that many steps from step 10 into `workdir` (the
   `logdir`)."""
-  # clu's periodic actions import TensorFlow; only a training run pays it.
-  from clu import periodic_actions  # pylint: disable=g-import-not-at-top
   hooks = []
   if jax.process_index() == 0:
-    hooks.append(periodic_actions.ReportProgress(
-        num_train_steps=total, writer=writer,
-        every_steps=max(1, config.log_every_steps), every_secs=None))
+    hooks.append(ReportProgress(writer, config.log_every_steps, start))
     if config.get('profile_steps', 0):
-      hooks.append(periodic_actions.Profile(
-          logdir=workdir, num_profile_steps=int(config.profile_steps),
-          first_profile=10, every_steps=None, every_secs=None))
+      hooks.append(Profile(workdir, int(config.profile_steps)))
   return hooks
+
+
+@contextlib.contextmanager
+def closing(hooks: list):
+  """Closes the hooks that hold something open (a profiler trace) when the
+  loop ends, also on an error or a preemption."""
+  try:
+    yield hooks
+  finally:
+    for hook in hooks:
+      if hasattr(hook, 'close'):
+        hook.close()
 
 
 @jax.jit

@@ -353,11 +353,11 @@ def _loop(run: _Run, ckpt, writer, train_fn, periodic_fn
   log_every = max(1, config.log_every_steps)
   means = reporting.IntervalMeans()
   hooks = reporting.progress_hooks(
-      config, reporting.logdir(config, run.workdir), total, writer)
+      config, reporting.logdir(config, run.workdir), writer, start)
   estimate = reporting.WallTimeEstimate(name, start, total, run.log)
   t0 = last_t = time.time()
   last_step = start
-  with reliability.PreemptionWatch() as watch:
+  with reliability.PreemptionWatch() as watch, reporting.closing(hooks):
     for step in range(start, total):
       batch = sharding.shard_batch(run.stage.visible(next(run.stream)), mesh)
       if step == start:
@@ -454,6 +454,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   train_fn, eval_fn = jitted_steps(run.s, run.mesh)
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'),
                                max_to_keep=config.keep_checkpoints)
+  writer = None
   try:
     _resume(run, ckpt)
     writer = reporting.create_writer(reporting.logdir(config, workdir))
@@ -471,9 +472,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     eval_time = time.time() - t1
     writer.write_scalars(total, {f'eval/{k}': v
                                  for k, v in res['accuracy'].items()})
-    writer.flush()
   finally:
     ckpt.close()  # Waits for async saves, also on errors.
+    if writer is not None:
+      writer.close()  # The summaries so far, also on errors.
 
   # Every process takes part in the orbax save; process 0 writes the JSON.
   ckpt_lib.save_export(

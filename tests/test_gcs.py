@@ -5,16 +5,11 @@ checkpoints and grain iterator state (interrupted and resumed), export,
 precompute, training from the precomputed features, and evaluate.
 
 The clients are those a TPU VM uses: gcsfs (through `etils.epath`) for
-files and TensorStore for orbax's arrays, both pointed at the server by
-`STORAGE_EMULATOR_HOST`. Two libraries cannot be pointed at it, and are
-covered otherwise:
-
-* TensorFlow's own GCS client (hard-coded to www.googleapis.com), used only
-  for TensorBoard event files: here `config.tensorboard_dir` is local, and
-  the event files are checked there.
-* array_record, which opens local files only (on every filesystem): remote
-  datasets and features are read through `paths.local_copy`, checked here
-  by the copies it makes and by results equal to a run on local disk.
+files (TensorBoard event files included) and TensorStore for orbax's
+arrays, both pointed at the server by `STORAGE_EMULATOR_HOST`. array_record
+cannot be pointed at it: it opens local files only (on every filesystem), so
+remote datasets and features are read through `paths.local_copy`, checked
+here by the copies it makes and by results equal to a run on local disk.
 """
 
 import json
@@ -36,6 +31,7 @@ import tensorflow_datasets as tfds
 
 from gendd_jax import config_lib
 from gendd_jax import errors
+from gendd_jax import events
 from gendd_jax import paths
 from gendd_jax import reliability
 from gendd_jax import train
@@ -148,7 +144,7 @@ def _config(data_dir, stage='teacher'):
   c.log_every_steps = 1
   c.checkpoint_every_steps = 4
   c.keep_checkpoints = 5
-  c.tensorboard_dir = os.path.join(_TMP.name, 'tb', stage)
+  c.tensorboard_dir = _gs('tb', stage)
   return c
 
 
@@ -215,8 +211,12 @@ class GcsPipelineTest(absltest.TestCase):
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
       np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     self.assertTrue(paths.isfile(f'{workdir}/results.json'))
-    self.assertTrue(any('tfevents' in f for f in os.listdir(
-        os.path.join(_TMP.name, 'tb', 'teacher'))))
+    # TensorBoard's summaries on gs://: every step's loss, those logged
+    # before the interruption included (the writer flushes on the way out).
+    scalars = events.read_scalars(_gs('tb', 'teacher'))
+    self.assertEqual(sorted({s for s, _ in scalars['loss']}),
+                     list(range(1, res['steps'] + 1)))
+    self.assertIn('eval/acc', scalars)
     # The dataset was read through one local copy per remote directory.
     copies = [f for f in os.listdir(os.path.join(_TMP.name, 'cache'))
               if f.endswith('.json')]

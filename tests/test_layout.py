@@ -6,7 +6,7 @@
   ones (`LAYERS`; math and models <- stages/settings/teacher <- train <-
   pipeline <- cli/main). A module with no layer fails: add it here.
 * No `gendd_jax` import inside a function. Any other import inside a
-  function (an optional heavy dependency: torch, tensorflow, clu's writers)
+  function (an optional heavy dependency: torch, tensorflow)
   carries a comment on its line or the line above saying why (a bare
   `pylint: disable=...` does not count).
 * Every module opens with a docstring; `benchmarks/` lives outside the
@@ -34,7 +34,7 @@ LAYERS = {
     'errors': 0,
     # Math and parts.
     'diffusion': 1, 'precision': 1, 'sharding': 1, 'optim': 1, 'flops': 1,
-    'walltime': 1,
+    'walltime': 1, 'events': 1,
     'paths': 0,  # The one path layer (etils.epath).
     'models': 1, 'checkpoint': 1, 'data': 1,
     'gendd': 1.5,  # The objective: diffusion + the denoiser.

@@ -46,8 +46,11 @@ def _pins() -> dict[str, str]:
     for line in f:
       line = line.split('#')[0].strip()
       if line:
-        name, version = line.split('==')
-        pins[canonicalize_name(name)] = version
+        req = Requirement(line)  # Extras allowed: etils[epath]==1.15.0.
+        (spec,) = req.specifier
+        if spec.operator != '==':
+          raise ValueError(f'requirements.txt pins with ==, not: {line}')
+        pins[canonicalize_name(req.name)] = spec.version
   return pins
 
 

@@ -64,7 +64,7 @@ class SetupTest(absltest.TestCase):
     config = testing.load_config('digits', None)
     s = twin_sampler.head_setup(config, num_train=1437)
     self.assertEqual((s.token_dim, s.width, s.depth, s.diffusion_batch_mul),
-                     (16, 128, 3, 2))
+                     (16, 128, 3, 1))
     self.assertEqual((s.cond_drop_prob, s.use_vb, s.sampling_steps,
                       s.cfg_scale), (0.2, True, '64', 2.0))
     # 11 steps per epoch: 5 warm-up epochs, beta2 over the 80-epoch run.
@@ -146,11 +146,16 @@ class TinyRunTest(absltest.TestCase):
 
   def test_ours_record_and_reports(self):
     feats = _tiny_features()
+    partials = []
     record = twin_sampler.run_experiment(
         feats, _tiny_setup(), steps=[10, 20], seeds=[0, 1],
         implementations=['ours'], eps_timesteps=(999, 100), eps_draws=1,
-        long_seeds=1, long_steps=10, log=lambda _: None)
+        long_seeds=1, long_steps=10, log=lambda _: None,
+        on_progress=partials.append)
     runs = record['runs']
+    # A record after every snapshot, each holding the snapshots so far.
+    self.assertEqual([len(p['runs']) for p in partials], [1, 2, 3])
+    self.assertEqual(partials[-1]['summary'], record['summary'])
     self.assertEqual([(r['seed'], r['steps']) for r in runs],
                      [(0, 10), (0, 20), (1, 10)])
     for r in runs:
