@@ -4,8 +4,9 @@
 settings (`settings.StepSettings`), the state, the frozen teacher and a
 batch; what differs between stages is asked of the stage's record
 (`stages.Stage.loss` / `.predict`). `jitted_steps` compiles them once per
-settings (a k-fold protocol compiles each stage once) with explicit
-shardings and a donated state.
+settings but the seed, which is an argument (a k-fold protocol over several
+seeds compiles each stage once), with explicit shardings and a donated
+state.
 """
 
 from __future__ import annotations
@@ -134,11 +135,14 @@ def _grads(s: StepSettings, state: TrainState, teacher, batch, key):
   return grads, (jax.tree.map(lambda m: jnp.mean(m, 0), ms), new_bs)
 
 
-def train_step(s: StepSettings, state: TrainState, teacher, batch
+def train_step(s: StepSettings, state: TrainState, teacher, batch,
+               seed: jax.Array | int | None = None
                ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer update; a non-finite loss or gradient leaves the state
-  as it was (flagged in `metrics['nonfinite']`)."""
-  key = jax.random.fold_in(jax.random.key(s.seed), state.step)
+  as it was (flagged in `metrics['nonfinite']`). `seed` (traced, or None
+  for `s.seed`) keys the step's random draws."""
+  seed = s.seed if seed is None else seed
+  key = jax.random.fold_in(jax.random.key(seed), state.step)
   grads, (metrics, new_bs) = _grads(s, state, teacher, batch, key)
   tx = optim.create_optimizer(s.optim)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -156,27 +160,57 @@ def train_step(s: StepSettings, state: TrainState, teacher, batch
       opt_state=keep(opt_state, state.opt_state)), metrics
 
 
-def eval_step(s: StepSettings, state: TrainState, teacher, batch, index
+def eval_step(s: StepSettings, state: TrainState, teacher, batch, index,
+              seed: jax.Array | int | None = None
               ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
   """`(predicted classes, diagnostics)` per prediction of the stage."""
+  seed = s.seed if seed is None else seed
   model = nnx.merge(state.graphdef, state.params, state.batch_stats)
   logits, diag = stages.get(s.stage).predict(
-      s, model, teacher, batch['image'], stages.eval_key(s.seed, index))
+      s, model, teacher, batch['image'], stages.eval_key(seed, index))
   preds = {k: jnp.argmax(v, -1).astype(jnp.int32) for k, v in logits.items()}
   return preds, diag
 
 
+class _Seeded:
+  """A jitted step with the seed bound as its last, traced argument: called
+  (or `.trace`d, `.lower`ed) like the step of one seed."""
+
+  def __init__(self, jitted, seed: int):
+    self._jitted, self._seed = jitted, jnp.int32(seed)
+
+  def __call__(self, *args):
+    return self._jitted(*args, self._seed)
+
+  def trace(self, *args):
+    return self._jitted.trace(*args, self._seed)
+
+  def lower(self, *args):
+    return self._jitted.lower(*args, self._seed)
+
+
 @functools.lru_cache(maxsize=None)
-def jitted_steps(s: StepSettings, mesh) -> tuple[Callable, Callable]:
-  """The jitted `(train_step, eval_step)` of `s` on `mesh` (cached)."""
+def _jitted(s: StepSettings, mesh) -> tuple[Callable, Callable]:
+  """The jitted steps of `s` (whose seed is ignored) taking the seed last."""
   rep = sharding.replicated(mesh)
   dat = sharding.data_sharded(mesh)
   train_jit = jax.jit(functools.partial(train_step, s),
-                      in_shardings=(rep, rep, dat), out_shardings=(rep, rep),
-                      donate_argnums=(0,))
+                      in_shardings=(rep, rep, dat, None),
+                      out_shardings=(rep, rep), donate_argnums=(0,))
   eval_jit = jax.jit(functools.partial(eval_step, s),
-                     in_shardings=(rep, rep, dat, None), out_shardings=dat)
+                     in_shardings=(rep, rep, dat, None, None),
+                     out_shardings=dat)
   return train_jit, eval_jit
+
+
+def jitted_steps(s: StepSettings, mesh) -> tuple[Callable, Callable]:
+  """The jitted `(train_step, eval_step)` of `s` on `mesh`: called as
+  `train(state, teacher, batch)` and `eval(state, teacher, batch, index)`.
+  Compiled once per settings other than the seed, which is passed traced
+  (runs that differ only in seed share the executables; same numbers as a
+  constant seed)."""
+  train_jit, eval_jit = _jitted(dataclasses.replace(s, seed=0), mesh)
+  return _Seeded(train_jit, s.seed), _Seeded(eval_jit, s.seed)
 
 
 def evaluate(eval_fn, state, teacher, batches, mesh) -> dict[str, Any]:
