@@ -44,8 +44,10 @@ from gendd_jax import diffusion
 from gendd_jax import errors
 from gendd_jax import gendd
 from gendd_jax import settings
+from gendd_jax import train
 from gendd_jax.cli import evaluate
 from gendd_jax.cli import sweep_sampling
+import testing
 
 _FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                         'fixtures', 'ddim_reference.npz')
@@ -54,6 +56,14 @@ _EPS32 = float(np.finfo(np.float32).eps)
 _NOISIEST_ULPS = 4.0
 _MU = np.array([0.5, -1.0, 2.0, 0.0])
 _SIGMA = np.array([0.3, 1.0, 0.5, 2.0])
+
+
+def setUpModule():
+  testing.set_up_module()
+
+
+def tearDownModule():
+  testing.tear_down_module()
 
 
 @functools.lru_cache(maxsize=None)
@@ -682,6 +692,29 @@ class SelectionRuleTest(absltest.TestCase):
     with self.assertRaisesRegex(ValueError, 'reference'):
       sweep_sampling.merge([study('data', [row('100', 98.9, 200)])],
                            'ancestral:100', 0.2)
+
+  def test_sweep_of_a_run_that_clips_by_default(self):
+    # The bundled example's configs clip x0 to the data range by default;
+    # the sweep evaluates such a run (it once failed asking for the bound
+    # before evaluating anything).
+    c = testing.gendd_config()
+    c.sampler.clip_x0 = 'data'
+    run = testing.workdir('gendd_clips')
+    res_train = train.train_and_evaluate(c, run, quiet=True)
+    res = sweep_sampling.sweep([run], ['ancestral', 'posterior_mean'], ['2'],
+                               seeds=1, reference='ancestral:2',
+                               tolerance=0.2, clips=('data', 'none'))
+    self.assertEqual(sorted(sweep_sampling._key(r) for r in res['rows']),
+                     [('ancestral', '2', 'data'), ('ancestral', '2', 'none'),
+                      ('posterior_mean', '1', 'data'),
+                      ('posterior_mean', '1', 'none')])
+    n = len(res_train['labels'])
+    for r in res['rows']:
+      self.assertEqual(r['images'], n)
+      self.assertEqual(r['cost'], 4 if r['sampler'] == 'ancestral' else 2)
+      self.assertBetween(r['top1'], 0.0, 100.0)
+    self.assertEqual(sweep_sampling._key(res['reference']),
+                     ('ancestral', '2', 'none'))
 
   def test_settings_and_costs(self):
     got = sweep_sampling._settings(['ddim', 'posterior_mean'],

@@ -130,7 +130,10 @@ def sweep(run_dirs, samplers, steps, seeds, reference, tolerance,
       export_lib.export(run, out)
     exports.append(evaluate.load(out))
   rows = []
-  cfg = evaluate.sampler_spec(exports[0].config).cfg_scale
+  # The guidance scale of every setting: the run's (a run that clips by
+  # default needs its clip bound for a full sampler_spec; the scale does
+  # not).
+  cfg = float(exports[0].config.sampler.cfg_scale)
   num_steps = int(exports[0].config.gendd.diffusion_steps)
   for sampler, n, clip in settings:
     accs, top5s, speeds = [], [], []
