@@ -2,7 +2,9 @@
 
 An event file is a sequence of records, each
 `length (uint64) | masked crc32c(length) | Event proto | masked crc32c(data)`
-(the TFRecord framing), beginning with a `file_version` event. The protos
+(the TFRecord framing), beginning with a `file_version` event; scalars are
+float32 tensors for the scalars plugin, as `tf.summary.scalar` writes
+them. The protos
 come from the `tensorboard` package, which needs no TensorFlow, so a training
 run writes its summaries without importing TensorFlow (several seconds of
 start-up on a CPU).
@@ -25,6 +27,8 @@ from typing import Any, Mapping
 import numpy as np
 from tensorboard.compat.proto import event_pb2
 from tensorboard.compat.proto import summary_pb2
+from tensorboard.compat.proto import tensor_pb2
+from tensorboard.compat.proto import types_pb2
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from gendd_jax import paths
@@ -97,9 +101,25 @@ def read_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
     for data in read_records(paths.read_bytes(paths.join(logdir, name))):
       ev = event_pb2.Event.FromString(data)
       for v in ev.summary.value:
-        if v.HasField('simple_value'):
+        if v.metadata.plugin_data.plugin_name == 'scalars':
+          out.setdefault(v.tag, []).append((ev.step, v.tensor.float_val[0]))
+        elif v.HasField('simple_value'):  # The older form.
           out.setdefault(v.tag, []).append((ev.step, v.simple_value))
   return out
+
+
+def scalar_value(tag: str, value: float):
+  """One scalar as TensorFlow 2's `tf.summary.scalar` writes it: a float32
+  scalar tensor for TensorBoard's scalars plugin (what its dashboards and
+  `EventAccumulator.Tensors` read)."""
+  return summary_pb2.Summary.Value(
+      tag=tag,
+      tensor=tensor_pb2.TensorProto(dtype=types_pb2.DT_FLOAT,
+                                    float_val=[float(value)]),
+      metadata=summary_pb2.SummaryMetadata(
+          plugin_data=summary_pb2.SummaryMetadata.PluginData(
+              plugin_name='scalars'),
+          data_class=summary_pb2.DATA_CLASS_SCALAR))
 
 
 def hparams_summary(hparams: Mapping[str, Any]):
@@ -159,8 +179,7 @@ class EventWriter:
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     if not self._enabled:
       return
-    values = [summary_pb2.Summary.Value(tag=str(k),
-                                        simple_value=float(np.asarray(v)))
+    values = [scalar_value(str(k), float(np.asarray(v)))
               for k, v in scalars.items()]
     self._add(event_pb2.Event(wall_time=time.time(), step=int(step),
                               summary=summary_pb2.Summary(value=values)))

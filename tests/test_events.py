@@ -14,7 +14,11 @@ from absl.testing import absltest
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.backend.event_processing import event_file_loader
+from tensorboard.compat.proto import event_pb2
+from tensorboard.compat.proto import summary_pb2
+from tensorboard.util import tensor_util
 
 from gendd_jax import events
 from gendd_jax import reporting
@@ -65,6 +69,28 @@ class EventWriterTest(absltest.TestCase):
     self.assertEqual(events.read_scalars(self.dir),
                      {'loss': [(1, 2.5), (2, 1.5)],
                       'lr': [(1, float(np.float32(1e-3)))]})
+
+  def test_accumulator_reads_them_as_tensors(self):
+    # What TensorBoard's dashboards (and the Colab demo's curves) read.
+    w = events.EventWriter(self.dir)
+    for step in (1, 2, 3):
+      w.write_scalars(step, {'diffusion': 1.0 / step})
+    w.close()
+    acc = event_accumulator.EventAccumulator(
+        w.path, size_guidance={event_accumulator.TENSORS: 0})
+    acc.Reload()
+    self.assertEqual(acc.Tags()['tensors'], ['diffusion'])
+    got = [(e.step, float(tensor_util.make_ndarray(e.tensor_proto)))
+           for e in acc.Tensors('diffusion')]
+    self.assertEqual(got, [(1, 1.0), (2, float(np.float32(0.5))),
+                           (3, float(np.float32(1 / 3)))])
+
+  def test_reads_the_older_simple_value_form(self):
+    ev = event_pb2.Event(step=4, summary=summary_pb2.Summary(value=[
+        summary_pb2.Summary.Value(tag='loss', simple_value=0.5)]))
+    with open(os.path.join(self.dir, 'events.out.tfevents.1.old'), 'wb') as f:
+      f.write(events.record(ev.SerializeToString()))
+    self.assertEqual(events.read_scalars(self.dir), {'loss': [(4, 0.5)]})
 
   def test_local_file_is_flushed_on_every_write(self):
     w = events.EventWriter(self.dir)

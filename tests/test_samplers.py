@@ -681,7 +681,7 @@ class SelectionRuleTest(absltest.TestCase):
                         row('8', 98.8, 16)])], 'ancestral:100', 0.2)
     self.assertEqual(res['reference']['clip_x0'], 'none')
     self.assertEqual(sweep_sampling._key(res['best']),
-                     ('ancestral', '16', 'data'))
+                     ('ancestral', '16', 'data', None))
     self.assertEqual(res['recommended'], res['best'])  # 8 steps: -0.3.
     self.assertAlmostEqual(res['speedup_calls'], 200 / 32)
     self.assertIn('(best, recommended)', sweep_sampling.markdown(res))
@@ -703,18 +703,31 @@ class SelectionRuleTest(absltest.TestCase):
     res_train = train.train_and_evaluate(c, run, quiet=True)
     res = sweep_sampling.sweep([run], ['ancestral', 'posterior_mean'], ['2'],
                                seeds=1, reference='ancestral:2',
-                               tolerance=0.2, clips=('data', 'none'))
+                               tolerance=0.2, clips=('data', 'none'),
+                               cfg_scales=['1'])
+    # Unguided settings, plus the paper's sampler at the run's scale (2).
     self.assertEqual(sorted(sweep_sampling._key(r) for r in res['rows']),
-                     [('ancestral', '2', 'data'), ('ancestral', '2', 'none'),
-                      ('posterior_mean', '1', 'data'),
-                      ('posterior_mean', '1', 'none')])
+                     [('ancestral', '2', 'data', 1.0),
+                      ('ancestral', '2', 'none', 1.0),
+                      ('ancestral', '2', 'none', 2.0),
+                      ('posterior_mean', '1', 'data', 1.0),
+                      ('posterior_mean', '1', 'none', 1.0)])
     n = len(res_train['labels'])
+    calls = {('ancestral', 1.0): 2, ('ancestral', 2.0): 4,
+             ('posterior_mean', 1.0): 1}
     for r in res['rows']:
       self.assertEqual(r['images'], n)
-      self.assertEqual(r['cost'], 4 if r['sampler'] == 'ancestral' else 2)
+      self.assertEqual(r['cost'], calls[r['sampler'], r['cfg_scale']])
       self.assertBetween(r['top1'], 0.0, 100.0)
     self.assertEqual(sweep_sampling._key(res['reference']),
-                     ('ancestral', '2', 'none'))
+                     ('ancestral', '2', 'none', 2.0))
+    self.assertRegex(sweep_sampling.markdown(res),
+                     r'\| ancestral \*\*\([a-z, ]*paper\)\*\* \| 2 \| none \| 2 '
+                     r'\| 4 \|')
+    with self.assertRaisesRegex(ValueError, 'unguided'):
+      sweep_sampling.sweep([run], ['ancestral'], ['2'], seeds=1,
+                           reference='ancestral:2', tolerance=0.2,
+                           cfg_scales=['0.5'])
 
   def test_settings_and_costs(self):
     got = sweep_sampling._settings(['ddim', 'posterior_mean'],

@@ -5,7 +5,7 @@ few-step study.
       --runs='runs/digits/seed0/fold*/gendd' \
       --step_counts=1,2,4,8,16,32,64,trailing1,trailing2,trailing4,trailing8 \
       --samplers=ancestral,ddim,dpmpp_2m,posterior_mean \
-      --clip_x0=none,data,dynamic,dynamic_clip --seeds=3 \
+      --clip_x0=none,data,dynamic,dynamic_clip [--cfg_scales=1,2] --seeds=3 \
       --out=docs/results/sampling_digits
 
 Exports each GenDD training run (to `<run>/eval_export`, once), evaluates
@@ -15,6 +15,8 @@ together test every image once) and averages over `--seeds` sampler-noise
 seeds. `posterior_mean` is a single network call whatever the step count, so
 it is evaluated once per clipping. Step counts are respacings: 'N' is the
 paper's rule, 'trailingN' keeps the noisiest step (`diffusion.trailing_steps`).
+`--cfg_scales` adds a guidance axis (default: the runs' own scale, the
+paper's 2); scale 1 is unguided, one network call per step instead of two.
 The cost of a setting is its number of network evaluations per image (steps
 x 2 with classifier-free guidance), which does not depend on the machine;
 measured images/s are reported beside it.
@@ -50,6 +52,9 @@ _STEPS = flags.DEFINE_list(
 _SAMPLERS = flags.DEFINE_list(
     'samplers', ['ancestral', 'ddim', 'dpmpp_2m', 'posterior_mean'],
     'Samplers.')
+_CFG_SCALES = flags.DEFINE_list(
+    'cfg_scales', [], "Classifier-free guidance scales (default: the runs' "
+    'own); 1 is unguided.')
 _SEEDS = flags.DEFINE_integer('seeds', 3, 'Sampler-noise seeds averaged.')
 _REFERENCE = flags.DEFINE_string(
     'reference', 'ancestral:64',
@@ -107,22 +112,27 @@ def choose(rows: list[dict], tolerance: float) -> tuple[dict, dict]:
   return best, min(ok, key=lambda r: (r['cost'], -r['top1']))
 
 
-def _key(r: dict) -> tuple[str, str, str]:
-  return r['sampler'], r['steps'], r['clip_x0']
+def _key(r: dict) -> tuple[str, str, str, float | None]:
+  """A row's setting; `cfg_scale` None in rows of studies that did not
+  record it (all at their runs' own scale)."""
+  return r['sampler'], r['steps'], r['clip_x0'], r.get('cfg_scale')
 
 
 def sweep(run_dirs, samplers, steps, seeds, reference, tolerance,
-          clips=('none',)) -> dict:
+          clips=('none',), cfg_scales=()) -> dict:
   """Evaluates every setting on every run; see the module docstring.
 
-  `reference` is 'sampler:steps', always without clipping (the paper's).
+  `reference` is 'sampler:steps', always without clipping (the paper's), at
+  the runs' own guidance scale; `cfg_scales` (default: that scale alone)
+  multiplies the settings.
   """
   settings = _settings(samplers, steps, clips)
   ref_sampler, _, ref_steps = reference.partition(':')
-  ref_key = (ref_sampler, ref_steps, 'none')
   _settings([ref_sampler], [ref_steps], ['none'])
-  if ref_key not in settings:
-    settings.append(ref_key)
+  scales = [float(c) for c in cfg_scales]
+  if any(c < 1.0 for c in scales):
+    raise ValueError(f'--cfg_scales {cfg_scales}: a scale is 1 (unguided) '
+                     'or more')
   exports = []
   for run in run_dirs:
     out = os.path.join(run, 'eval_export')
@@ -130,18 +140,22 @@ def sweep(run_dirs, samplers, steps, seeds, reference, tolerance,
       export_lib.export(run, out)
     exports.append(evaluate.load(out))
   rows = []
-  # The guidance scale of every setting: the run's (a run that clips by
+  # The runs' own guidance scale (read from the config: a run that clips by
   # default needs its clip bound for a full sampler_spec; the scale does
   # not).
-  cfg = float(exports[0].config.sampler.cfg_scale)
+  run_cfg = float(exports[0].config.sampler.cfg_scale)
   num_steps = int(exports[0].config.gendd.diffusion_steps)
-  for sampler, n, clip in settings:
+  grid = [(s, n, c, g) for g in (scales or [run_cfg]) for s, n, c in settings]
+  ref_key = (ref_sampler, ref_steps, 'none', run_cfg)
+  if ref_key not in grid:
+    grid.append(ref_key)
+  for sampler, n, clip, cfg in grid:
     accs, top5s, speeds = [], [], []
     for seed in range(seeds):
       hits1 = hits5 = total = 0
       for ex in exports:
         spec = evaluate.sampler_spec(ex.config, sampler=sampler, steps=n,
-                                     clip_x0=clip,
+                                     cfg_scale=cfg, clip_x0=clip,
                                      clip_bound=ex.meta.get('clip_bound'))
         r = evaluate.evaluate(ex, evaluate.eval_batches(ex), 'sample', spec,
                               seed=seed)
@@ -151,14 +165,15 @@ def sweep(run_dirs, samplers, steps, seeds, reference, tolerance,
         speeds.append(r['images_per_sec'])
       accs.append(100.0 * hits1 / total)
       top5s.append(100.0 * hits5 / total)
-    row = dict(sampler=sampler, steps=n, clip_x0=clip,
+    row = dict(sampler=sampler, steps=n, clip_x0=clip, cfg_scale=cfg,
                cost=cost(sampler, n, cfg, num_steps),
                top1=statistics.mean(accs),
                top1_std=statistics.pstdev(accs), top1_per_seed=accs,
                top5=statistics.mean(top5s),
                images_per_sec=statistics.median(speeds), images=total)
     rows.append(row)
-    print(f'{sampler:>15s} {n:>11s} {clip:>12s} ({row["cost"]:4d} calls): '
+    print(f'{sampler:>15s} {n:>11s} {clip:>12s} cfg {cfg:<4g} '
+          f'({row["cost"]:4d} calls): '
           f'top-1 {row["top1"]:6.2f} ± {row["top1_std"]:.2f}  top-5 '
           f'{row["top5"]:6.2f}  {row["images_per_sec"]:9.1f} images/s',
           flush=True)
@@ -169,6 +184,7 @@ def sweep(run_dirs, samplers, steps, seeds, reference, tolerance,
                 sum(p['images'] for p in probe))
   ref = next(r for r in rows if _key(r) == ref_key)
   return _study(rows, ref, tolerance, clip_x0=list(clips),
+                cfg_scales=scales or [run_cfg],
                 probe_top1=probe_top1, seeds=seeds,
                 runs=[os.path.abspath(r) for r in run_dirs])
 
@@ -203,7 +219,8 @@ def merge(results: list[dict], reference: str, tolerance: float) -> dict:
     for row in res['rows']:
       rows.append(dict(row, clip_x0=row.get('clip_x0', clip)))
   ref_sampler, _, ref_steps = reference.partition(':')
-  ref = [r for r in rows if _key(r) == (ref_sampler, ref_steps, 'none')]
+  ref = [r for r in rows if _key(r)[:3] == (ref_sampler, ref_steps, 'none')
+         and r.get('cfg_scale') != 1.0]
   if not ref:
     raise ValueError(f'no study holds the reference {reference} unclipped')
   return _study(rows, ref[0], tolerance,
@@ -215,16 +232,18 @@ def merge(results: list[dict], reference: str, tolerance: float) -> dict:
 
 def markdown(res: dict) -> str:
   """The study's table and its conclusion, in markdown."""
-  lines = ['| sampler | steps | x0 clipping | network calls / image | top-1 % '
-           f'(mean ± std over {res["seeds"]} seeds) | top-5 % | images/s |',
-           '|---|---|---|---|---|---|---|']
+  lines = ['| sampler | steps | x0 clipping | guidance | network calls / '
+           f'image | top-1 % (mean ± std over {res["seeds"]} seeds) | top-5 % '
+           '| images/s |',
+           '|---|---|---|---|---|---|---|---|']
   ref, best, pick = res['reference'], res['best'], res['recommended']
   for r in res['rows']:
     marks = [name for name, row in (('best', best), ('recommended', pick),
                                      ('paper', ref)) if _key(r) == _key(row)]
     mark = f" **({', '.join(marks)})**" if marks else ''
     lines.append(f"| {r['sampler']}{mark} | {r['steps']} | {r['clip_x0']} | "
-                 f"{r['cost']} | {r['top1']:.2f} ± {r['top1_std']:.2f} | "
+                 f"{_cfg(r)} | {r['cost']} | "
+                 f"{r['top1']:.2f} ± {r['top1_std']:.2f} | "
                  f"{r['top5']:.2f} | {r['images_per_sec']:.1f} |")
   lines += ['', f"Linear probe (no sampling): {res['probe_top1']:.2f}%. "
             f"The paper's sampler ({ref['sampler']} {ref['steps']} steps, no "
@@ -238,9 +257,17 @@ def markdown(res: dict) -> str:
   return '\n'.join(lines) + '\n'
 
 
+def _cfg(r: dict) -> str:
+  """The guidance scale of a row ('run's' where the study did not record
+  it: its runs' own)."""
+  g = r.get('cfg_scale')
+  return "run's" if g is None else f'{g:g}'
+
+
 def _name(r: dict) -> str:
   steps = '1 call' if r['sampler'] == 'posterior_mean' else f"{r['steps']}"
-  return f"{r['sampler']} {steps}, x0 clipping {r['clip_x0']}"
+  return (f"{r['sampler']} {steps}, x0 clipping {r['clip_x0']}, guidance "
+          f'{_cfg(r)}')
 
 
 def plot(res: dict, path: str) -> None:
@@ -254,7 +281,9 @@ def plot(res: dict, path: str) -> None:
   for r in res['rows']:
     trailing = r['steps'].startswith('trailing')
     name = (r['sampler'] + (' trailing' if trailing else '') +
-            ('' if r['clip_x0'] == 'none' else f", {r['clip_x0']}"))
+            ('' if r['clip_x0'] == 'none' else f", {r['clip_x0']}") +
+            ('' if r.get('cfg_scale') in (None, res['reference'].get(
+                'cfg_scale')) else f", cfg {r['cfg_scale']:g}"))
     by.setdefault(name, []).append(r)
   for name, rows in by.items():
     ax.errorbar([r['cost'] for r in rows], [r['top1'] for r in rows],
@@ -293,7 +322,8 @@ def main(argv):
       clips = ('none' if common.CLIP_X0.value is None else
                common.CLIP_X0.value).split(',')
       res = sweep(runs, _SAMPLERS.value, _STEPS.value, _SEEDS.value,
-                  _REFERENCE.value, _TOLERANCE.value, clips)
+                  _REFERENCE.value, _TOLERANCE.value, clips,
+                  _CFG_SCALES.value)
   except (ValueError, OSError) as e:  # Bad settings, unreadable studies.
     errors.fail(str(e))
   out = paths.absolute(common.OUT.value)  # `~` expanded.
