@@ -722,8 +722,8 @@ class SelectionRuleTest(absltest.TestCase):
     self.assertEqual(sweep_sampling._key(res['reference']),
                      ('ancestral', '2', 'none', 2.0))
     self.assertRegex(sweep_sampling.markdown(res),
-                     r'\| ancestral \*\*\([a-z, ]*paper\)\*\* \| 2 \| none \| 2 '
-                     r'\| 4 \|')
+                     r'\| ancestral \*\*\([a-z, ]*paper\)\*\* '
+                     r'\| 2 \| none \| 2 \| 4 \|')
     with self.assertRaisesRegex(ValueError, 'unguided'):
       sweep_sampling.sweep([run], ['ancestral'], ['2'], seeds=1,
                            reference='ancestral:2', tolerance=0.2,
