@@ -18,6 +18,7 @@ in name order.
 
 from __future__ import annotations
 
+import itertools
 import os
 import socket
 import struct
@@ -143,6 +144,9 @@ def hparams_summary(hparams: Mapping[str, Any]):
       tag='_hparams_/session_start_info', metadata=meta)])
 
 
+_WRITERS = itertools.count()  # Tells apart writers of one process.
+
+
 class EventWriter:
   """Scalars and hyperparameters into TensorBoard event files in `logdir`.
 
@@ -158,7 +162,7 @@ class EventWriter:
     self._remote = paths.is_remote(logdir)
     self._flush_secs = remote_flush_secs
     self._base = (f'events.out.tfevents.{int(time.time()):010d}.'
-                  f'{socket.gethostname()}.{os.getpid()}')
+                  f'{socket.gethostname()}.{os.getpid()}.{next(_WRITERS)}')
     self._pending: list[bytes] = []
     self._written = 0  # Objects written (remote) or 0/1 (local file made).
     self._last_flush = time.time()

@@ -98,6 +98,15 @@ class EventWriterTest(absltest.TestCase):
     # Readable while the writer is open: a run killed here keeps it.
     self.assertEqual(events.read_scalars(self.dir), {'loss': [(7, 0.25)]})
 
+  def test_writers_sharing_a_directory_keep_apart(self):
+    # E.g. a sequence's stages with one --config.tensorboard_dir.
+    a, b = events.EventWriter(self.dir), events.EventWriter(self.dir)
+    a.write_scalars(1, {'loss': 1.0})
+    b.write_scalars(1, {'loss': 2.0})
+    self.assertNotEqual(a.path, b.path)
+    self.assertEqual(sorted(v for _, v in
+                            events.read_scalars(self.dir)['loss']), [1.0, 2.0])
+
   def test_disabled_writer_writes_nothing(self):
     w = events.EventWriter(os.path.join(self.dir, 'other'), enabled=False)
     w.write_scalars(1, {'loss': 1.0})
