@@ -35,8 +35,9 @@ What runs:
      once beforehand, theirs through its own frozen `cls_projector`.
      Each implementation draws its own timesteps, noise and dropout.
   3. Each trained head is evaluated on the test images:
-       * the paper's sampler (ancestral, `sampler.steps` respaced steps, CFG
-         `sampler.cfg_scale`, temperature 1, one draw): ours through
+       * the paper's sampler (ancestral, `sampler.published_steps` respaced
+         steps, CFG `sampler.published_cfg_scale`, temperature 1, one draw;
+         without those keys `sampler.steps` / `cfg_scale`): ours through
          `gendd.sampled_logits`, theirs through `DiffModel.forward_test_stage2`
          (their `DiffLoss.sample`); top-1 with the teacher classifier and the
          ratio of sample norm to teacher-feature norm;
@@ -143,8 +144,10 @@ def head_setup(config, num_train: int) -> HeadSetup:
       diffusion_batch_mul=g.diffusion_batch_mul,
       cond_drop_prob=g.cond_drop_prob, use_vb=g.use_vb,
       noise_schedule=g.noise_schedule, diffusion_steps=g.diffusion_steps,
-      sampling_steps=str(s.steps), cfg_scale=float(s.cfg_scale),
-      temperature=float(s.temperature), lr=st.lr,
+      # The paper's sampler, whatever the config's default is.
+      sampling_steps=str(s.get('published_steps', s.steps)),
+      cfg_scale=float(s.get('published_cfg_scale', s.cfg_scale)),
+      temperature=1.0, lr=st.lr,
       warmup_steps=int(st.warmup_epochs * per_epoch),
       beta2_min=st.beta2_min, beta2_max=st.beta2_max,
       beta2_steps=int(st.epochs * per_epoch),

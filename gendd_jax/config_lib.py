@@ -481,8 +481,9 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   the teacher architecture at its random initialisation
   (`teacher.source='random'`: no file, no extra stage). The diffusion head
   is token 16, width 32, depth 1, diffusion_batch_mul 2, with 2-step
-  sampling. Nothing is checkpointed mid-run; every step is logged; XLA
-  compiles without backend optimisation (`fast_compile`).
+  sampling (the paper's sampler beside a configured one too). Nothing is
+  checkpointed mid-run; every step is logged; XLA compiles without backend
+  optimisation (`fast_compile`).
   """
   kfold = c.stage == 'pipeline' and c.pipeline.get('protocol') == 'kfold'
   folds = 2 if kfold else _TINY_SEQUENCE_FOLDS
@@ -507,6 +508,8 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       role.blocks = 1  # Same blocks and widths, one per stage.
   c.gendd.update(token_dim=16, width=32, depth=1, diffusion_batch_mul=2)
   c.sampler.steps = '2'
+  if 'published_steps' in c.sampler:
+    c.sampler.published_steps = '2'
   c.sampler.num_sampling = 1
   c.log_every_steps = 1
   c.checkpoint_every_steps = 0

@@ -178,6 +178,11 @@ class SampleSettings(NamedTuple):
   # or 'posterior_mean' (one network call at the schedule's noisiest step;
   # see `sampling_schedule`).
   sampler: str = 'ancestral'
+  # Scale of the initial noise x_T (1: the prior, as the reference). With
+  # `temperature` 0 as well, 0 makes sampling deterministic: every draw of
+  # an image is the same feature, reached from x_T = 0 with no noise
+  # injected (the mode-seeking limit; docs/samplers.md).
+  init_temperature: float = 1.0
 
 
 # `clip_x0` names of dynamic thresholding: rescale to the data bound, or
@@ -281,6 +286,9 @@ def sample_features(head: Any, schedule: diffusion.Schedule, key: jax.Array,
   shape = (settings.num_sampling, z.shape[0], num_tokens, settings.token_dim)
   k_init, k_loop = jax.random.split(key)
   x_T = jax.random.normal(k_init, shape, z.dtype)
+  init = settings.init_temperature
+  if not (isinstance(init, (int, float)) and init == 1.0):  # Static or traced.
+    x_T = x_T * init
 
   steps = schedule.timestep_map  # Ascending network timesteps.
   table_bytes = steps.shape[0] * sum(

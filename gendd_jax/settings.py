@@ -49,8 +49,11 @@ class StepSettings:
   # Also evaluate the data-clipped sampler beside the configured one.
   also_clipped: bool = False
   # Also evaluate the paper's sampler as published (ancestral, no clipping,
-  # `sampling_steps`) beside a configured one that clips or thresholds.
+  # no change to the noise, `published_steps`) beside a configured one that
+  # clips, thresholds or changes the noise.
   also_published: bool = False
+  published_steps: str = '64'
+  published_cfg_scale: float = 2.0
   # Teacher outputs come precomputed in the batch (`teacher_feature`,
   # `teacher_logits`); the training step runs no teacher forward.
   precomputed: bool = False
@@ -114,12 +117,24 @@ def _generative(config, stage: stages.Stage) -> dict:
     clip = gendd.parse_clip_x0(smp.clip_x0)
   except ValueError as e:
     raise ConfigError(f'sampler.{e}') from None
+  for name in ('temperature', 'init_temperature'):
+    if float(smp.get(name, 1.0)) < 0.0:
+      raise ConfigError(f'sampler.{name}={smp[name]!r}: a noise scale is 0 '
+                        'or more')
   published = bool(smp.get('also_eval_published', False))
-  if published and not str(smp.steps).isdigit():
+  published_steps = str(smp.get('published_steps', smp.steps))
+  if published and not published_steps.isdigit():
     raise ConfigError(
         f'sampler.also_eval_published measures the paper\'s sampler at '
-        f"sampler.steps, which must then be a step count ('64'), not "
-        f'{smp.steps!r}')
+        f'sampler.published_steps (default: sampler.steps), which must then '
+        f"be a step count ('64'), not {published_steps!r}")
+  init_temperature = float(smp.get('init_temperature', 1.0))
+  published_cfg = float(smp.get('published_cfg_scale', smp.cfg_scale))
+  # The configured sampler is the paper's: no second evaluation of it.
+  as_published = (clip is None and kind == 'ancestral' and
+                  float(smp.temperature) == 1.0 and init_temperature == 1.0
+                  and str(smp.steps) == published_steps
+                  and float(smp.cfg_scale) == published_cfg)
   target_norm(config)
   return dict(
       smooth=float(g.smooth) if stage.contracts else 0.0,
@@ -131,12 +146,14 @@ def _generative(config, stage: stages.Stage) -> dict:
                                   float(smp.cfg_scale),
                                   float(smp.temperature),
                                   None if clip == 'data' else clip,
-                                  sampler=kind),
+                                  sampler=kind,
+                                  init_temperature=init_temperature),
       noise_schedule=g.noise_schedule, diffusion_steps=g.diffusion_steps,
       sampling_steps=str(smp.steps),
       clip_to_data=clip == 'data',
       also_clipped=bool(smp.also_eval_clipped) and clip is None,
-      also_published=published and clip is not None)
+      also_published=published and not as_published,
+      published_steps=published_steps, published_cfg_scale=published_cfg)
 
 
 def step_settings(config, stage: str, steps_per_epoch: int,

@@ -187,13 +187,16 @@ def _sampled_logits(s, model, teacher, image, key):
     variants['sampled_acc' if s.clip_to_data else 'sampled_clip_acc'] = clipped
   if s.also_published:  # The paper's sampler, on the same head and noise.
     variants['sampled_published_acc'] = s.sample._replace(
-        clip_x0=None, sampler='ancestral')
+        clip_x0=None, sampler='ancestral', temperature=1.0,
+        init_temperature=1.0, cfg_scale=s.published_cfg_scale)
   t_feat, _ = teacher.outputs(image)
   t_norm = jnp.linalg.norm(t_feat, axis=-1) + 1e-12
   out, diag = {}, {}
   for name, settings in variants.items():
+    steps = (s.published_steps if name == 'sampled_published_acc' else
+             s.sampling_steps)
     schedule = gendd.sampling_schedule(s.noise_schedule, s.diffusion_steps,
-                                       s.sampling_steps, settings.sampler)
+                                       steps, settings.sampler)
     # The same key: every variant starts from the same noise.
     out[name], feat = gendd.sampled_logits(
         model.head, schedule, key, z, settings, w, b, teacher.target_stats)

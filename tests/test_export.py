@@ -63,11 +63,12 @@ class ExportEvaluateTest(absltest.TestCase):
 
   def test_matches_training_time_evaluation(self):
     ex = evaluate.load(self.out)
-    # The training loop's sampler (standalone evaluation defaults to
-    # `sampler.eval_kind`).
-    spec = evaluate.sampler_spec(ex.config, sampler=ex.config.sampler.kind,
-                                 steps=ex.config.sampler.steps)
-    self.assertEqual(evaluate.sampler_spec(ex.config)[:2], ('ancestral', '64'))
+    # Standalone evaluation defaults to the training loop's sampler (the
+    # config has no `sampler.eval_*`).
+    spec = evaluate.sampler_spec(ex.config,
+                                 clip_bound=ex.meta.get('clip_bound'))
+    self.assertEqual(spec[:4] + (spec.init_temperature,),
+                     ('ancestral', '4', 2.0, 1.0, 1.0))
     probe = evaluate.evaluate(ex, evaluate.eval_batches(ex), 'probe')
     sample = evaluate.evaluate(ex, evaluate.eval_batches(ex), 'sample', spec)
     acc = self.results['accuracy']
@@ -102,7 +103,9 @@ class ExportEvaluateTest(absltest.TestCase):
     default = _run('gendd_jax.cli.evaluate', f'--checkpoint={self.out}',
                    '--mode=sample')
     self.assertEqual(default.returncode, 0, default.stderr[-2000:])
-    self.assertIn('sample (ancestral, 64 steps, cfg 2', default.stdout)
+    # The training loop's sampler (tests.testing.small_config: the paper's).
+    self.assertIn('sample (ancestral, 4 steps, cfg 2, T 1, 1 draw(s)):',
+                  default.stdout)
     with open(out_json) as f:
       res = json.load(f)
     self.assertEqual(res['sample']['sampler']['steps'], '2')

@@ -67,7 +67,8 @@ def _sample_reference(head, schedule, key, z, settings):
   s, b, c = settings.num_sampling, z.shape[0], settings.token_dim
   k = head.num_tokens
   k_init, k_loop = jax.random.split(key)
-  x_T = jax.random.normal(k_init, (s, b, k, c), z.dtype)
+  x_T = jax.random.normal(k_init, (s, b, k, c),
+                          z.dtype) * settings.init_temperature
   z_rows = jnp.tile(jnp.repeat(z, k, axis=0), (s, 1))
   idx_rows = jnp.tile(jnp.arange(k), s * b)
 
@@ -349,12 +350,16 @@ class SampleFeaturesTest(parameterized.TestCase):
            clip=None),
       dict(testcase_name='averaged', cfg=1.0, temperature=1.0, num=3,
            clip=None),
+      dict(testcase_name='cold_start', cfg=2.0, temperature=0.0, num=1,
+           clip=None, init=0.5),
   )
-  def test_equals_rowwise_p_sample_loop(self, cfg, temperature, num, clip):
+  def test_equals_rowwise_p_sample_loop(self, cfg, temperature, num, clip,
+                                        init=1.0):
     head = _head(seed=3)
     sched = _schedule('8')
     z = jax.random.normal(jax.random.key(30), (2, 6))
-    settings = gendd.SampleSettings(4, num, cfg, temperature, clip)
+    settings = gendd.SampleSettings(4, num, cfg, temperature, clip,
+                                    init_temperature=init)
     key = jax.random.key(31)
     out, draws = _sample_fn(head, sched, settings, True)(key, z)
     self.assertEqual(out.shape, (2, 16))
@@ -370,6 +375,8 @@ class SampleFeaturesTest(parameterized.TestCase):
       dict(testcase_name='temperature', field='temperature', a=0.0, b=1.0),
       # Likewise the unconditional branch is used for scales other than 1.
       dict(testcase_name='cfg_scale', field='cfg_scale', a=1.0, b=3.0),
+      dict(testcase_name='init_temperature', field='init_temperature', a=0.0,
+           b=1.0),
   )
   def test_setting_matters(self, field, a, b):
     head = _head(seed=3)
@@ -388,6 +395,28 @@ class SampleFeaturesTest(parameterized.TestCase):
 
     out_a, out_b = fn(state, z)
     self.assertGreater(float(jnp.abs(out_a - out_b).max()), 1e-3)
+
+  def test_no_noise_at_all_is_deterministic(self):
+    # Temperature 0 and x_T scale 0: the same feature whatever the key (and
+    # every draw of an image equal), which either noise alone does not give.
+    head = _head(seed=3)
+    sched = _schedule('8')
+    z = jax.random.normal(jax.random.key(30), (2, 6))
+    graphdef, state = nnx.split(head)
+
+    @jax.jit
+    def fn(st, key, temperature, init):
+      h = nnx.merge(graphdef, st)
+      settings = gendd.SampleSettings(4, 2, 2.0, temperature, None,
+                                      init_temperature=init)
+      return gendd.sample_features(h, sched, key, z, settings)
+
+    keys = jax.random.key(1), jax.random.key(2)
+    a, b = (fn(state, k, 0.0, 0.0) for k in keys)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for temperature, init in ((1.0, 0.0), (0.0, 1.0)):
+      a, b = (fn(state, k, temperature, init) for k in keys)
+      self.assertGreater(float(jnp.abs(a - b).max()), 1e-3)
 
 
 class ClassificationLossTest(parameterized.TestCase):

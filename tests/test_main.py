@@ -24,7 +24,8 @@ _QUICK = '--config=configs/digits.py:quick'
 # with the paper's sampler alone: these tests are about the pipeline.
 _SMALL = ('--config.gendd.width=32', '--config.gendd.depth=1',
           '--config.gendd.diffusion_batch_mul=1', '--config.sampler.steps=4',
-          '--config.sampler.clip_x0=none',
+          '--config.sampler.clip_x0=none', '--config.sampler.temperature=1',
+          '--config.sampler.init_temperature=1',
           '--config.sampler.also_eval_clipped=False',
           '--config.sampler.also_eval_published=False')
 _TMP = None  # A TemporaryDirectory while the module's tests run.

@@ -626,14 +626,39 @@ class SamplerSettingsTest(parameterized.TestCase):
     self.assertTrue(s.also_published)
     self.assertTrue(s.clip_to_data)
 
+  def test_published_sampler_beside_a_few_step_one(self):
+    # A deterministic 4-step default, with the paper's 64-step CFG-2 sampler
+    # evaluated beside it.
+    s = settings.step_settings(self._config(
+        steps='trailing4', cfg_scale=1.0, temperature=0.0,
+        init_temperature=0.0, clip_x0='dynamic', also_eval_published=True,
+        published_steps='64', published_cfg_scale=2.0), 'gendd', 10)
+    self.assertTrue(s.also_published)
+    self.assertEqual((s.sampling_steps, s.published_steps,
+                      s.published_cfg_scale), ('trailing4', '64', 2.0))
+    self.assertEqual((s.sample.temperature, s.sample.init_temperature),
+                     (0.0, 0.0))
+    paper = dict(steps='64', clip_x0='none', temperature=1.0,
+                 init_temperature=1.0, also_eval_published=True)
+    # Only the noise differs from the paper's: still evaluated beside it.
+    for noise in (dict(temperature=0.0), dict(init_temperature=0.0)):
+      s = settings.step_settings(self._config(**dict(paper, **noise)),
+                                 'gendd', 10)
+      self.assertTrue(s.also_published)
+    # The paper's sampler itself: not evaluated twice.
+    s = settings.step_settings(self._config(**paper), 'gendd', 10)
+    self.assertFalse(s.also_published)
+
   @parameterized.parameters(
       (dict(kind='dpm'), 'sampler.kind'),
       (dict(steps='trailing'), 'sampler.steps'),
       (dict(steps='trailing2000'), 'sampler.steps'),
       (dict(clip_x0='dynamic:0'), 'percentile'),
       (dict(clip_x0='dymanic'), 'clip_x0'),
-      (dict(steps='trailing8', clip_x0='data', also_eval_published=True),
-       'also_eval_published'))
+      (dict(published_steps='trailing8', also_eval_published=True),
+       'also_eval_published'),
+      (dict(temperature=-1.0), 'temperature'),
+      (dict(init_temperature=-0.1), 'init_temperature'))
   def test_bad_values_fail_clearly(self, sampler, message):
     with self.assertRaisesRegex(errors.ConfigError, message):
       settings.step_settings(self._config(**sampler), 'gendd', 10)
@@ -647,6 +672,27 @@ class SamplerSettingsTest(parameterized.TestCase):
     self.assertIn('rescaled', evaluate.describe_clip(spec.clip_x0))
     with self.assertRaisesRegex(ValueError, 'dpm.*expected one of'):
       gendd.sampling_schedule('cosine', 1000, '8', 'dpm')
+
+  def test_evaluate_defaults_apart_from_training(self):
+    # Standalone evaluation's defaults (`eval_*`) leave the training loop's
+    # sampler alone; arguments override both.
+    config = self._config(steps='64', cfg_scale=2.0, temperature=1.0,
+                          init_temperature=1.0, clip_x0='data',
+                          eval_steps='trailing16', eval_cfg_scale=1.0,
+                          eval_temperature=0.0, eval_clip_x0='dynamic')
+    spec = evaluate.sampler_spec(config, clip_bound=3.0)
+    self.assertEqual((spec.steps, spec.cfg_scale, spec.temperature),
+                     ('trailing16', 1.0, 0.0))
+    self.assertEqual(spec.clip_x0, diffusion.Threshold(99.5, True, 3.0))
+    spec = evaluate.sampler_spec(config, steps='64', cfg_scale=3.0,
+                                 temperature=0.5, clip_x0='data',
+                                 clip_bound=3.0)
+    self.assertEqual((spec.steps, spec.cfg_scale, spec.temperature,
+                      spec.clip_x0), ('64', 3.0, 0.5, 3.0))
+    s = settings.step_settings(config, 'gendd', 10)
+    self.assertEqual((s.sampling_steps, s.sample.cfg_scale,
+                      s.sample.temperature, s.clip_to_data),
+                     ('64', 2.0, 1.0, True))
 
 
 class SelectionRuleTest(absltest.TestCase):
@@ -680,8 +726,9 @@ class SelectionRuleTest(absltest.TestCase):
          study('data', [row('100', 98.9, 200), row('16', 99.1, 32),
                         row('8', 98.8, 16)])], 'ancestral:100', 0.2)
     self.assertEqual(res['reference']['clip_x0'], 'none')
+    # No export on disk for runs 'a', 'b': scale and temperature unknown.
     self.assertEqual(sweep_sampling._key(res['best']),
-                     ('ancestral', '16', 'data', None))
+                     ('ancestral', '16', 'data', None, None, None))
     self.assertEqual(res['recommended'], res['best'])  # 8 steps: -0.3.
     self.assertAlmostEqual(res['speedup_calls'], 200 / 32)
     self.assertIn('(best, recommended)', sweep_sampling.markdown(res))
@@ -702,16 +749,29 @@ class SelectionRuleTest(absltest.TestCase):
     run = testing.workdir('gendd_clips')
     res_train = train.train_and_evaluate(c, run, quiet=True)
     res = sweep_sampling.sweep([run], ['ancestral', 'posterior_mean'], ['2'],
-                               seeds=1, reference='ancestral:2',
+                               seeds=2, reference='ancestral:2',
                                tolerance=0.2, clips=('data', 'none'),
-                               cfg_scales=['1'])
-    # Unguided settings, plus the paper's sampler at the run's scale (2).
+                               cfg_scales=['1'], temperatures=['0', '1'],
+                               init_temperatures=['0', '1'])
+    # Unguided settings, ancestral ones at both temperatures (the posterior
+    # mean injects no noise: once, at the run's), each from both x_T
+    # scales, plus the paper's sampler at the run's scale (2) and
+    # temperatures (1).
     self.assertEqual(sorted(sweep_sampling._key(r) for r in res['rows']),
-                     [('ancestral', '2', 'data', 1.0),
-                      ('ancestral', '2', 'none', 1.0),
-                      ('ancestral', '2', 'none', 2.0),
-                      ('posterior_mean', '1', 'data', 1.0),
-                      ('posterior_mean', '1', 'none', 1.0)])
+                     sorted([('ancestral', '2', clip, 1.0, tau, x)
+                             for clip in ('data', 'none')
+                             for tau in (0.0, 1.0) for x in (0.0, 1.0)] +
+                            [('ancestral', '2', 'none', 2.0, 1.0, 1.0)] +
+                            [('posterior_mean', '1', clip, 1.0, 1.0, x)
+                             for clip in ('data', 'none')
+                             for x in (0.0, 1.0)]))
+    # No noise at all: the same predictions whatever the seed.
+    zero = [r for r in res['rows'] if r['temperature'] == 0.0 and
+            r['init_temperature'] == 0.0]
+    self.assertLen(zero, 2)
+    for r in zero:
+      self.assertEqual(r['top1_per_seed'][0], r['top1_per_seed'][1])
+      self.assertEqual(r['top1_std'], 0.0)
     n = len(res_train['labels'])
     calls = {('ancestral', 1.0): 2, ('ancestral', 2.0): 4,
              ('posterior_mean', 1.0): 1}
@@ -720,14 +780,48 @@ class SelectionRuleTest(absltest.TestCase):
       self.assertEqual(r['cost'], calls[r['sampler'], r['cfg_scale']])
       self.assertBetween(r['top1'], 0.0, 100.0)
     self.assertEqual(sweep_sampling._key(res['reference']),
-                     ('ancestral', '2', 'none', 2.0))
-    self.assertRegex(sweep_sampling.markdown(res),
-                     r'\| ancestral \*\*\([a-z, ]*paper\)\*\* '
-                     r'\| 2 \| none \| 2 \| 4 \|')
-    with self.assertRaisesRegex(ValueError, 'unguided'):
-      sweep_sampling.sweep([run], ['ancestral'], ['2'], seeds=1,
-                           reference='ancestral:2', tolerance=0.2,
-                           cfg_scales=['0.5'])
+                     ('ancestral', '2', 'none', 2.0, 1.0, 1.0))
+    table = sweep_sampling.markdown(res)
+    self.assertRegex(table, r'\| ancestral \*\*\([a-z, ]*paper\)\*\* '
+                     r'\| 2 \| none \| 2 \| 1 \| 1 \| 4 \|')
+    self.assertRegex(table, r'\| ancestral( \*\*.*\*\*)? \| 2 \| data \| 1 '
+                     r'\| 0 \| 0 \| 2 \|')
+    for flags, message in ((dict(cfg_scales=['0.5']), 'unguided'),
+                           (dict(cfg_scales=['two']), "'two' is not a number"),
+                           (dict(temperatures=['-1']), 'temperature is 0'),
+                           (dict(init_temperatures=['-0.5']),
+                            'temperature is 0')):
+      with self.assertRaisesRegex(ValueError, message):
+        sweep_sampling.sweep([run], ['ancestral'], ['2'], seeds=1,
+                             reference='ancestral:2', tolerance=0.2, **flags)
+    # An older study of the same run, which recorded neither the guidance
+    # scale nor the temperature: merged, its rows take the run's (read from
+    # its export), and a setting both studies measured is kept once, as the
+    # first study measured it.
+    old_ref = dict(res['reference'], top1=res['reference']['top1'] - 1.0)
+    del old_ref['cfg_scale'], old_ref['temperature']
+    del old_ref['init_temperature']
+    old = dict(res, rows=[old_ref])
+    del old['temperatures'], old['cfg_scales'], old['init_temperatures']
+    merged = sweep_sampling.merge([old, res], 'ancestral:2', 0.2)
+    keys = [sweep_sampling._key(r) for r in merged['rows']]
+    self.assertCountEqual(keys, [sweep_sampling._key(r) for r in res['rows']])
+    self.assertEqual(merged['reference']['top1'],
+                     res['reference']['top1'] - 1.0)
+
+  def test_plot_lines_are_each_family_s_best_per_cost(self):
+    def row(sampler, temperature, cost, top1):
+      return dict(sampler=sampler, temperature=temperature, cost=cost,
+                  top1=top1, steps='8', clip_x0='data')
+    rows = [row('ancestral', 1.0, 8, 95.0), row('ancestral', 1.0, 8, 96.0),
+            row('ancestral', 0.0, 8, 97.0), row('ancestral', 1.0, 4, 90.0),
+            row('dpmpp_2m', 1.0, 8, 94.0), row('dpmpp_2m', 1.0, 8, 93.0)]
+    lines = sweep_sampling.frontiers(rows)
+    self.assertEqual(
+        {k: [(r['cost'], r['top1']) for r in v] for k, v in lines.items()},
+        {'ancestral, noise temperature 1': [(4, 90.0), (8, 96.0)],
+         'ancestral, noise temperature 0': [(8, 97.0)],
+         'dpmpp_2m': [(8, 94.0)]})
 
   def test_settings_and_costs(self):
     got = sweep_sampling._settings(['ddim', 'posterior_mean'],

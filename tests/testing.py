@@ -224,7 +224,10 @@ def small_config(stage, epochs=1.0, **stage_overrides):
   c.gendd.depth = 1
   c.gendd.diffusion_batch_mul = 1
   c.sampler.steps = '4'
+  c.sampler.published_steps = '4'
   # The paper's sampler, alone: these runs test the training machinery.
+  c.sampler.temperature = 1.0
+  c.sampler.init_temperature = 1.0
   c.sampler.clip_x0 = 'none'
   c.sampler.also_eval_clipped = False
   c.sampler.also_eval_published = False

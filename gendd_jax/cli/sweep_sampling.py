@@ -5,7 +5,8 @@ few-step study.
       --runs='runs/digits/seed0/fold*/gendd' \
       --step_counts=1,2,4,8,16,32,64,trailing1,trailing2,trailing4,trailing8 \
       --samplers=ancestral,ddim,dpmpp_2m,posterior_mean \
-      --clip_x0=none,data,dynamic,dynamic_clip [--cfg_scales=1,2] --seeds=3 \
+      --clip_x0=none,data,dynamic,dynamic_clip [--cfg_scales=1,2] \
+      [--temperatures=1,0.5,0] [--init_temperatures=1,0] --seeds=3 \
       --out=docs/results/sampling_digits
 
 Exports each GenDD training run (to `<run>/eval_export`, once), evaluates
@@ -17,6 +18,13 @@ it is evaluated once per clipping. Step counts are respacings: 'N' is the
 paper's rule, 'trailingN' keeps the noisiest step (`diffusion.trailing_steps`).
 `--cfg_scales` adds a guidance axis (default: the runs' own scale, the
 paper's 2); scale 1 is unguided, one network call per step instead of two.
+`--temperatures` adds an axis of noise temperatures for ancestral sampling
+(default: the runs' own, 1): the scale of the noise each step injects, 0
+injecting none after x_T (each step then moves to the posterior mean). The
+other samplers inject no noise, so they are evaluated at the runs' own
+temperature only. `--init_temperatures` scales the initial noise x_T (every
+sampler; default the runs' own, 1): with temperature 0, 0 makes sampling
+deterministic (x_T = 0, no noise injected).
 The cost of a setting is its number of network evaluations per image (steps
 x 2 with classifier-free guidance), which does not depend on the machine;
 measured images/s are reported beside it.
@@ -55,6 +63,12 @@ _SAMPLERS = flags.DEFINE_list(
 _CFG_SCALES = flags.DEFINE_list(
     'cfg_scales', [], "Classifier-free guidance scales (default: the runs' "
     'own); 1 is unguided.')
+_TEMPERATURES = flags.DEFINE_list(
+    'temperatures', [], 'Noise temperatures of ancestral sampling (default: '
+    "the runs' own); 0 injects no noise after x_T.")
+_INIT_TEMPERATURES = flags.DEFINE_list(
+    'init_temperatures', [], "Scales of the initial noise x_T (default: the "
+    "runs' own, 1).")
 _SEEDS = flags.DEFINE_integer('seeds', 3, 'Sampler-noise seeds averaged.')
 _REFERENCE = flags.DEFINE_string(
     'reference', 'ancestral:64',
@@ -112,27 +126,58 @@ def choose(rows: list[dict], tolerance: float) -> tuple[dict, dict]:
   return best, min(ok, key=lambda r: (r['cost'], -r['top1']))
 
 
-def _key(r: dict) -> tuple[str, str, str, float | None]:
-  """A row's setting; `cfg_scale` None in rows of studies that did not
-  record it (all at their runs' own scale)."""
-  return r['sampler'], r['steps'], r['clip_x0'], r.get('cfg_scale')
+Key = tuple[str, str, str, float | None, float | None, float | None]
+
+
+def _key(r: dict) -> Key:
+  """A row's setting; `cfg_scale` / `temperature` / `init_temperature`
+  None in rows of studies that did not record them (all at their runs'
+  own)."""
+  return (r['sampler'], r['steps'], r['clip_x0'], r.get('cfg_scale'),
+          r.get('temperature'), r.get('init_temperature'))
+
+
+# The samplers whose result depends on the noise temperature (the others
+# inject no noise after x_T).
+_NOISY = ('ancestral',)
+
+
+def _numbers(values, flag: str, low: float, what: str) -> list[float]:
+  """`values` as floats, each at least `low`.
+
+  Raises:
+    ValueError: a value that is not a number, or below `low`.
+  """
+  out = []
+  for v in values:
+    try:
+      out.append(float(v))
+    except ValueError:
+      raise ValueError(f'--{flag}: {v!r} is not a number') from None
+    if out[-1] < low:
+      raise ValueError(f'--{flag} {",".join(map(str, values))}: {what}')
+  return out
 
 
 def sweep(run_dirs, samplers, steps, seeds, reference, tolerance,
-          clips=('none',), cfg_scales=()) -> dict:
+          clips=('none',), cfg_scales=(), temperatures=(),
+          init_temperatures=()) -> dict:
   """Evaluates every setting on every run; see the module docstring.
 
   `reference` is 'sampler:steps', always without clipping (the paper's), at
-  the runs' own guidance scale; `cfg_scales` (default: that scale alone)
-  multiplies the settings.
+  the runs' own guidance scale and temperatures; `cfg_scales`,
+  `temperatures` and `init_temperatures` (default: the runs' own) multiply
+  the settings, `temperatures` those of ancestral sampling only.
   """
   settings = _settings(samplers, steps, clips)
   ref_sampler, _, ref_steps = reference.partition(':')
   _settings([ref_sampler], [ref_steps], ['none'])
-  scales = [float(c) for c in cfg_scales]
-  if any(c < 1.0 for c in scales):
-    raise ValueError(f'--cfg_scales {cfg_scales}: a scale is 1 (unguided) '
-                     'or more')
+  scales = _numbers(cfg_scales, 'cfg_scales', 1.0,
+                    'a scale is 1 (unguided) or more')
+  temps = _numbers(temperatures, 'temperatures', 0.0,
+                   'a temperature is 0 or more')
+  inits = _numbers(init_temperatures, 'init_temperatures', 0.0,
+                   'a temperature is 0 or more')
   exports = []
   for run in run_dirs:
     out = os.path.join(run, 'eval_export')
@@ -144,18 +189,27 @@ def sweep(run_dirs, samplers, steps, seeds, reference, tolerance,
   # default needs its clip bound for a full sampler_spec; the scale does
   # not).
   run_cfg = float(exports[0].config.sampler.cfg_scale)
+  run_temp = float(exports[0].config.sampler.temperature)
+  run_init = float(exports[0].config.sampler.get('init_temperature', 1.0))
   num_steps = int(exports[0].config.gendd.diffusion_steps)
-  grid = [(s, n, c, g) for g in (scales or [run_cfg]) for s, n, c in settings]
-  ref_key = (ref_sampler, ref_steps, 'none', run_cfg)
+  grid = [(s, n, c, g, tau, x) for x in (inits or [run_init])
+          for tau in (temps or [run_temp])
+          for g in (scales or [run_cfg]) for s, n, c in settings
+          if s in _NOISY or tau == (temps or [run_temp])[0]]
+  # The samplers without noise: evaluated once, at the runs' temperature.
+  grid = [(s, n, c, g, tau if s in _NOISY else run_temp, x)
+          for s, n, c, g, tau, x in grid]
+  ref_key = (ref_sampler, ref_steps, 'none', run_cfg, run_temp, run_init)
   if ref_key not in grid:
     grid.append(ref_key)
-  for sampler, n, clip, cfg in grid:
+  for sampler, n, clip, cfg, temp, init in grid:
     accs, top5s, speeds = [], [], []
     for seed in range(seeds):
       hits1 = hits5 = total = 0
       for ex in exports:
         spec = evaluate.sampler_spec(ex.config, sampler=sampler, steps=n,
-                                     cfg_scale=cfg, clip_x0=clip,
+                                     cfg_scale=cfg, temperature=temp,
+                                     init_temperature=init, clip_x0=clip,
                                      clip_bound=ex.meta.get('clip_bound'))
         r = evaluate.evaluate(ex, evaluate.eval_batches(ex), 'sample', spec,
                               seed=seed)
@@ -166,6 +220,7 @@ def sweep(run_dirs, samplers, steps, seeds, reference, tolerance,
       accs.append(100.0 * hits1 / total)
       top5s.append(100.0 * hits5 / total)
     row = dict(sampler=sampler, steps=n, clip_x0=clip, cfg_scale=cfg,
+               temperature=temp, init_temperature=init,
                cost=cost(sampler, n, cfg, num_steps),
                top1=statistics.mean(accs),
                top1_std=statistics.pstdev(accs), top1_per_seed=accs,
@@ -173,7 +228,7 @@ def sweep(run_dirs, samplers, steps, seeds, reference, tolerance,
                images_per_sec=statistics.median(speeds), images=total)
     rows.append(row)
     print(f'{sampler:>15s} {n:>11s} {clip:>12s} cfg {cfg:<4g} '
-          f'({row["cost"]:4d} calls): '
+          f'T {temp:<4g} x_T x{init:<3g} ({row["cost"]:4d} calls): '
           f'top-1 {row["top1"]:6.2f} ± {row["top1_std"]:.2f}  top-5 '
           f'{row["top5"]:6.2f}  {row["images_per_sec"]:9.1f} images/s',
           flush=True)
@@ -185,6 +240,8 @@ def sweep(run_dirs, samplers, steps, seeds, reference, tolerance,
   ref = next(r for r in rows if _key(r) == ref_key)
   return _study(rows, ref, tolerance, clip_x0=list(clips),
                 cfg_scales=scales or [run_cfg],
+                temperatures=temps or [run_temp],
+                init_temperatures=inits or [run_init],
                 probe_top1=probe_top1, seeds=seeds,
                 runs=[os.path.abspath(r) for r in run_dirs])
 
@@ -204,7 +261,10 @@ def merge(results: list[dict], reference: str, tolerance: float) -> dict:
   """One study from several written before on the same runs (e.g. one per
   clipping, as this tool wrote them when it took a single `--clip_x0`),
   re-selected under the rule of `choose`. Rows lacking a clipping take
-  their study's.
+  their study's; rows lacking a guidance scale or a noise temperature (older
+  studies did not record them) take the runs' own, read from their exports
+  where these are still on disk. A setting measured by several studies is
+  kept once, as the first study measured it.
 
   Raises:
     ValueError: studies of different runs or seeds, or no reference row.
@@ -213,14 +273,24 @@ def merge(results: list[dict], reference: str, tolerance: float) -> dict:
   for r in results[1:]:
     if r['runs'] != first['runs'] or r['seeds'] != first['seeds']:
       raise ValueError('--merge takes studies of the same runs and seeds')
-  rows = []
+  own = _runs_sampler(first['runs'])
+  rows, seen = [], set()
   for res in results:
     clip = res.get('clip_x0', 'none')
     for row in res['rows']:
-      rows.append(dict(row, clip_x0=row.get('clip_x0', clip)))
+      row = dict(row, clip_x0=row.get('clip_x0', clip))
+      for name, value in own.items():
+        if row.get(name) is None:
+          row[name] = value
+      if _key(row) not in seen:
+        seen.add(_key(row))
+        rows.append(row)
   ref_sampler, _, ref_steps = reference.partition(':')
   ref = [r for r in rows if _key(r)[:3] == (ref_sampler, ref_steps, 'none')
-         and r.get('cfg_scale') != 1.0]
+         and r.get('cfg_scale') != 1.0
+         and r.get('temperature') in (None, own.get('temperature', 1.0))
+         and r.get('init_temperature') in (None,
+                                           own.get('init_temperature', 1.0))]
   if not ref:
     raise ValueError(f'no study holds the reference {reference} unclipped')
   return _study(rows, ref[0], tolerance,
@@ -230,19 +300,34 @@ def merge(results: list[dict], reference: str, tolerance: float) -> dict:
                 merged_from=[r.get('source', '') for r in results])
 
 
+def _runs_sampler(runs: list[str]) -> dict:
+  """The guidance scale and noise temperature the runs sample with (from
+  the first run's export), or {} when it is not on disk."""
+  try:
+    with open(os.path.join(runs[0], 'eval_export', 'meta.json')) as f:
+      sampler = json.load(f)['config']['sampler']
+    return dict(cfg_scale=float(sampler['cfg_scale']),
+                temperature=float(sampler['temperature']),
+                init_temperature=float(sampler.get('init_temperature', 1.0)))
+  except (OSError, IndexError, KeyError, TypeError, ValueError):
+    return {}
+
+
 def markdown(res: dict) -> str:
   """The study's table and its conclusion, in markdown."""
-  lines = ['| sampler | steps | x0 clipping | guidance | network calls / '
+  lines = ['| sampler | steps | x0 clipping | guidance | noise temperature '
+           '| x_T scale | network calls / '
            f'image | top-1 % (mean ± std over {res["seeds"]} seeds) | top-5 % '
            '| images/s |',
-           '|---|---|---|---|---|---|---|---|']
+           '|---|---|---|---|---|---|---|---|---|---|']
   ref, best, pick = res['reference'], res['best'], res['recommended']
   for r in res['rows']:
     marks = [name for name, row in (('best', best), ('recommended', pick),
                                      ('paper', ref)) if _key(r) == _key(row)]
     mark = f" **({', '.join(marks)})**" if marks else ''
     lines.append(f"| {r['sampler']}{mark} | {r['steps']} | {r['clip_x0']} | "
-                 f"{_cfg(r)} | {r['cost']} | "
+                 f"{_cfg(r)} | {_temp(r)} | {_temp(r, 'init_temperature')} | "
+                 f"{r['cost']} | "
                  f"{r['top1']:.2f} ± {r['top1_std']:.2f} | "
                  f"{r['top5']:.2f} | {r['images_per_sec']:.1f} |")
   lines += ['', f"Linear probe (no sampling): {res['probe_top1']:.2f}%. "
@@ -264,10 +349,40 @@ def _cfg(r: dict) -> str:
   return "run's" if g is None else f'{g:g}'
 
 
+def _temp(r: dict, name: str = 'temperature') -> str:
+  """A row's noise temperature, or x_T scale ('run's' where the study did
+  not record it)."""
+  tau = r.get(name)
+  return "run's" if tau is None else f'{tau:g}'
+
+
 def _name(r: dict) -> str:
   steps = '1 call' if r['sampler'] == 'posterior_mean' else f"{r['steps']}"
+  tau = r.get('temperature')
+  temp = ('' if tau in (None, 1.0) or r['sampler'] not in _NOISY else
+          f', noise temperature {tau:g}')
+  init = r.get('init_temperature')
+  temp += '' if init in (None, 1.0) else f', x_T scale {init:g}'
   return (f"{r['sampler']} {steps}, x0 clipping {r['clip_x0']}, guidance "
-          f'{_cfg(r)}')
+          f'{_cfg(r)}{temp}')
+
+
+def frontiers(rows: list[dict]) -> dict[str, list[dict]]:
+  """Per sampler family (sampler, and noise temperature for the noisy
+  ones), its most accurate row at each cost, by cost: the plot's lines
+  (clipping, guidance and spacing vary along a line; the table has every
+  row)."""
+  by: dict[str, dict[int, dict]] = {}
+  for r in rows:
+    tau, init = r.get('temperature'), r.get('init_temperature')
+    name = (r['sampler'] +
+            ('' if r['sampler'] not in _NOISY or tau is None
+             else f', noise temperature {tau:g}') +
+            ('' if init in (None, 1.0) else f', x_T scale {init:g}'))
+    at = by.setdefault(name, {})
+    if r['cost'] not in at or r['top1'] > at[r['cost']]['top1']:
+      at[r['cost']] = r
+  return {name: [at[c] for c in sorted(at)] for name, at in sorted(by.items())}
 
 
 def plot(res: dict, path: str) -> None:
@@ -277,18 +392,14 @@ def plot(res: dict, path: str) -> None:
   # Optional, like matplotlib above; the headless backend is chosen first.
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   fig, ax = plt.subplots(figsize=(9, 6))
-  by = {}
-  for r in res['rows']:
-    trailing = r['steps'].startswith('trailing')
-    name = (r['sampler'] + (' trailing' if trailing else '') +
-            ('' if r['clip_x0'] == 'none' else f", {r['clip_x0']}") +
-            ('' if r.get('cfg_scale') in (None, res['reference'].get(
-                'cfg_scale')) else f", cfg {r['cfg_scale']:g}"))
-    by.setdefault(name, []).append(r)
-  for name, rows in by.items():
+  for name, rows in frontiers(res['rows']).items():
     ax.errorbar([r['cost'] for r in rows], [r['top1'] for r in rows],
                 yerr=[r['top1_std'] for r in rows], marker='o',
                 label=name, capsize=3, ms=3, lw=1)
+  for mark, row, style in (('paper', res['reference'], 'kx'),
+                           ('recommended', res['recommended'], 'r*')):
+    ax.plot([row['cost']], [row['top1']], style, ms=10,
+            label=f'{mark}: {_name(row)}')
   ax.axhline(res['probe_top1'], color='gray', ls='--', label='linear probe')
   ax.axhline(res['best']['top1'] - res['tolerance'], color='k', ls=':',
              lw=0.8, label=f"best - {res['tolerance']}")
@@ -296,7 +407,9 @@ def plot(res: dict, path: str) -> None:
   ax.set_ylim(max(0.0, res['probe_top1'] - 15.0), 100.0)
   ax.set_xlabel('network calls per image')
   ax.set_ylabel('top-1 (%)')
-  ax.legend(fontsize=6, ncol=2)
+  ax.set_title('each line: the most accurate setting of a sampler family at '
+               'each cost (every row: the .md table)', fontsize=8)
+  ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
 
@@ -323,7 +436,8 @@ def main(argv):
                common.CLIP_X0.value).split(',')
       res = sweep(runs, _SAMPLERS.value, _STEPS.value, _SEEDS.value,
                   _REFERENCE.value, _TOLERANCE.value, clips,
-                  _CFG_SCALES.value)
+                  _CFG_SCALES.value, _TEMPERATURES.value,
+                  _INIT_TEMPERATURES.value)
   except (ValueError, OSError) as e:  # Bad settings, unreadable studies.
     errors.fail(str(e))
   out = paths.absolute(common.OUT.value)  # `~` expanded.
