@@ -66,11 +66,12 @@ def get_config(arg: str | None = None):
   # with `steps` ('N' as the paper, 'trailingN' from the noisiest step).
   # clip_x0: 'none' (the paper: never clip), 'data' (clip the x0 estimate to
   # the range of the training targets), 'dynamic[:P]' / 'dynamic_clip[:P]'
-  # (thresholding relative to that range) or a number. The default clips to
-  # the data range: the paper's unclipped sampler blows the samples up to
+  # (thresholding relative to that range) or a number. The default
+  # thresholds: the paper's unclipped sampler blows the samples up to
   # ~1,000x the teacher feature's norm on this example (docs/digits.md).
   # also_eval_published: also report the paper's sampler as published
-  # (ancestral, no clipping, `steps`) on the same head and noise.
+  # (ancestral, no clipping, the prior's noise, `published_steps` and
+  # `published_cfg_scale`) on the same heads.
   # also_eval_clipped: with clip_x0 'none', also report the 'data'-clipped
   # sampler.
   # temperature scales the noise each ancestral step injects,
@@ -122,6 +123,7 @@ def get_config(arg: str | None = None):
     c.pipeline.seeds = (0,)
     c.gendd.width = 64
     c.sampler.steps = '16'
+    c.sampler.published_steps = '16'
     for name in c.stages:
       c.stages[name].epochs = 2.0
       c.stages[name].warmup_epochs = 0.0
