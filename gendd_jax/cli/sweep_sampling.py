@@ -192,13 +192,10 @@ def sweep(run_dirs, samplers, steps, seeds, reference, tolerance,
   run_temp = float(exports[0].config.sampler.temperature)
   run_init = float(exports[0].config.sampler.get('init_temperature', 1.0))
   num_steps = int(exports[0].config.gendd.diffusion_steps)
-  grid = [(s, n, c, g, tau, x) for x in (inits or [run_init])
-          for tau in (temps or [run_temp])
-          for g in (scales or [run_cfg]) for s, n, c in settings
-          if s in _NOISY or tau == (temps or [run_temp])[0]]
   # The samplers without noise: evaluated once, at the runs' temperature.
-  grid = [(s, n, c, g, tau if s in _NOISY else run_temp, x)
-          for s, n, c, g, tau, x in grid]
+  grid = [(s, n, c, g, tau, x) for x in (inits or [run_init])
+          for g in (scales or [run_cfg]) for s, n, c in settings
+          for tau in ((temps or [run_temp]) if s in _NOISY else [run_temp])]
   ref_key = (ref_sampler, ref_steps, 'none', run_cfg, run_temp, run_init)
   if ref_key not in grid:
     grid.append(ref_key)
@@ -343,28 +340,35 @@ def markdown(res: dict) -> str:
 
 
 def _cfg(r: dict) -> str:
-  """The guidance scale of a row ('run's' where the study did not record
-  it: its runs' own)."""
-  g = r.get('cfg_scale')
-  return "run's" if g is None else f'{g:g}'
+  return _temp(r, 'cfg_scale')
 
 
 def _temp(r: dict, name: str = 'temperature') -> str:
-  """A row's noise temperature, or x_T scale ('run's' where the study did
-  not record it)."""
-  tau = r.get(name)
-  return "run's" if tau is None else f'{tau:g}'
+  """A row's noise temperature, or another recorded setting (`name`):
+  'run's' where the study did not record it (its runs' own)."""
+  value = r.get(name)
+  return "run's" if value is None else f'{value:g}'
+
+
+def _noise(r: dict, with_default: bool = False) -> str:
+  """', noise temperature T, x_T scale X' of a row, each part left out
+  where it is not recorded or (the x_T scale; the temperature unless
+  `with_default`) at the default 1; the temperature only for samplers
+  that inject noise."""
+  tau, init = r.get('temperature'), r.get('init_temperature')
+  out = ''
+  if (r['sampler'] in _NOISY and tau is not None and
+      (with_default or tau != 1.0)):
+    out += f', noise temperature {tau:g}'
+  if init not in (None, 1.0):
+    out += f', x_T scale {init:g}'
+  return out
 
 
 def _name(r: dict) -> str:
   steps = '1 call' if r['sampler'] == 'posterior_mean' else f"{r['steps']}"
-  tau = r.get('temperature')
-  temp = ('' if tau in (None, 1.0) or r['sampler'] not in _NOISY else
-          f', noise temperature {tau:g}')
-  init = r.get('init_temperature')
-  temp += '' if init in (None, 1.0) else f', x_T scale {init:g}'
   return (f"{r['sampler']} {steps}, x0 clipping {r['clip_x0']}, guidance "
-          f'{_cfg(r)}{temp}')
+          f'{_cfg(r)}{_noise(r)}')
 
 
 def frontiers(rows: list[dict]) -> dict[str, list[dict]]:
@@ -374,12 +378,7 @@ def frontiers(rows: list[dict]) -> dict[str, list[dict]]:
   row)."""
   by: dict[str, dict[int, dict]] = {}
   for r in rows:
-    tau, init = r.get('temperature'), r.get('init_temperature')
-    name = (r['sampler'] +
-            ('' if r['sampler'] not in _NOISY or tau is None
-             else f', noise temperature {tau:g}') +
-            ('' if init in (None, 1.0) else f', x_T scale {init:g}'))
-    at = by.setdefault(name, {})
+    at = by.setdefault(r['sampler'] + _noise(r, with_default=True), {})
     if r['cost'] not in at or r['top1'] > at[r['cost']]['top1']:
       at[r['cost']] = r
   return {name: [at[c] for c in sorted(at)] for name, at in sorted(by.items())}
