@@ -11,7 +11,7 @@ the measurement able to resolve it:
     (different folds, labelled subsets and initialisations).
 
 Run the whole pipeline (teacher -> scratch -> KD -> stage-1 -> GenDD ->
-KL and unsupervised GenDD -> evaluation table; measured: 8 min 24 s on an
+KL and unsupervised GenDD -> evaluation table; measured: 6 min 36 s on an
 idle 2-core CPU VM, docs/digits.md):
 
   python -m gendd_jax.main --config=configs/digits.py --workdir=runs/digits

@@ -460,6 +460,15 @@ class DocsCommandsTest(absltest.TestCase):
          'pip install -r requirements-test.txt',
          'python -m pytest -n 2 --durations=20 tests'])
 
+  def test_readme_stays_a_front_page(self):
+    # The README is the front page; details belong in docs/ (at most 150
+    # lines, as agreed for the front door).
+    with open(os.path.join(_ROOT, 'README.md')) as f:
+      lines = f.read().splitlines()
+    self.assertLessEqual(
+        len(lines), 150,
+        f'README.md has {len(lines)} lines; move details to docs/')
+
 
 if __name__ == '__main__':
   absltest.main()
