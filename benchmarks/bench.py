@@ -38,6 +38,11 @@ repeats, float32, and reports their images/s, their counted work and the
 ratios ours / theirs. For `cifar` our trainer's evaluation step also runs the
 teacher (a norm diagnostic); the equal-work evaluation (`eval_sampling`:
 student, CFG sampling, classifier, as theirs) gives the headline ratio.
+
+Few-step sampling (`few_step`, `FEW_STEP`): the same evaluation with each of
+our few-step samplers, against their many-step one: the one-call posterior
+mean, and the settings the sampler studies chose at equal accuracy
+(docs/samplers.md).
 """
 
 from __future__ import annotations
@@ -53,7 +58,7 @@ import re
 import platform
 import statistics
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from absl import app
 from absl import flags
@@ -74,6 +79,7 @@ from gendd_jax import sharding
 from gendd_jax import stages
 from gendd_jax import teacher as teacher_lib
 from gendd_jax import train
+from gendd_jax.cli import sweep_sampling
 from gendd_jax.flops import matmul_flops
 from gendd_jax.models import denoiser
 
@@ -94,6 +100,67 @@ _TABLE_FROM = flags.DEFINE_string(
 _PROFILE_DIR = flags.DEFINE_string(
     'profile_dir', '', 'Trace one extra call of each head_only/cifar part '
     'there and report where its time goes.')
+
+
+class FewStep(NamedTuple):
+  """A few-step sampler, timed against the reference's many-step one.
+
+  `clip_x0` as `sampler.clip_x0`; 'data' and dynamic thresholding take the
+  bound of the setting's training targets.
+  """
+  name: str
+  sampler: str
+  steps: str
+  cfg_scale: float = 2.0
+  temperature: float = 1.0
+  init_temperature: float = 1.0
+  clip_x0: str = 'none'
+
+  def network_calls(self) -> int:
+    """Network calls per token (two a step with guidance)."""
+    return sweep_sampling.cost(self.sampler, self.steps, self.cfg_scale)
+
+  def describe(self) -> str:
+    noise = ('deterministic' if self.temperature == 0 and
+             self.init_temperature == 0 else 'noisy')
+    if self.sampler == 'posterior_mean':
+      return f'posterior mean, CFG {self.cfg_scale:g}'
+    return (f'{self.sampler} {self.steps}, {noise}, CFG {self.cfg_scale:g}, '
+            f'clip {self.clip_x0}')
+
+  def settings(self, base: gendd.SampleSettings, bound: Any
+               ) -> gendd.SampleSettings:
+    clip = gendd.parse_clip_x0(self.clip_x0)
+    clip = bound if clip == 'data' else gendd.with_bound(clip, bound)
+    return base._replace(sampler=self.sampler, cfg_scale=self.cfg_scale,
+                         temperature=self.temperature,
+                         init_temperature=self.init_temperature,
+                         clip_x0=clip)
+
+  def record(self) -> dict[str, Any]:
+    return dict(self._asdict(), network_calls=self.network_calls(),
+                description=self.describe())
+
+
+# The few-step samplers timed beside the reference's: the one-call posterior
+# mean (throughput only: 10.7 points below the best sampler on the digits),
+# and the sampler studies' choices, each the cheapest setting within 0.2
+# points of the best measured on its run (docs/samplers.md): 4 deterministic
+# trailing steps with dynamic thresholding, CFG 2 on the digits, unguided on
+# the CIFAR-style run.
+FEW_STEP = (
+    FewStep('posterior_mean', 'posterior_mean', '1'),
+    FewStep('digits_choice', 'ancestral', 'trailing4', 2.0, 0.0, 0.0,
+            'dynamic'),
+    FewStep('cifar_style_choice', 'ancestral', 'trailing4', 1.0, 0.0, 0.0,
+            'dynamic'),
+)
+
+
+def _few_step_part(rate: dict, work: dict, images: int, fs: FewStep
+                   ) -> dict:
+  return dict(_with_work(rate, work, images), setting=fs.record())
+
 
 # Settings the reference runner implements (cifar_precomputed reuses cifar's
 # reference figures: their code has no precomputed-teacher mode).
@@ -367,7 +434,7 @@ def run_reference(ref, make_parts: Callable[[int], dict[str, Callable]],
 def bench_head_only(repeats: int, steps: int, *, feature_dim=2048,
                     token_dim=64, width=1024, depth=3, mul=10, batch=32,
                     sampling_steps='64', cfg_scale=2.0,
-                    fast_sampler='posterior_mean', fast_steps='1',
+                    few_step: tuple[FewStep, ...] = FEW_STEP,
                     reference=None,
                     profile_dir: str | None = None) -> dict:
   """GenDD head training and sampling on random 2048-d features; with
@@ -375,8 +442,8 @@ def bench_head_only(repeats: int, steps: int, *, feature_dim=2048,
   `profile_dir`, a traced breakdown of each part (`profile_call`).
 
   `eval` is `sampling_steps`-step ancestral CFG sampling (the reference's
-  evaluation); `eval_fast` the few-step sampler `fast_sampler` /
-  `fast_steps` (evaluation's default, see `sweep_sampling`)."""
+  evaluation); `few_step[name]` each few-step sampler of `few_step`, x0
+  bounds from the random training targets."""
 
   class HeadOnly(nnx.Module):
 
@@ -393,12 +460,10 @@ def bench_head_only(repeats: int, steps: int, *, feature_dim=2048,
   sample_sched = diffusion.create_schedule('cosine', 1000, sampling_steps)
   loss_settings = gendd.LossSettings(token_dim, mul, 0.2, True)
   sample_settings = gendd.SampleSettings(token_dim, 1, cfg_scale, 1.0)
-  fast_sched = gendd.sampling_schedule('cosine', 1000, fast_steps,
-                                       fast_sampler)
-  fast_settings = sample_settings._replace(sampler=fast_sampler)
   keys = jax.random.split(jax.random.key(0), 3)
   feat_s = jax.random.normal(keys[0], (batch, feature_dim))
   feat_t = jax.random.normal(keys[1], (batch, feature_dim))
+  bound = jnp.max(jnp.abs(feat_t))
 
   @jax.jit
   def train_step(params, opt_state, key):
@@ -417,11 +482,20 @@ def bench_head_only(repeats: int, steps: int, *, feature_dim=2048,
     return gendd.sample_features(m.head, sample_sched, key,
                                  m.cls_projector(feat_s), sample_settings)
 
-  @jax.jit
-  def sample_fast(params, key):
-    m = nnx.merge(graphdef, params)
-    return gendd.sample_features(m.head, fast_sched, key,
-                                 m.cls_projector(feat_s), fast_settings)
+  def make_few_step(fs: FewStep):
+    sched = gendd.sampling_schedule('cosine', 1000, fs.steps, fs.sampler)
+    sample = fs.settings(sample_settings, bound)
+
+    @jax.jit
+    def sample_few(params, key):
+      m = nnx.merge(graphdef, params)
+      return gendd.sample_features(m.head, sched, key,
+                                   m.cls_projector(feat_s), sample)
+
+    def once():
+      sample_few(state['p'], keys[2]).block_until_ready()
+
+    return sample_few, once
 
   state = {'p': params, 'o': opt_state, 'k': 0}
 
@@ -435,22 +509,22 @@ def bench_head_only(repeats: int, steps: int, *, feature_dim=2048,
   def sample_once():
     sample_step(state['p'], keys[2]).block_until_ready()
 
-  def fast_once():
-    sample_fast(state['p'], keys[2]).block_until_ready()
-
   train_work = step_work(train_step, params, opt_state, keys[2], xla=True)
   eval_work = step_work(sample_step, params, keys[2])
   out = dict(
       setting=dict(feature_dim=feature_dim, token_dim=token_dim, width=width,
                    depth=depth, diffusion_batch_mul=mul, batch=batch,
-                   sampling_steps=sampling_steps, cfg_scale=cfg_scale,
-                   fast_sampler=fast_sampler, fast_steps=fast_steps),
+                   sampling_steps=sampling_steps, cfg_scale=cfg_scale),
       train=_with_work(median_rate(train_once, batch, steps, repeats),
                        train_work, batch),
       eval=_with_work(median_rate(sample_once, batch, 1, repeats),
                       eval_work, batch),
-      eval_fast=_with_work(median_rate(fast_once, batch, 1, repeats),
-                           step_work(sample_fast, params, keys[2]), batch))
+      few_step={})
+  for fs in few_step:
+    fn, once = make_few_step(fs)
+    out['few_step'][fs.name] = _few_step_part(
+        median_rate(once, batch, 1, repeats), step_work(fn, params, keys[2]),
+        batch, fs)
   if profile_dir:
     out['train']['profile'] = profile_call(
         train_step, (state['p'], state['o'], keys[2]),
@@ -474,15 +548,15 @@ def _bench_gendd(config, info, train_batch, eval_images, repeats: int,
                  steps: int, precomputed: bool = False,
                  equal_work_eval: bool = False,
                  profile_dir: str | None = None,
-                 fast_sampler: str = 'posterior_mean',
-                 fast_steps: str = '1') -> dict:
+                 few_step: tuple[FewStep, ...] = FEW_STEP) -> dict:
   """Times the full GenDD train step and sampling evaluation of `config`
   (randomly initialised teacher and student) on fixed batches; with
   `precomputed`, the batch carries the teacher features and the step runs
   no teacher forward (`teacher.source = 'precomputed'`); with
   `equal_work_eval`, also the evaluation without the teacher
-  (`eval_sampling`) and the same with the few-step sampler `fast_sampler` /
-  `fast_steps` (`eval_fast`)."""
+  (`eval_sampling`) and the same with each few-step sampler of `few_step`
+  (`few_step[name]`; x0 bounds from the teacher's features of the train
+  batch)."""
 
   config.stage = 'gendd'
   config.sampler.also_eval_clipped = False  # Time one sampler pass.
@@ -493,10 +567,11 @@ def _bench_gendd(config, info, train_batch, eval_images, repeats: int,
   module = stages.get('gendd').create_model(config, info)
   graphdef = nnx.graphdef(module)
   spec = settings.step_settings(config, 'gendd', 100, precomputed)
+  t_model = nnx.merge(t_graphdef, t_params, t_bs)
+  t_feature = np.asarray(jax.jit(lambda x: t_model(x)[0])(
+      train_batch['image']))
   if precomputed:
-    t_model = nnx.merge(t_graphdef, t_params, t_bs)
-    train_batch = dict(train_batch, teacher_feature=np.asarray(
-        jax.jit(lambda x: t_model(x)[0])(train_batch['image'])))
+    train_batch = dict(train_batch, teacher_feature=t_feature)
   train_step, eval_step = train.jitted_steps(spec, mesh)
   rep = sharding.replicated(mesh)
   teacher = teacher_lib.Teacher(
@@ -518,13 +593,13 @@ def _bench_gendd(config, info, train_batch, eval_images, repeats: int,
     jax.block_until_ready(eval_step(state['s'], teacher, eval_in,
                                     jnp.int32(0)))
 
-  def make_sampling_eval(sampler: str, sampling_steps: str):
+  def make_sampling_eval(sampling_steps: str, sampler: str,
+                         sample: gendd.SampleSettings):
     """Student, CFG sampling and the teacher's classifier: the work of the
     reference's evaluation (the trainer's `eval_step` also runs the
     teacher, for a norm diagnostic)."""
     sched = gendd.sampling_schedule(spec.noise_schedule, spec.diffusion_steps,
                                     sampling_steps, sampler)
-    settings = spec.sample._replace(sampler=sampler)
 
     @jax.jit
     def sampling_eval(state, teacher, images):
@@ -532,7 +607,7 @@ def _bench_gendd(config, info, train_batch, eval_images, repeats: int,
       z = model.student(images)[0].astype(jnp.float32)
       w, b = teacher.classifier()
       logits, _ = gendd.sampled_logits(model.head, sched, jax.random.key(1),
-                                       z, settings, w, b)
+                                       z, sample, w, b)
       return jnp.argmax(logits, -1)
 
     def once():
@@ -541,9 +616,9 @@ def _bench_gendd(config, info, train_batch, eval_images, repeats: int,
 
     return sampling_eval, once
 
-  sampling_eval, sampling_once = make_sampling_eval(spec.sample.sampler,
-                                                    spec.sampling_steps)
-  fast_eval, fast_once = make_sampling_eval(fast_sampler, fast_steps)
+  sampling_eval, sampling_once = make_sampling_eval(
+      spec.sampling_steps, spec.sample.sampler, spec.sample)
+  bound = jnp.float32(np.abs(t_feature).max())
 
   g, smp = config.gendd, config.sampler
   out = dict(
@@ -553,8 +628,7 @@ def _bench_gendd(config, info, train_batch, eval_images, repeats: int,
                    width=g.width, depth=g.depth,
                    diffusion_batch_mul=g.diffusion_batch_mul,
                    sampling_steps=smp.steps, cfg_scale=smp.cfg_scale,
-                   num_sampling=smp.num_sampling, fast_sampler=fast_sampler,
-                   fast_steps=fast_steps),
+                   num_sampling=smp.num_sampling),
       train=_with_work(median_rate(train_once, n_train, steps, repeats),
                        step_work(train_step, state['s'], teacher, batch,
                                  xla=True), n_train),
@@ -569,9 +643,13 @@ def _bench_gendd(config, info, train_batch, eval_images, repeats: int,
         median_rate(sampling_once, n_eval, 1, repeats),
         step_work(sampling_eval, state['s'], teacher, eval_in['image']),
         n_eval)
-    out['eval_fast'] = _with_work(
-        median_rate(fast_once, n_eval, 1, repeats),
-        step_work(fast_eval, state['s'], teacher, eval_in['image']), n_eval)
+    out['few_step'] = {}
+    for fs in few_step:
+      fn, once = make_sampling_eval(fs.steps, fs.sampler,
+                                    fs.settings(spec.sample, bound))
+      out['few_step'][fs.name] = _few_step_part(
+          median_rate(once, n_eval, 1, repeats),
+          step_work(fn, state['s'], teacher, eval_in['image']), n_eval, fs)
   if profile_dir:
     name = config.teacher.model + ('_precomputed' if precomputed else '')
     # Called inside another jit, the step donates nothing: the traced calls
@@ -673,7 +751,8 @@ def bench_imagenet(repeats: int, steps: int, *,
 def ratios(ours: dict, theirs: dict) -> dict[str, float]:
   """Images/s ours / theirs per part; `eval` compares equal work (our
   `eval_sampling` where present), `eval_step` the trainer's evaluation,
-  `eval_fast` our few-step sampler against their many-step one."""
+  `few_step/<name>` each of our few-step samplers against their many-step
+  one."""
   out = dict(train=ours['train']['images_per_sec'] /
              theirs['train']['images_per_sec'])
   if ours.get('eval'):
@@ -682,18 +761,19 @@ def ratios(ours: dict, theirs: dict) -> dict[str, float]:
     if 'eval_sampling' in ours:
       out['eval_step'] = (ours['eval']['images_per_sec'] /
                           theirs['eval']['images_per_sec'])
-  if ours.get('eval_fast'):
-    out['eval_fast'] = (ours['eval_fast']['images_per_sec'] /
-                        theirs['eval']['images_per_sec'])
+  for name, part in (ours.get('few_step') or {}).items():
+    out[f'few_step/{name}'] = (part['images_per_sec'] /
+                               theirs['eval']['images_per_sec'])
   return out
 
 
 def _annotate_peak(result: dict, peak: float) -> None:
   """Adds `pct_of_peak` to every timed part with a FLOP rate."""
-  for side in (result, result.get('reference') or {}):
-    for part in side.values():
-      if isinstance(part, dict) and 'gflops_per_sec' in part:
-        part['pct_of_peak'] = 100.0 * part['gflops_per_sec'] / peak
+  parts = [*result.values(), *(result.get('few_step') or {}).values(),
+           *(result.get('reference') or {}).values()]
+  for part in parts:
+    if isinstance(part, dict) and 'gflops_per_sec' in part:
+      part['pct_of_peak'] = 100.0 * part['gflops_per_sec'] / peak
 
 
 def summary_table(result: dict) -> str:
@@ -724,15 +804,15 @@ def summary_table(result: dict) -> str:
                 'eval_step')]
     elif res.get('eval'):
       rows.append(('eval', 'CFG evaluation', 'eval', 'eval'))
-    if res.get('eval_fast'):
-      setting = res.get('setting', {})
-      rows.append(('eval_fast', 'few-step evaluation ({} {}) vs their {}'
-                   .format(setting.get('fast_sampler', '?'),
-                           setting.get('fast_steps', '?'),
-                           setting.get('sampling_steps', '?')),
-                   'eval', 'eval_fast'))
+    their_steps = res.get('setting', {}).get('sampling_steps', '?')
+    for few, part in (res.get('few_step') or {}).items():
+      fs = part['setting']
+      rows.append((('few_step', few),
+                   f'{fs["description"]} ({fs["network_calls"]} calls) vs '
+                   f'their {their_steps} steps', 'eval', f'few_step/{few}'))
     for key, label, ref_key, ratio_key in rows:
-      ours, ref_part = res[key], theirs.get(ref_key)
+      ours = res[key[0]][key[1]] if isinstance(key, tuple) else res[key]
+      ref_part = theirs.get(ref_key)
       r = ratio.get(ratio_key)
       lines.append(
           f'| {name} | {label} | {ours["images_per_sec"]:.2f} | ' +

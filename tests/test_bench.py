@@ -11,6 +11,8 @@ import jax.numpy as jnp
 from benchmarks import bench
 from benchmarks import bench_reference
 from benchmarks import bench_tiny
+from gendd_jax import diffusion
+from gendd_jax import gendd
 
 # A local copy of the authors' PyTorch code (never part of the project);
 # the reference-runner test is skipped without one.
@@ -89,16 +91,37 @@ class WorkCountTest(absltest.TestCase):
     ours = dict(train=dict(images_per_sec=6.0, gflops_per_sec=2.0),
                 eval=dict(images_per_sec=3.0),
                 eval_sampling=dict(images_per_sec=4.0),
-                eval_fast=dict(images_per_sec=50.0))
+                few_step=dict(a=dict(images_per_sec=50.0, gflops_per_sec=1.0),
+                              b=dict(images_per_sec=10.0)))
     theirs = dict(train=dict(images_per_sec=2.0, gflops_per_sec=1.0),
                   eval=dict(images_per_sec=2.0))
     self.assertEqual(bench.ratios(ours, theirs),
-                     dict(train=3.0, eval=2.0, eval_step=1.5,
-                          eval_fast=25.0))
+                     {'train': 3.0, 'eval': 2.0, 'eval_step': 1.5,
+                      'few_step/a': 25.0, 'few_step/b': 5.0})
     result = dict(ours, reference=theirs)
     bench._annotate_peak(result, 4.0)
     self.assertEqual(result['train']['pct_of_peak'], 50.0)
+    self.assertEqual(result['few_step']['a']['pct_of_peak'], 25.0)
     self.assertEqual(theirs['train']['pct_of_peak'], 25.0)
+
+  def test_few_step_settings(self):
+    digits, cifar_style = (dict((f.name, f) for f in bench.FEW_STEP)[k]
+                           for k in ('digits_choice', 'cifar_style_choice'))
+    # The studies' choices: 4 guided steps (8 calls), 4 unguided ones.
+    self.assertEqual(digits.network_calls(), 8)
+    self.assertEqual(cifar_style.network_calls(), 4)
+    self.assertEqual(bench.FEW_STEP[0].network_calls(), 2)
+    base = gendd.SampleSettings(16)
+    s = cifar_style.settings(base, 3.0)
+    self.assertEqual((s.cfg_scale, s.temperature, s.init_temperature),
+                     (1.0, 0.0, 0.0))
+    self.assertIsInstance(s.clip_x0, diffusion.Threshold)
+    self.assertEqual(s.clip_x0.bound, 3.0)
+    data = bench.FewStep('x', 'ancestral', '8', clip_x0='data')
+    self.assertEqual(data.settings(base, 3.0).clip_x0, 3.0)
+    self.assertIsNone(bench.FEW_STEP[0].settings(base, 3.0).clip_x0)
+    self.assertEqual(digits.describe(),
+                     'ancestral trailing4, deterministic, CFG 2, clip dynamic')
 
 
 class TableTest(absltest.TestCase):
@@ -109,16 +132,19 @@ class TableTest(absltest.TestCase):
     result = dict(
         peak=dict(gflops_per_sec=16.0),
         cifar=dict(train=part, eval=part, eval_sampling=part,
-                   eval_fast=dict(part, images_per_sec=40.0),
-                   setting=dict(fast_sampler='ddim', fast_steps='2',
-                                sampling_steps='100'),
+                   few_step=dict(ddim2=dict(
+                       part, images_per_sec=40.0, setting=bench.FewStep(
+                           'ddim2', 'ddim', '2', 1.0).record())),
+                   setting=dict(sampling_steps='100'),
                    reference=dict(train=part, eval=part),
-                   ratio=dict(train=1.0, eval=1.0, eval_step=1.0,
-                              eval_fast=10.0)),
+                   ratio={'train': 1.0, 'eval': 1.0, 'eval_step': 1.0,
+                          'few_step/ddim2': 10.0}),
         head_only=dict(train=part, eval=part))
     lines = bench.summary_table(result).splitlines()
     self.assertLen([x for x in lines if x.startswith('| cifar')], 4)
-    fast = [x for x in lines if '(ddim 2) vs their 100' in x]
+    fast = [x for x in lines
+            if '| cifar | ddim 2, noisy, CFG 1, clip none (2 calls) vs their '
+            '100 steps |' in x]
     self.assertLen(fast, 1)
     self.assertIn('| 40.00 | 4.00 | 10.00x |', fast[0])
     self.assertLen([x for x in lines if x.startswith('| head_only')], 2)
@@ -158,19 +184,28 @@ class BenchTest(absltest.TestCase):
     out = bench.bench_head_only(1, 1, feature_dim=64, token_dim=16, width=32,
                                 depth=1, mul=2, batch=4, sampling_steps='4')
     self.assertEqual(out['setting']['feature_dim'], 64)
-    for part in ('train', 'eval', 'eval_fast'):
-      self.assertGreater(out[part]['images_per_sec'], 0.0)
-      self.assertLessEqual(out[part]['min'], out[part]['max'])
-      self.assertGreater(out[part]['gflop_per_image'], 0.0)
+    few = out['few_step']
+    self.assertEqual(set(few), {f.name for f in bench.FEW_STEP})
+    for part in [out['train'], out['eval'], *few.values()]:
+      self.assertGreater(part['images_per_sec'], 0.0)
+      self.assertLessEqual(part['min'], part['max'])
+      self.assertGreater(part['gflop_per_image'], 0.0)
     # Training: the head's rows (2 copies x 4 images x 4 tokens) each cost
     # at least three passes of its width-32 products.
     self.assertGreater(out['train']['gflop_per_image'] * 1e9,
                        3 * 2 * 4 * 2 * 5 * 32 * 32)
     self.assertGreater(out['train']['xla_gflop_per_image'], 0.0)
-    # One posterior-mean call per branch against four ancestral steps.
-    self.assertAlmostEqual(out['eval_fast']['gflop_per_image'],
-                           out['eval']['gflop_per_image'] / 4, delta=
-                           0.05 * out['eval']['gflop_per_image'])
+    # Guided, work is in proportion to the steps: one posterior-mean step,
+    # or four trailing ones, against four ancestral steps.
+    ev = out['eval']['gflop_per_image']
+    self.assertAlmostEqual(few['posterior_mean']['gflop_per_image'], ev / 4,
+                           delta=0.05 * ev)
+    self.assertAlmostEqual(few['digits_choice']['gflop_per_image'], ev,
+                           delta=0.05 * ev)
+    # Unguided, less than guided but more than half: the guided sampler's
+    # unconditional branch shares its modulations across images.
+    self.assertBetween(few['cifar_style_choice']['gflop_per_image'],
+                       0.55 * ev, 0.95 * ev)
 
   def test_digits(self):
     out = bench.bench_digits(1, 1)
@@ -186,12 +221,17 @@ class BenchTest(absltest.TestCase):
                             batch=8, eval_batch=8, width=32, depth=1, mul=2,
                             sampling_steps='4')
     self.assertEqual(out['setting']['teacher'], 'resnet8')
-    for part in ('train', 'eval', 'eval_sampling', 'eval_fast'):
-      self.assertGreater(out[part]['images_per_sec'], 0.0)
+    few = out['few_step']
+    for part in [out['train'], out['eval'], out['eval_sampling'],
+                 *few.values()]:
+      self.assertGreater(part['images_per_sec'], 0.0)
     # posterior_mean: one network call per branch instead of four steps
-    # (the student's convolutions dominate at this size).
-    self.assertLess(out['eval_fast']['gflop_per_image'],
+    # (the student's convolutions dominate at this size); four unguided
+    # steps: half the calls of four guided ones.
+    self.assertLess(few['posterior_mean']['gflop_per_image'],
                     out['eval_sampling']['gflop_per_image'])
+    self.assertLess(few['cifar_style_choice']['gflop_per_image'],
+                    few['digits_choice']['gflop_per_image'])
     # The trainer's evaluation also runs the teacher: more work.
     self.assertGreater(out['eval']['gflop_per_image'],
                        out['eval_sampling']['gflop_per_image'])
@@ -227,7 +267,8 @@ class ReferenceTest(absltest.TestCase):
       self.assertGreater(theirs[part]['gflop_per_image'],
                          out[part]['gflop_per_image'])
     self.assertEqual(set(bench.ratios(out, theirs)),
-                     {'train', 'eval', 'eval_fast'})
+                     {'train', 'eval'} |
+                     {f'few_step/{f.name}' for f in bench.FEW_STEP})
 
 
 if __name__ == '__main__':
