@@ -593,13 +593,12 @@ def _bench_gendd(config, info, train_batch, eval_images, repeats: int,
     jax.block_until_ready(eval_step(state['s'], teacher, eval_in,
                                     jnp.int32(0)))
 
-  def make_sampling_eval(sampling_steps: str, sampler: str,
-                         sample: gendd.SampleSettings):
+  def make_sampling_eval(sampling_steps: str, sample: gendd.SampleSettings):
     """Student, CFG sampling and the teacher's classifier: the work of the
     reference's evaluation (the trainer's `eval_step` also runs the
     teacher, for a norm diagnostic)."""
     sched = gendd.sampling_schedule(spec.noise_schedule, spec.diffusion_steps,
-                                    sampling_steps, sampler)
+                                    sampling_steps, sample.sampler)
 
     @jax.jit
     def sampling_eval(state, teacher, images):
@@ -616,8 +615,8 @@ def _bench_gendd(config, info, train_batch, eval_images, repeats: int,
 
     return sampling_eval, once
 
-  sampling_eval, sampling_once = make_sampling_eval(
-      spec.sampling_steps, spec.sample.sampler, spec.sample)
+  sampling_eval, sampling_once = make_sampling_eval(spec.sampling_steps,
+                                                    spec.sample)
   bound = jnp.float32(np.abs(t_feature).max())
 
   g, smp = config.gendd, config.sampler
@@ -645,8 +644,7 @@ def _bench_gendd(config, info, train_batch, eval_images, repeats: int,
         n_eval)
     out['few_step'] = {}
     for fs in few_step:
-      fn, once = make_sampling_eval(fs.steps, fs.sampler,
-                                    fs.settings(spec.sample, bound))
+      fn, once = make_sampling_eval(fs.steps, fs.settings(spec.sample, bound))
       out['few_step'][fs.name] = _few_step_part(
           median_rate(once, n_eval, 1, repeats),
           step_work(fn, state['s'], teacher, eval_in['image']), n_eval, fs)
