@@ -33,6 +33,7 @@ import types
 from typing import Callable
 
 _MODULES = ('models', 'diffloss', 'diffusion')
+_LOADED: set[str] = set()  # Roots `load` imported from in this process.
 
 
 def load(path: str) -> types.SimpleNamespace:
@@ -44,34 +45,76 @@ def load(path: str) -> types.SimpleNamespace:
   Returns:
     Namespace with `torch`, `DiffModel`, `model_dict`, `root`.
 
+  A copy loaded earlier from another directory in the same process is
+  replaced: its modules are dropped from `sys.modules` and its directory from
+  `sys.path` (objects built from it keep working).
+
   Raises:
     FileNotFoundError: `path` has no `GenDD_cifar/diffloss.py`.
-    ImportError: a module of the same name was already imported from
-      elsewhere.
+    ImportError: a module of the same name was already imported from a
+      directory that is not a copy of the authors' code.
   """
-  root = os.path.abspath(path)
-  if os.path.basename(root) != 'GenDD_cifar':
-    root = os.path.join(root, 'GenDD_cifar')
-  if not os.path.isfile(os.path.join(root, 'diffloss.py')):
+  root = _root(path)
+  if root is None:
     raise FileNotFoundError(f'no GenDD_cifar/diffloss.py under {path!r}')
   for name in _MODULES:
     mod = sys.modules.get(name)
-    if mod is not None and not _under(mod, root):
+    if mod is None or _under(mod, root):
+      continue
+    other = _copy_root(mod)
+    if other is None:
       raise ImportError(f'a module named {name!r} is already imported from '
-                        f'{getattr(mod, "__file__", "?")}')
+                        f'{getattr(mod, "__file__", "?")}, which is not a '
+                        "copy of the authors' code")
+    _unload(other)
+    _LOADED.discard(other)
   import torch  # pylint: disable=g-import-not-at-top
   if root not in sys.path:
     sys.path.insert(0, root)
   import models  # pylint: disable=g-import-not-at-top,import-error
   if not _under(models, root):
     raise ImportError(f'imported models from {models.__file__}, not {root}')
+  _LOADED.add(root)
   return types.SimpleNamespace(torch=torch, DiffModel=models.DiffModel,
                                model_dict=models.model_dict, root=root)
+
+
+def _root(path: str) -> str | None:
+  """The `GenDD_cifar` directory at or under `path`, or None."""
+  root = os.path.abspath(path)
+  if os.path.basename(root) != 'GenDD_cifar':
+    root = os.path.join(root, 'GenDD_cifar')
+  return root if os.path.isfile(os.path.join(root, 'diffloss.py')) else None
 
 
 def _under(module, root: str) -> bool:
   f = getattr(module, '__file__', None) or ''
   return os.path.abspath(f).startswith(root + os.sep)
+
+
+def _copy_root(module) -> str | None:
+  """The copy of the authors' code `module` was imported from, or None."""
+  f = getattr(module, '__file__', None)
+  if not f:
+    return None
+  for root in _LOADED:
+    if _under(module, root):
+      return root
+  d = os.path.dirname(os.path.abspath(f))
+  while os.path.basename(d) != 'GenDD_cifar':
+    parent = os.path.dirname(d)
+    if parent == d:
+      return None
+    d = parent
+  return d if _root(d) == d else None
+
+
+def _unload(root: str) -> None:
+  """Forgets every module imported from `root`, and `root` on `sys.path`."""
+  for name in [n for n, m in sys.modules.items()
+               if m is not None and _under(m, root)]:
+    del sys.modules[name]
+  sys.path[:] = [p for p in sys.path if os.path.abspath(p) != root]
 
 
 @contextlib.contextmanager

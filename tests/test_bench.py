@@ -2,7 +2,10 @@
 counts work correctly."""
 
 import os
+import shutil
+import sys
 import tempfile
+import types
 
 from absl.testing import absltest
 import jax
@@ -13,15 +16,10 @@ from benchmarks import bench_reference
 from benchmarks import bench_tiny
 from gendd_jax import diffusion
 from gendd_jax import gendd
+from tests import testing
 
-# A local copy of the authors' PyTorch code (never part of the project);
-# the reference-runner test is skipped without one.
-_REFERENCE = os.environ.get('GENDD_REFERENCE', '/tmp/ref')
-
-
-def _has_reference() -> bool:
-  return os.path.isfile(os.path.join(_REFERENCE, 'GenDD_cifar',
-                                     'diffloss.py'))
+_REFERENCE = testing.REFERENCE
+_has_reference = testing.has_reference
 
 
 class WorkCountTest(absltest.TestCase):
@@ -243,6 +241,78 @@ class BenchTest(absltest.TestCase):
     # No teacher forward: less work per image.
     self.assertLess(pre['train']['gflop_per_image'],
                     out['train']['gflop_per_image'])
+
+
+def _stand_in_copy(parent: str, tag: str) -> str:
+  """A directory shaped like the authors' CIFAR code, whose `models` says
+  which copy it is."""
+  root = os.path.join(parent, tag, 'GenDD_cifar')
+  for sub in ('models', 'diffusion'):
+    os.makedirs(os.path.join(root, sub))
+    with open(os.path.join(root, sub, '__init__.py'), 'w') as f:
+      f.write(f'DiffModel = {tag!r}\nmodel_dict = {{}}\n' if sub == 'models'
+              else '')
+  with open(os.path.join(root, 'diffloss.py'), 'w') as f:
+    f.write('import diffusion\n')
+  return os.path.dirname(root)
+
+
+class LoadTest(absltest.TestCase):
+  """Which copy of the authors' code `load` imports (no real copy needed)."""
+
+  def setUp(self):
+    super().setUp()
+    saved = {n: m for n, m in sys.modules.items()
+             if n.split('.')[0] in bench_reference._MODULES}
+    path = list(sys.path)
+    loaded = set(bench_reference._LOADED)
+
+    def restore():
+      for n in [n for n in sys.modules
+                if n.split('.')[0] in bench_reference._MODULES]:
+        del sys.modules[n]
+      sys.modules.update(saved)
+      sys.path[:] = path
+      bench_reference._LOADED.clear()
+      bench_reference._LOADED.update(loaded)
+    self.addCleanup(restore)
+    restore()
+    for n in saved:
+      del sys.modules[n]
+    tmp = tempfile.TemporaryDirectory()
+    self.addCleanup(tmp.cleanup)
+    self.tmp = tmp.name
+
+  def test_a_second_copy_replaces_the_first(self):
+    a = bench_reference.load(_stand_in_copy(self.tmp, 'a'))
+    self.assertEqual(a.DiffModel, 'a')
+    import diffloss  # pylint: disable=g-import-not-at-top,import-error
+    self.assertIn(os.path.join('a', 'GenDD_cifar'), diffloss.__file__)
+    b = bench_reference.load(_stand_in_copy(self.tmp, 'b'))
+    self.assertEqual(b.DiffModel, 'b')
+    self.assertNotIn(a.root, sys.path)
+    self.assertNotIn('diffloss', sys.modules)  # a's, dropped
+    # Loading the same copy again keeps its modules.
+    self.assertIs(bench_reference.load(b.root).DiffModel, b.DiffModel)
+
+  def test_a_deleted_earlier_copy_is_still_replaced(self):
+    first = _stand_in_copy(self.tmp, 'gone')
+    bench_reference.load(first)
+    shutil.rmtree(first)
+    self.assertEqual(bench_reference.load(_stand_in_copy(self.tmp, 'b'))
+                     .DiffModel, 'b')
+
+  def test_a_foreign_module_of_the_same_name_is_an_error(self):
+    foreign = types.ModuleType('models')
+    foreign.__file__ = os.path.join(self.tmp, 'mine', 'models', '__init__.py')
+    sys.modules['models'] = foreign
+    with self.assertRaisesRegex(ImportError, "not a copy of the authors' code"):
+      bench_reference.load(_stand_in_copy(self.tmp, 'a'))
+    self.assertIs(sys.modules['models'], foreign)
+
+  def test_no_copy_is_an_error(self):
+    with self.assertRaisesRegex(FileNotFoundError, 'GenDD_cifar/diffloss.py'):
+      bench_reference.load(self.tmp)
 
 
 class ReferenceTest(absltest.TestCase):

@@ -18,12 +18,8 @@ from experiments import twin_sampler
 from tests import testing
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_REFERENCE = os.environ.get('GENDD_REFERENCE', '/tmp/gendd_ref')
-
-
-def _has_reference() -> bool:
-  return os.path.isfile(os.path.join(_REFERENCE, 'GenDD_cifar',
-                                     'diffloss.py'))
+_REFERENCE = testing.REFERENCE
+_has_reference = testing.has_reference
 
 
 def _tiny_setup(**overrides) -> twin_sampler.HeadSetup:

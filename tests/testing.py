@@ -6,6 +6,8 @@
   stage). They live in a temporary directory made by `set_up_module()` and
   removed (with the cached runs) by `tear_down_module()`; a test module that
   uses them calls both from its own `setUpModule`/`tearDownModule`.
+* `REFERENCE`, `has_reference()`: where the tests that run the authors'
+  code find a local copy of it (`GENDD_REFERENCE`, default /tmp/gendd_ref).
 * `random_head`: a tiny diffusion head with random values in every
   parameter.
 * `load_config(stem, arg)`: a file of `configs/` (not a package).
@@ -51,6 +53,9 @@ from gendd_jax.models import denoiser
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, 'configs')
+# A local copy of the authors' PyTorch code (never part of the project), the
+# directory holding `GenDD_cifar/`; the tests that run it are skipped without.
+REFERENCE = os.environ.get('GENDD_REFERENCE', '/tmp/gendd_ref')
 _TMP = None  # A TemporaryDirectory between set_up_module/tear_down_module.
 
 
@@ -65,6 +70,11 @@ def tear_down_module():
   teacher_export.cache_clear()
   gendd_run.cache_clear()
   _TMP.cleanup()
+
+
+def has_reference() -> bool:
+  """Whether `REFERENCE` holds a copy of the authors' CIFAR code."""
+  return os.path.isfile(os.path.join(REFERENCE, 'GenDD_cifar', 'diffloss.py'))
 
 
 def tmp_dir() -> str:
