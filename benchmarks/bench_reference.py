@@ -67,7 +67,6 @@ def load(path: str) -> types.SimpleNamespace:
                         f'{getattr(mod, "__file__", "?")}, which is not a '
                         "copy of the authors' code")
     _unload(other)
-    _LOADED.discard(other)
   import torch  # pylint: disable=g-import-not-at-top
   if root not in sys.path:
     sys.path.insert(0, root)
@@ -111,6 +110,7 @@ def _copy_root(module) -> str | None:
 
 def _unload(root: str) -> None:
   """Forgets every module imported from `root`, and `root` on `sys.path`."""
+  _LOADED.discard(root)
   for name in [n for n, m in sys.modules.items()
                if m is not None and _under(m, root)]:
     del sys.modules[name]

@@ -18,9 +18,6 @@ from gendd_jax import diffusion
 from gendd_jax import gendd
 from tests import testing
 
-_REFERENCE = testing.REFERENCE
-_has_reference = testing.has_reference
-
 
 class WorkCountTest(absltest.TestCase):
 
@@ -318,12 +315,12 @@ class ReferenceTest(absltest.TestCase):
 
   def setUp(self):
     super().setUp()
-    if not _has_reference():
-      self.skipTest(f'no copy of the authors\' code at {_REFERENCE} (set '
-                    'GENDD_REFERENCE)')
+    if not testing.has_reference():
+      self.skipTest("no copy of the authors' code at "
+                    f'{testing.REFERENCE} (set GENDD_REFERENCE)')
 
   def test_head_only_small_with_reference(self):
-    ref = bench_reference.load(_REFERENCE)
+    ref = bench_reference.load(testing.REFERENCE)
     self.assertGreaterEqual(bench_reference.set_threads(ref, 1), 1)
     out = bench.bench_head_only(1, 1, feature_dim=64, token_dim=16, width=32,
                                 depth=1, mul=2, batch=4, sampling_steps='4',

@@ -18,8 +18,6 @@ from experiments import twin_sampler
 from tests import testing
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_REFERENCE = testing.REFERENCE
-_has_reference = testing.has_reference
 
 
 def _tiny_setup(**overrides) -> twin_sampler.HeadSetup:
@@ -204,9 +202,9 @@ class TinyRunTest(absltest.TestCase):
       np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
 
   def test_untrained_heads_agree_across_implementations(self):
-    if not _has_reference():
-      self.skipTest(f'no reference code at {_REFERENCE}')
-    ref = twin_sampler.bench_reference.load(_REFERENCE)
+    if not testing.has_reference():
+      self.skipTest(f'no reference code at {testing.REFERENCE}')
+    ref = twin_sampler.bench_reference.load(testing.REFERENCE)
     ref.torch.set_num_threads(1)
     feats = _tiny_features()
     record = twin_sampler.run_experiment(
